@@ -1,0 +1,89 @@
+package flowcontrol
+
+import "sync/atomic"
+
+// RecvWindow is a receiver's account of one stream direction: what it granted
+// the peer, what arrived, and what the application consumed. The tunnel's
+// reader goroutine calls Receive and BeginMessage; the consuming goroutine
+// calls Consume. They share only atomics.
+//
+// Offsets are cumulative byte counts since the stream began, so a grant is
+// simply "you may send up to offset X" and never wraps in practice.
+type RecvWindow struct {
+	limit    atomic.Int64 // target window: granted stays about consumed+limit
+	granted  atomic.Int64 // offset the peer may send up to
+	received atomic.Int64 // offset received so far
+	consumed atomic.Int64 // offset consumed by the application
+}
+
+// NewRecvWindow returns a window whose peer starts with initial bytes of
+// credit (what this side announced), and that keeps granting so that about
+// limit bytes are outstanding.
+func NewRecvWindow(initial, limit uint32) *RecvWindow {
+	w := &RecvWindow{}
+	w.granted.Store(int64(initial))
+	w.SetLimit(limit)
+	return w
+}
+
+// SetLimit changes the target window. Growth takes effect at the next
+// Consume; shrinking never takes back credit already granted, as the protocol
+// requires, it only slows later grants.
+func (w *RecvWindow) SetLimit(limit uint32) {
+	w.limit.Store(int64(max(min(limit, MaxWindow), MinWindow)))
+}
+
+// Limit reports the current target window.
+func (w *RecvWindow) Limit() uint32 { return uint32(w.limit.Load()) }
+
+// Buffered reports how many received bytes the application has not consumed.
+func (w *RecvWindow) Buffered() int64 { return w.received.Load() - w.consumed.Load() }
+
+// Receive records n bytes arriving from the peer. It returns ErrOverrun if
+// they exceed what was granted; the bytes are counted either way.
+func (w *RecvWindow) Receive(n int) error {
+	if w.received.Add(int64(n)) > w.granted.Load() {
+		return ErrOverrun
+	}
+	return nil
+}
+
+// BeginMessage records that a message of size bytes starts at the current
+// offset. A message larger than the window could never complete while the
+// application waits for it, so the window is widened to cover all of it. It
+// returns the extra credit to send the peer at once, or 0.
+func (w *RecvWindow) BeginMessage(size uint32) uint32 {
+	if int64(size) <= w.limit.Load() {
+		return 0
+	}
+	return w.grantUpTo(w.received.Load() + int64(size))
+}
+
+// Consume records that the application took n bytes. It returns the credit to
+// send the peer in a window update, or 0 when the grant is still within three
+// quarters of the limit: batching keeps small messages from costing one update
+// each.
+func (w *RecvWindow) Consume(n int) uint32 {
+	c := w.consumed.Add(int64(n))
+	limit := w.limit.Load()
+	target := c + limit
+	if target-w.granted.Load() < max(limit/4, 1) {
+		return 0
+	}
+	return w.grantUpTo(target)
+}
+
+// grantUpTo raises granted to target and returns the increase, or 0 if the
+// grant is already there.
+func (w *RecvWindow) grantUpTo(target int64) uint32 {
+	for {
+		g := w.granted.Load()
+		if target <= g {
+			return 0
+		}
+		inc := min(target-g, MaxWindow)
+		if w.granted.CompareAndSwap(g, g+inc) {
+			return uint32(inc)
+		}
+	}
+}
