@@ -1,0 +1,392 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/grpctunnel/grpctunnel/flowcontrol"
+	"github.com/grpctunnel/grpctunnel/tunnelpb"
+)
+
+// clientStream is one call issued through a tunnel; it implements
+// grpc.ClientStream. The reader goroutine feeds it frames, the caller's
+// goroutine sends and receives, and a context.AfterFunc cancels it: no
+// goroutine of its own.
+type clientStream struct {
+	t      *tunnelClient
+	id     int64
+	ctx    context.Context
+	desc   *grpc.StreamDesc
+	ci     *callInfo
+	window *flowcontrol.SendWindow
+	in     *inbound
+	stop   func() bool // stops the context watch
+
+	// Reader-owned.
+	sawHeader bool
+
+	// header is set before headerReady closes; trailer and closeErr before
+	// ended closes. They are read only after.
+	header      metadata.MD
+	headerReady chan struct{}
+	headerOnce  sync.Once
+	trailer     metadata.MD
+	closeErr    error // the server's status, or the local reason for ending
+	ended       chan struct{}
+	endOnce     sync.Once
+
+	// Caller-owned.
+	sentClose bool
+	received  bool
+	final     error
+	finished  sync.Once
+}
+
+func (t *tunnelClient) newStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts []grpc.CallOption) (*clientStream, error) {
+	ci, err := newCallInfo(t.opts, opts)
+	if err != nil {
+		return nil, err
+	}
+	st, err := t.startStream(ctx, desc, method, ci)
+	if err != nil {
+		ci.finish(nil, nil, t.peer, t, err)
+		return nil, err
+	}
+	return st, nil
+}
+
+func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, method string, ci *callInfo) (*clientStream, error) {
+	select {
+	case <-t.ready:
+	case <-t.done:
+		return nil, t.unavailable()
+	case <-ctx.Done():
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, status.FromContextError(err).Err()
+	}
+	md, _ := metadata.FromOutgoingContext(ctx)
+	md = md.Copy()
+	creds, err := ci.requestCredentials(ctx, method, t.authInfo())
+	if err != nil {
+		return nil, err
+	}
+	for k, v := range creds {
+		md.Append(k, v)
+	}
+	for k := range md {
+		if isReserved(k) {
+			delete(md, k)
+		}
+	}
+	headers, err := encodeMetadata(md, t.agreed.binaryMetadata)
+	if err != nil {
+		return nil, status.Error(codes.Internal, "grpctunnel: "+err.Error())
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		// encodeMetadata drops reserved keys; the deadline is ours to send.
+		headers.Md[timeoutHeader] = &tunnelpb.Metadata_Values{Val: []string{encodeTimeout(time.Until(dl))}}
+	}
+
+	st := &clientStream{
+		t:           t,
+		desc:        desc,
+		ci:          ci,
+		headerReady: make(chan struct{}),
+		ended:       make(chan struct{}),
+	}
+	ctx = context.WithValue(ctx, tunnelChannelKey{}, TunnelChannel(t))
+	if t.peer != nil {
+		ctx = peer.NewContext(ctx, t.peer)
+	}
+	if t.openedMD != nil {
+		ctx = context.WithValue(ctx, tunnelOutgoingMDKey{}, t.openedMD)
+	}
+	st.ctx = ctx
+	revision := tunnelpb.ProtocolRevision_REVISION_ZERO
+	var recvWin *flowcontrol.RecvWindow
+	if t.flowControl {
+		revision = tunnelpb.ProtocolRevision_REVISION_ONE
+		st.window = flowcontrol.NewSendWindow(t.peerWindow)
+		recvWin = flowcontrol.NewRecvWindow(t.opts.initialWindow, t.opts.initialWindow)
+	} else {
+		st.window = flowcontrol.Unlimited()
+	}
+	st.in = newInbound(recvWin, int(t.opts.initialWindow), ci.maxRecv)
+
+	err = t.register(st, func(id int64) *tunnelpb.ClientToServer {
+		ns := &tunnelpb.NewStream{
+			MethodName:       method,
+			RequestHeaders:   headers,
+			ProtocolRevision: revision,
+		}
+		if t.flowControl {
+			ns.InitialWindowSize = t.opts.initialWindow
+		}
+		return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_NewStream{NewStream: ns}}
+	})
+	if err != nil {
+		return nil, err
+	}
+	st.stop = context.AfterFunc(ctx, func() {
+		st.abort(status.FromContextError(ctx.Err()).Err(), true)
+	})
+	return st, nil
+}
+
+// Reader side.
+
+func (st *clientStream) onHeaders(md *tunnelpb.Metadata) {
+	if st.sawHeader {
+		st.abort(status.Error(codes.Internal, "grpctunnel: response headers received twice or after a message"), true)
+		return
+	}
+	st.sawHeader = true
+	hdr, err := decodeMetadata(md, st.t.agreed.binaryMetadata)
+	if err != nil {
+		st.abort(status.Error(codes.Internal, "grpctunnel: "+err.Error()), true)
+		return
+	}
+	st.setHeader(hdr)
+}
+
+func (st *clientStream) setHeader(md metadata.MD) {
+	st.headerOnce.Do(func() {
+		st.header = md
+		close(st.headerReady)
+	})
+}
+
+func (st *clientStream) onMessage(size uint32, data []byte) {
+	if !st.sawHeader {
+		st.sawHeader = true
+		st.setHeader(metadata.MD{})
+	}
+	update, err := st.in.startMessage(size, data)
+	st.afterData(update, err)
+}
+
+func (st *clientStream) onMoreData(data []byte) {
+	st.afterData(0, st.in.moreData(data))
+}
+
+func (st *clientStream) afterData(update uint32, err error) {
+	if err != nil {
+		st.abort(err, true)
+		return
+	}
+	if update > 0 {
+		st.sendWindowUpdate(update)
+	}
+	st.in.waitForSpace(st.ended)
+}
+
+func (st *clientStream) sendWindowUpdate(n uint32) {
+	st.t.out.Queue(&tunnelpb.ClientToServer{
+		StreamId: st.id,
+		Frame:    &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: n},
+	})
+}
+
+// onClose handles the server's close_stream: the call's status and trailers.
+func (st *clientStream) onClose(cs *tunnelpb.CloseStream) {
+	trailer, err := decodeMetadata(cs.GetResponseTrailers(), st.t.agreed.binaryMetadata)
+	if err != nil {
+		st.abort(status.Error(codes.Internal, "grpctunnel: "+err.Error()), true)
+		return
+	}
+	var result error = io.EOF
+	if s := cs.GetStatus(); s.GetCode() != int32(codes.OK) {
+		result = status.ErrorProto(s)
+	}
+	st.end(func() {
+		st.trailer = trailer
+		st.closeErr = result
+		st.in.finish(result)
+	})
+	st.t.forget(st.id)
+}
+
+// abort ends the stream on this side with err. tellPeer sends a cancel so
+// the server stops too; it is false when the whole tunnel is gone.
+func (st *clientStream) abort(err error, tellPeer bool) {
+	ended := false
+	st.end(func() {
+		ended = true
+		st.closeErr = err
+		st.in.abort(err)
+	})
+	if !ended {
+		return
+	}
+	if tellPeer {
+		st.t.out.Queue(&tunnelpb.ClientToServer{
+			StreamId: st.id,
+			Frame:    &tunnelpb.ClientToServer_Cancel{Cancel: emptyFrame},
+		})
+		st.t.forget(st.id)
+	}
+}
+
+// end runs fn once, as the stream's protocol-level end, and releases anyone
+// waiting for headers or send credit.
+func (st *clientStream) end(fn func()) {
+	st.endOnce.Do(func() {
+		fn()
+		st.headerOnce.Do(func() { close(st.headerReady) })
+		close(st.ended)
+	})
+}
+
+// Caller side: grpc.ClientStream.
+
+func (st *clientStream) Context() context.Context { return st.ctx }
+
+func (st *clientStream) Header() (metadata.MD, error) {
+	<-st.headerReady
+	if st.header != nil {
+		return st.header.Copy(), nil
+	}
+	// No headers: a trailers-only response or a failure.
+	<-st.ended
+	if errors.Is(st.closeErr, io.EOF) {
+		return nil, nil
+	}
+	return nil, st.closeErr
+}
+
+func (st *clientStream) Trailer() metadata.MD {
+	select {
+	case <-st.ended:
+		return st.trailer.Copy()
+	default:
+		return nil
+	}
+}
+
+func (st *clientStream) CloseSend() error {
+	if st.sentClose {
+		return nil
+	}
+	st.sentClose = true
+	select {
+	case <-st.ended:
+		return nil
+	default:
+	}
+	_ = st.t.out.Send(&tunnelpb.ClientToServer{
+		StreamId: st.id,
+		Frame:    &tunnelpb.ClientToServer_HalfClose{HalfClose: emptyFrame},
+	})
+	return nil
+}
+
+func (st *clientStream) SendMsg(m any) error {
+	if st.sentClose {
+		return status.Error(codes.Internal, "grpctunnel: SendMsg called after CloseSend")
+	}
+	select {
+	case <-st.ended:
+		return io.EOF // the status comes from RecvMsg, as in gRPC
+	default:
+	}
+	data, err := st.ci.codec.Marshal(m)
+	if err != nil {
+		return status.Errorf(codes.Internal, "grpctunnel: error while marshaling: %v", err)
+	}
+	defer data.Free()
+	if size := data.Len(); size > st.ci.maxSend {
+		return status.Errorf(codes.ResourceExhausted, "grpctunnel: trying to send message larger than max (%d vs. %d)", size, st.ci.maxSend)
+	}
+	if err := sendMessage(st.t.out, st.window, st.ended, clientFramer(st.id), data, flowcontrol.MaxChunk); err != nil {
+		return io.EOF
+	}
+	if !st.desc.ClientStreams {
+		return st.CloseSend()
+	}
+	return nil
+}
+
+func (st *clientStream) RecvMsg(m any) error {
+	if st.final != nil {
+		return st.final
+	}
+	msg, update, err := st.in.recv(nil)
+	if err != nil {
+		if errors.Is(err, io.EOF) && !st.desc.ServerStreams && !st.received {
+			err = status.Error(codes.Internal, "grpctunnel: server ended a unary-response call without a response")
+		}
+		return st.finish(err)
+	}
+	st.received = true
+	if update > 0 {
+		st.sendWindowUpdate(update)
+	}
+	err = st.ci.codec.Unmarshal(msg.chunks, m)
+	msg.chunks.Free()
+	if err != nil {
+		err = status.Errorf(codes.Internal, "grpctunnel: failed to unmarshal the response: %v", err)
+		st.abort(err, true)
+		return st.finish(err)
+	}
+	if st.desc.ServerStreams {
+		return nil
+	}
+	// One response only: the next thing must be the end of the call.
+	_, _, err = st.in.recv(nil)
+	switch {
+	case err == nil:
+		err = status.Error(codes.Internal, "grpctunnel: cardinality violation: more than one response for a unary-response call")
+		st.abort(err, true)
+	case errors.Is(err, io.EOF):
+		st.finish(nil)
+		return nil
+	}
+	return st.finish(err)
+}
+
+// finish completes the call on the caller's side: it stops the context
+// watch and fills in what the call options asked for. It returns err, which
+// RecvMsg returns from now on.
+func (st *clientStream) finish(err error) error {
+	st.finished.Do(func() {
+		if st.stop != nil {
+			st.stop()
+		}
+		st.received = true
+		if err == nil {
+			err = io.EOF
+		}
+		st.final = err
+		var callErr error
+		if !errors.Is(err, io.EOF) {
+			callErr = err
+		}
+		<-st.ended
+		st.ci.finish(st.header, st.trailer, st.t.peer, st.t, callErr)
+	})
+	return st.final
+}
+
+func clientFramer(id int64) framer[*tunnelpb.ClientToServer] {
+	return framer[*tunnelpb.ClientToServer]{
+		message: func(size uint32, chunk []byte) *tunnelpb.ClientToServer {
+			return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_RequestMessage{
+				RequestMessage: &tunnelpb.MessageData{Size: size, Data: chunk},
+			}}
+		},
+		more: func(chunk []byte) *tunnelpb.ClientToServer {
+			return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_MoreRequestData{MoreRequestData: chunk}}
+		},
+	}
+}

@@ -1,0 +1,355 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/grpctunnel/grpctunnel/flowcontrol"
+	"github.com/grpctunnel/grpctunnel/tunnelpb"
+)
+
+// TunnelChannel is one tunnel, seen from the end that issues calls through
+// it. Use it as you would a *grpc.ClientConn: generated stubs, all four kinds
+// of RPC, metadata, deadlines and call options work unchanged. Every call
+// made through it reaches the one peer that holds the tunnel.
+type TunnelChannel interface {
+	grpc.ClientConnInterface
+
+	// Close ends the tunnel at once. Calls in progress fail with
+	// Unavailable.
+	Close()
+	// Context is the tunnel's context. On the end that accepted the tunnel
+	// it carries what the opening RPC carried: its peer (peer.FromContext),
+	// its metadata (metadata.FromIncomingContext) and anything server
+	// interceptors stored; that is how an AffinityKey function identifies
+	// the client. It is cancelled when the tunnel ends.
+	Context() context.Context
+	// Done is closed when the tunnel has ended.
+	Done() <-chan struct{}
+	// Err reports why the tunnel ended: nil while it is open, and nil if it
+	// was closed on purpose (Close, a clean end from the peer, or a drain).
+	Err() error
+}
+
+// clientFrames is the outer stream as the tunnel client sees it, whichever
+// end dialled.
+type clientFrames interface {
+	Send(*tunnelpb.ClientToServer) error
+	Recv() (*tunnelpb.ServerToClient, error)
+}
+
+// tunnelClient is the end of a tunnel that issues calls: the network client
+// of a forward tunnel, the network server of a reverse one.
+type tunnelClient struct {
+	ctx      context.Context
+	cancel   context.CancelFunc
+	frames   clientFrames
+	out      *sender[*tunnelpb.ClientToServer]
+	opts     *options
+	agreed   agreement
+	reverse  bool
+	peer     *peer.Peer
+	openedMD metadata.MD // outgoing metadata of a forward tunnel's opening RPC
+
+	// Fixed once ready is closed.
+	flowControl bool
+	peerWindow  uint32 // initial send window of each new stream
+
+	mu       sync.Mutex
+	streams  map[int64]*clientStream
+	lastID   int64
+	closed   bool
+	draining bool
+	onClose  func() // runs once as the tunnel ends, before done closes
+
+	ready chan struct{} // closed once settings arrived (or none are due)
+	done  chan struct{}
+	err   error // why the tunnel ended; set before done closes
+	once  sync.Once
+}
+
+func newTunnelClient(ctx context.Context, cancel context.CancelFunc, frames clientFrames, o *options, a agreement, reverse bool, p *peer.Peer) *tunnelClient {
+	t := &tunnelClient{
+		ctx:     ctx,
+		cancel:  cancel,
+		frames:  frames,
+		opts:    o,
+		agreed:  a,
+		reverse: reverse,
+		peer:    p,
+		streams: map[int64]*clientStream{},
+		ready:   make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	t.out = newSender(frames.Send, func(err error) { t.shutdown(tunnelFailure(err)) })
+	if !a.negotiated {
+		close(t.ready)
+	}
+	return t
+}
+
+// tunnelFailure wraps the error that broke the outer stream.
+func tunnelFailure(err error) error {
+	if err == nil || errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
+}
+
+// protocolError is a violation of the protocol by the peer; it ends the
+// tunnel.
+type protocolError struct{ msg string }
+
+func (e *protocolError) Error() string { return "grpctunnel: protocol error: " + e.msg }
+
+// GRPCStatus makes a protocol error end the outer RPC with Internal.
+func (e *protocolError) GRPCStatus() *status.Status { return status.New(codes.Internal, e.Error()) }
+
+func protocolErrorf(format string, args ...any) error {
+	return &protocolError{msg: fmt.Sprintf(format, args...)}
+}
+
+func (t *tunnelClient) roles() (server, client string) {
+	if t.reverse {
+		return "tunnel server (network client)", "tunnel client (network server)"
+	}
+	return "server", "client"
+}
+
+// readLoop reads frames until the outer stream ends, then ends the tunnel.
+func (t *tunnelClient) readLoop() {
+	t.shutdown(t.read())
+}
+
+func (t *tunnelClient) read() error {
+	if t.agreed.negotiated {
+		if err := t.readSettings(); err != nil {
+			return err
+		}
+	}
+	for {
+		f, err := t.frames.Recv()
+		if err != nil {
+			return tunnelFailure(err)
+		}
+		if err := t.dispatch(f); err != nil {
+			return err
+		}
+	}
+}
+
+func (t *tunnelClient) readSettings() error {
+	f, err := t.frames.Recv()
+	if err != nil {
+		return tunnelFailure(err)
+	}
+	s := f.GetSettings()
+	if s == nil || f.GetStreamId() != settingsStreamID {
+		srv, _ := t.roles()
+		return protocolErrorf("the %s did not send settings first", srv)
+	}
+	rev, err := chooseRevision(s.GetSupportedProtocolRevisions())
+	if err != nil {
+		return protocolErrorf("%v", err)
+	}
+	t.flowControl = rev == tunnelpb.ProtocolRevision_REVISION_ONE
+	t.peerWindow = s.GetInitialWindowSize()
+	if t.peerWindow == 0 {
+		t.peerWindow = flowcontrol.DefaultWindow
+	}
+	close(t.ready)
+	return nil
+}
+
+func (t *tunnelClient) dispatch(f *tunnelpb.ServerToClient) error {
+	id := f.GetStreamId()
+	if _, ok := f.GetFrame().(*tunnelpb.ServerToClient_Settings); ok {
+		return protocolErrorf("settings received again (stream %d)", id)
+	}
+	if f.GetFrame() == nil {
+		return protocolErrorf("frame of unknown type for stream %d", id)
+	}
+	t.mu.Lock()
+	st := t.streams[id]
+	last := t.lastID
+	t.mu.Unlock()
+	if st == nil {
+		if id > 0 && id <= last {
+			return nil // a stream that ended; its frames race with the end
+		}
+		return protocolErrorf("frame for stream %d, which was never opened", id)
+	}
+	switch fr := f.GetFrame().(type) {
+	case *tunnelpb.ServerToClient_ResponseHeaders:
+		st.onHeaders(fr.ResponseHeaders)
+	case *tunnelpb.ServerToClient_ResponseMessage:
+		st.onMessage(fr.ResponseMessage.GetSize(), fr.ResponseMessage.GetData())
+	case *tunnelpb.ServerToClient_MoreResponseData:
+		st.onMoreData(fr.MoreResponseData)
+	case *tunnelpb.ServerToClient_CloseStream:
+		st.onClose(fr.CloseStream)
+	case *tunnelpb.ServerToClient_WindowUpdate:
+		if err := st.window.Add(fr.WindowUpdate); err != nil {
+			st.abort(status.Error(codes.Internal, "grpctunnel: peer's window update overflows the send window"), true)
+		}
+	}
+	return nil
+}
+
+// register allocates the next stream ID and sends the stream's first frame,
+// under one hold of the sender so IDs reach the peer in increasing order.
+func (t *tunnelClient) register(st *clientStream, first func(id int64) *tunnelpb.ClientToServer) error {
+	return t.out.Do(func(send func(*tunnelpb.ClientToServer) error) error {
+		t.mu.Lock()
+		if t.closed || t.draining {
+			t.mu.Unlock()
+			return t.unavailable()
+		}
+		t.lastID++
+		st.id = t.lastID
+		t.streams[st.id] = st
+		t.mu.Unlock()
+		if err := send(first(st.id)); err != nil {
+			t.forget(st.id)
+			return t.unavailable()
+		}
+		return nil
+	})
+}
+
+// forget drops a stream from the table; a draining tunnel with no streams
+// left then ends.
+func (t *tunnelClient) forget(id int64) {
+	t.mu.Lock()
+	delete(t.streams, id)
+	idle := t.draining && len(t.streams) == 0
+	t.mu.Unlock()
+	if idle {
+		t.shutdown(nil)
+	}
+}
+
+// unavailable is the status of a call that cannot use this tunnel.
+func (t *tunnelClient) unavailable() error {
+	select {
+	case <-t.done:
+		if t.err != nil {
+			return status.Errorf(codes.Unavailable, "grpctunnel: tunnel failed: %v", t.err)
+		}
+		return status.Error(codes.Unavailable, "grpctunnel: tunnel is closed")
+	default:
+		return status.Error(codes.Unavailable, "grpctunnel: tunnel is shutting down")
+	}
+}
+
+// drain refuses new calls and ends the tunnel once the calls in progress are
+// over.
+func (t *tunnelClient) drain() {
+	t.mu.Lock()
+	t.draining = true
+	idle := len(t.streams) == 0
+	t.mu.Unlock()
+	if idle {
+		t.shutdown(nil)
+	}
+}
+
+// draining reports whether the tunnel takes no new calls.
+func (t *tunnelClient) isDraining() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.draining || t.closed
+}
+
+// shutdown ends the tunnel: every call in progress fails with Unavailable
+// and the tunnel's context is cancelled. The outer stream is released by its
+// owner once done is closed.
+func (t *tunnelClient) shutdown(err error) {
+	t.once.Do(func() {
+		t.mu.Lock()
+		t.closed = true
+		t.err = err
+		streams := t.streams
+		t.streams = map[int64]*clientStream{}
+		t.mu.Unlock()
+		t.cancel()
+		gone := t.unavailableAfter(err)
+		for _, st := range streams {
+			st.abort(gone, false)
+		}
+		if t.onClose != nil {
+			t.onClose()
+		}
+		close(t.done)
+	})
+}
+
+func (t *tunnelClient) unavailableAfter(err error) error {
+	if err != nil {
+		return status.Errorf(codes.Unavailable, "grpctunnel: tunnel failed: %v", err)
+	}
+	return status.Error(codes.Unavailable, "grpctunnel: tunnel closed")
+}
+
+// TunnelChannel implementation.
+
+func (t *tunnelClient) Close()                   { t.shutdown(nil) }
+func (t *tunnelClient) Context() context.Context { return t.ctx }
+func (t *tunnelClient) Done() <-chan struct{}    { return t.done }
+
+func (t *tunnelClient) Err() error {
+	select {
+	case <-t.done:
+		return t.err
+	default:
+		return nil
+	}
+}
+
+var unaryStreamDesc = &grpc.StreamDesc{}
+
+// emptyFrame is the payload of half_close and cancel frames.
+var emptyFrame = &emptypb.Empty{}
+
+// authInfo describes the security of the connection under the tunnel, for
+// per-RPC credentials that insist on a secure transport.
+func (t *tunnelClient) authInfo() credentials.AuthInfo {
+	if t.peer == nil {
+		return nil
+	}
+	return t.peer.AuthInfo
+}
+
+// Invoke issues a unary call through the tunnel.
+func (t *tunnelClient) Invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
+	st, err := t.newStream(ctx, unaryStreamDesc, method, opts)
+	if err != nil {
+		return err
+	}
+	if err := st.SendMsg(req); err != nil && !errors.Is(err, io.EOF) {
+		st.abort(err, true)
+		st.finish(err)
+		return err
+	}
+	return st.RecvMsg(reply)
+}
+
+// NewStream issues a streaming call through the tunnel.
+func (t *tunnelClient) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	st, err := t.newStream(ctx, desc, method, opts)
+	if err != nil {
+		return nil, err
+	}
+	return st, nil
+}

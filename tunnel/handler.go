@@ -1,0 +1,227 @@
+package tunnel
+
+import (
+	"context"
+	"sync"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/grpctunnel/grpctunnel/tunnelpb"
+)
+
+// TunnelServiceHandlerOptions configures a TunnelServiceHandler.
+type TunnelServiceHandlerOptions struct {
+	// NoReverseTunnels refuses OpenReverseTunnel with Unimplemented.
+	NoReverseTunnels bool
+	// OnReverseTunnelOpen, if set, is called once for each reverse tunnel,
+	// when it is ready for calls.
+	OnReverseTunnelOpen func(TunnelChannel)
+	// OnReverseTunnelClose, if set, is called once for each reverse tunnel
+	// that was reported open, after it has ended.
+	OnReverseTunnelClose func(TunnelChannel)
+	// AffinityKey, if set, names the group a reverse tunnel belongs to;
+	// KeyAsChannel reaches the tunnels of one group. It is called once per
+	// tunnel, before OnReverseTunnelOpen, and the tunnel's Context carries
+	// the opening RPC's peer, metadata and interceptor values, so the key
+	// can come from the client's authenticated identity. The key must be
+	// comparable; a tunnel whose key is not is refused. Without it every
+	// tunnel's key is nil.
+	AffinityKey func(TunnelChannel) any
+	// DisableFlowControl makes every tunnel speak protocol revision zero;
+	// see WithDisableFlowControl.
+	DisableFlowControl bool
+	// TunnelOptions configure the handler's end of every tunnel it
+	// accepts, as for NewChannel and NewReverseTunnelServer.
+	TunnelOptions []TunnelOption
+}
+
+// TunnelServiceHandler implements the tunnel service on a gRPC server. It
+// serves forward tunnels with the services registered on it (it is a
+// grpc.ServiceRegistrar), and it keeps the reverse tunnels that clients open,
+// so that the server can call services those clients host: see AsChannel
+// and KeyAsChannel. Register it with a *grpc.Server through Service.
+type TunnelServiceHandler struct {
+	svc   *services
+	cfg   TunnelServiceHandlerOptions
+	opts  *options
+	pool  *tunnelPool
+	forwd sync.Map // *tunnelServer -> struct{}, to drain them
+
+	mu       sync.Mutex
+	stopping bool
+}
+
+// NewTunnelServiceHandler returns a handler configured by options.
+func NewTunnelServiceHandler(options TunnelServiceHandlerOptions) *TunnelServiceHandler {
+	o := newOptions(options.TunnelOptions)
+	if options.DisableFlowControl {
+		o.disableFlowControl = true
+	}
+	return &TunnelServiceHandler{
+		svc:  newServices(),
+		cfg:  options,
+		opts: o,
+		pool: newTunnelPool(),
+	}
+}
+
+var _ grpc.ServiceRegistrar = (*TunnelServiceHandler)(nil)
+
+// RegisterService registers a service implementation to be served on forward
+// tunnels; generated RegisterXxxServer functions accept the handler. To
+// intercept tunneled calls, register through a wrapper such as
+// grpchan.WithInterceptor(handler, unary, stream).
+func (h *TunnelServiceHandler) RegisterService(desc *grpc.ServiceDesc, impl any) {
+	h.svc.RegisterService(desc, impl)
+}
+
+// GetServiceInfo reports the services served on forward tunnels, in the
+// form *grpc.Server uses (server reflection reads it).
+func (h *TunnelServiceHandler) GetServiceInfo() map[string]grpc.ServiceInfo {
+	return h.svc.GetServiceInfo()
+}
+
+// Service returns the tunnel service implementation to register with a
+// *grpc.Server: tunnelpb.RegisterTunnelServiceServer(server, h.Service()).
+func (h *TunnelServiceHandler) Service() tunnelpb.TunnelServiceServer {
+	return tunnelService{h: h}
+}
+
+// AsChannel returns a channel that spreads calls round-robin over every open
+// reverse tunnel. It panics if reverse tunnels are disabled.
+func (h *TunnelServiceHandler) AsChannel() ReverseClientConnInterface {
+	if h.cfg.NoReverseTunnels {
+		panic("grpctunnel: AsChannel on a handler with NoReverseTunnels")
+	}
+	return reverseChannel{pool: h.pool, all: true}
+}
+
+// KeyAsChannel returns a channel that spreads calls round-robin over the
+// open reverse tunnels whose affinity key is key. It panics if reverse
+// tunnels are disabled.
+func (h *TunnelServiceHandler) KeyAsChannel(key any) ReverseClientConnInterface {
+	if h.cfg.NoReverseTunnels {
+		panic("grpctunnel: KeyAsChannel on a handler with NoReverseTunnels")
+	}
+	return reverseChannel{pool: h.pool, key: key}
+}
+
+// AllReverseTunnels returns the reverse tunnels open now, oldest first.
+func (h *TunnelServiceHandler) AllReverseTunnels() []TunnelChannel {
+	return h.pool.snapshot()
+}
+
+// InitiateShutdown starts a graceful drain and returns at once: new tunnels
+// and new calls on every tunnel are refused with Unavailable, calls in
+// progress run to completion, and each tunnel ends as soon as it is idle.
+// Pair it with grpc.Server.GracefulStop, which waits for those tunnels.
+func (h *TunnelServiceHandler) InitiateShutdown() {
+	h.mu.Lock()
+	h.stopping = true
+	h.mu.Unlock()
+	h.forwd.Range(func(k, _ any) bool {
+		k.(*tunnelServer).drain()
+		return true
+	})
+	h.pool.mu.Lock()
+	reverse := append([]*tunnelClient(nil), h.pool.all...)
+	h.pool.mu.Unlock()
+	for _, t := range reverse {
+		t.drain()
+	}
+}
+
+func (h *TunnelServiceHandler) isStopping() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.stopping
+}
+
+var errShuttingDown = status.Error(codes.Unavailable, "grpctunnel: server is shutting down")
+
+func (h *TunnelServiceHandler) openTunnel(stream tunnelpb.TunnelService_OpenTunnelServer) error {
+	if h.svc.empty() {
+		return status.Error(codes.Unimplemented, "grpctunnel: this server has no services for forward tunnels")
+	}
+	if h.isStopping() {
+		return errShuttingDown
+	}
+	md, _ := metadata.FromIncomingContext(stream.Context())
+	resp, agreed := h.opts.accept(md)
+	// Headers go out at once: the client waits for them before anything
+	// else, and they tell it whether revision one was agreed.
+	if err := stream.SendHeader(resp); err != nil {
+		return err
+	}
+	t := newTunnelServer(stream.Context(), stream, h.opts, h.svc, agreed, false, nil, md)
+	h.forwd.Store(t, struct{}{})
+	defer h.forwd.Delete(t)
+	if h.isStopping() {
+		t.drain()
+	}
+	return t.serve(false)
+}
+
+func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_OpenReverseTunnelServer) error {
+	if h.cfg.NoReverseTunnels {
+		return status.Error(codes.Unimplemented, "grpctunnel: this server does not accept reverse tunnels")
+	}
+	if h.isStopping() {
+		return errShuttingDown
+	}
+	md, _ := metadata.FromIncomingContext(stream.Context())
+	resp, agreed := h.opts.accept(md)
+	if err := stream.SendHeader(resp); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(stream.Context())
+	p, _ := peer.FromContext(ctx)
+	t := newTunnelClient(ctx, cancel, stream, h.opts, agreed, true, p)
+	t.onClose = func() { h.pool.remove(t) }
+	go t.readLoop()
+	defer t.out.Close(errTunnelClosed)
+
+	select {
+	case <-t.ready:
+	case <-t.done:
+		return t.err
+	}
+	var key any
+	if h.cfg.AffinityKey != nil {
+		key = h.cfg.AffinityKey(t)
+		if !comparable(key) {
+			t.shutdown(nil)
+			return status.Errorf(codes.Internal, "grpctunnel: affinity key of type %T is not comparable", key)
+		}
+	}
+	if h.pool.add(t, key) {
+		if h.isStopping() {
+			t.drain()
+		}
+		if h.cfg.OnReverseTunnelOpen != nil {
+			h.cfg.OnReverseTunnelOpen(t)
+		}
+		if h.cfg.OnReverseTunnelClose != nil {
+			defer h.cfg.OnReverseTunnelClose(t)
+		}
+	}
+	<-t.done
+	return t.err
+}
+
+type tunnelService struct {
+	tunnelpb.UnimplementedTunnelServiceServer
+	h *TunnelServiceHandler
+}
+
+func (s tunnelService) OpenTunnel(stream tunnelpb.TunnelService_OpenTunnelServer) error {
+	return s.h.openTunnel(stream)
+}
+
+func (s tunnelService) OpenReverseTunnel(stream tunnelpb.TunnelService_OpenReverseTunnelServer) error {
+	return s.h.openReverseTunnel(stream)
+}

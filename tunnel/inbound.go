@@ -1,0 +1,221 @@
+package tunnel
+
+import (
+	"errors"
+	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/grpc/status"
+
+	"github.com/grpctunnel/grpctunnel/flowcontrol"
+)
+
+// errDone is returned by inbound.recv when the caller's done channel closes
+// first; the caller knows why it gave up.
+var errDone = errors.New("receive abandoned")
+
+// message is one complete tunneled message: the chunks as they arrived, never
+// copied into one buffer here. A codec that needs contiguous bytes gathers
+// them itself, once.
+type message struct {
+	chunks mem.BufferSlice
+	size   int
+}
+
+// inbound is the receiving half of one tunneled stream: it reassembles
+// messages from chunks, enforces the size limit and the receive window, and
+// holds complete messages until the application asks for them.
+//
+// The reader goroutine is the only caller of startMessage, moreData and
+// waitForSpace, so reassembly state needs no lock; only the queue of complete
+// messages is shared with the consumer.
+type inbound struct {
+	win     *flowcontrol.RecvWindow // nil without flow control
+	hold    int                     // without flow control: queue this much, then make the reader wait
+	maxSize int                     // largest message accepted
+
+	// Reassembly, owned by the reader.
+	partial   mem.BufferSlice
+	size      int
+	remaining int
+	active    bool
+
+	mu       sync.Mutex
+	msgs     []message
+	queued   int   // bytes in msgs
+	err      error // set when no more messages will be queued
+	aborted  bool  // err applies at once, queued messages are dropped
+	signal   chan struct{}
+	consumed chan struct{}
+}
+
+func newInbound(win *flowcontrol.RecvWindow, hold, maxSize int) *inbound {
+	return &inbound{
+		win:      win,
+		hold:     hold,
+		maxSize:  maxSize,
+		signal:   make(chan struct{}, 1),
+		consumed: make(chan struct{}, 1),
+	}
+}
+
+// startMessage handles the first frame of a message. It returns credit to
+// grant the peer at once (a message larger than the window needs it), or a
+// status error that ends the stream.
+func (in *inbound) startMessage(size uint32, data []byte) (uint32, error) {
+	if in.active {
+		return 0, status.Error(codes.Internal, "grpctunnel: new message started before the previous one completed")
+	}
+	if int64(size) > int64(in.maxSize) {
+		return 0, status.Errorf(codes.ResourceExhausted, "grpctunnel: received message larger than max (%d vs. %d)", size, in.maxSize)
+	}
+	if len(data) > int(size) {
+		return 0, status.Errorf(codes.Internal, "grpctunnel: message chunk of %d bytes overruns its declared size of %d", len(data), size)
+	}
+	var update uint32
+	if in.win != nil {
+		update = in.win.BeginMessage(size)
+		if err := in.win.Receive(len(data)); err != nil {
+			return 0, errWindowOverrun
+		}
+	}
+	in.active = true
+	in.size = int(size)
+	in.remaining = int(size)
+	in.partial = in.partial[:0]
+	in.appendChunk(data)
+	return update, nil
+}
+
+// moreData handles a continuation chunk.
+func (in *inbound) moreData(data []byte) error {
+	if !in.active {
+		return status.Error(codes.Internal, "grpctunnel: message data received with no message started")
+	}
+	if len(data) > in.remaining {
+		return status.Errorf(codes.Internal, "grpctunnel: message chunk overruns the declared size of %d bytes", in.size)
+	}
+	if in.win != nil {
+		if err := in.win.Receive(len(data)); err != nil {
+			return errWindowOverrun
+		}
+	}
+	in.appendChunk(data)
+	return nil
+}
+
+var errWindowOverrun = status.Error(codes.ResourceExhausted, "grpctunnel: peer sent more data than the flow-control window allows")
+
+func (in *inbound) appendChunk(data []byte) {
+	if len(data) > 0 {
+		in.partial = append(in.partial, mem.SliceBuffer(data))
+		in.remaining -= len(data)
+	}
+	if in.remaining > 0 {
+		return
+	}
+	m := message{chunks: in.partial, size: in.size}
+	in.partial = nil
+	in.active = false
+	in.mu.Lock()
+	if in.err == nil {
+		in.msgs = append(in.msgs, m)
+		in.queued += m.size
+	}
+	in.mu.Unlock()
+	notify(in.signal)
+}
+
+// waitForSpace makes the reader wait while a stream without flow control has
+// more than its share queued. That stalls the whole tunnel, which is what the
+// plain protocol's revision zero implies; with flow control the window bounds
+// the queue instead and this returns at once.
+func (in *inbound) waitForSpace(done <-chan struct{}) {
+	if in.win != nil {
+		return
+	}
+	for {
+		in.mu.Lock()
+		full := in.queued > in.hold && in.err == nil
+		in.mu.Unlock()
+		if !full {
+			return
+		}
+		select {
+		case <-in.consumed:
+		case <-done:
+			return
+		}
+	}
+}
+
+// finish records that the peer will send no more messages; err is io.EOF for
+// a normal end. Messages already queued are still delivered.
+func (in *inbound) finish(err error) {
+	in.mu.Lock()
+	if in.err == nil {
+		in.err = err
+	}
+	in.mu.Unlock()
+	notify(in.signal)
+}
+
+// abort ends the stream at once with err, dropping undelivered messages.
+func (in *inbound) abort(err error) {
+	in.mu.Lock()
+	if !in.aborted {
+		in.aborted = true
+		in.err = err
+		in.msgs = nil
+		in.queued = 0
+	}
+	in.mu.Unlock()
+	notify(in.signal)
+	notify(in.consumed)
+}
+
+// recv returns the next message, or the error that ended the stream, or
+// errDone when done closes first. update is the window credit to return to
+// the peer now that the message is consumed.
+func (in *inbound) recv(done <-chan struct{}) (m message, update uint32, err error) {
+	for {
+		got := false
+		in.mu.Lock()
+		switch {
+		case in.aborted:
+			err = in.err
+		case len(in.msgs) > 0:
+			m, got = in.msgs[0], true
+			in.msgs[0] = message{}
+			in.msgs = in.msgs[1:]
+			in.queued -= m.size
+		case in.err != nil:
+			err = in.err
+		}
+		in.mu.Unlock()
+		if err != nil {
+			return message{}, 0, err
+		}
+		if got {
+			if in.win != nil {
+				update = in.win.Consume(m.size)
+			} else {
+				notify(in.consumed)
+			}
+			return m, update, nil
+		}
+		select {
+		case <-in.signal:
+		case <-done:
+			return message{}, 0, errDone
+		}
+	}
+}
+
+func notify(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}

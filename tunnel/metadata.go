@@ -1,0 +1,102 @@
+package tunnel
+
+import (
+	"encoding/base64"
+	"fmt"
+	"strings"
+	"unicode/utf8"
+
+	"google.golang.org/grpc/metadata"
+
+	"github.com/grpctunnel/grpctunnel/tunnelpb"
+)
+
+// reservedHeaders are keys that gRPC itself owns. They never travel as
+// tunneled metadata in either direction: a caller cannot use them to steer
+// the peer, and a peer cannot use them to confuse a handler. The deadline
+// travels as grpc-timeout, but only as this package writes it.
+var reservedHeaders = map[string]bool{
+	"content-type":            true,
+	"user-agent":              true,
+	"te":                      true,
+	"grpc-timeout":            true,
+	"grpc-status":             true,
+	"grpc-message":            true,
+	"grpc-status-details-bin": true,
+	"grpc-encoding":           true,
+	"grpc-accept-encoding":    true,
+	"grpc-message-type":       true,
+}
+
+// isReserved reports whether key is kept out of tunneled metadata: gRPC's own
+// headers, HTTP/2 pseudo-headers, and everything in this package's
+// "grpctunnel-" namespace.
+func isReserved(key string) bool {
+	return reservedHeaders[key] || strings.HasPrefix(key, ":") || strings.HasPrefix(key, "grpctunnel-")
+}
+
+// binaryEncoding is how "-bin" values travel when the binary-metadata
+// extension is on. Decoding accepts padded input as well.
+var binaryEncoding = base64.RawStdEncoding
+
+// encodeMetadata converts md for the wire. Under the binary-metadata
+// extension, "-bin" values are base64 so that any bytes survive the proto
+// string field. Without it the plain protocol applies: values travel as they
+// are, and a value that is not valid UTF-8 cannot travel at all.
+func encodeMetadata(md metadata.MD, binary bool) (*tunnelpb.Metadata, error) {
+	out := &tunnelpb.Metadata{Md: make(map[string]*tunnelpb.Metadata_Values, len(md))}
+	for k, vals := range md {
+		k = strings.ToLower(k)
+		if isReserved(k) || len(vals) == 0 {
+			continue
+		}
+		isBin := strings.HasSuffix(k, "-bin")
+		enc := make([]string, 0, len(vals))
+		for _, v := range vals {
+			switch {
+			case isBin && binary:
+				v = binaryEncoding.EncodeToString([]byte(v))
+			case !utf8.ValidString(v):
+				return nil, fmt.Errorf("metadata %q has a value that is not valid UTF-8, and the tunnel peer does not support binary metadata", k)
+			}
+			enc = append(enc, v)
+		}
+		if prev, ok := out.Md[k]; ok {
+			prev.Val = append(prev.Val, enc...)
+			continue
+		}
+		out.Md[k] = &tunnelpb.Metadata_Values{Val: enc}
+	}
+	return out, nil
+}
+
+// decodeMetadata converts wire metadata back, dropping reserved keys.
+func decodeMetadata(pb *tunnelpb.Metadata, binary bool) (metadata.MD, error) {
+	md := make(metadata.MD, len(pb.GetMd()))
+	for k, vals := range pb.GetMd() {
+		k = strings.ToLower(k)
+		if isReserved(k) {
+			continue
+		}
+		dec := vals.GetVal()
+		if binary && strings.HasSuffix(k, "-bin") {
+			dec = make([]string, len(vals.GetVal()))
+			for i, v := range vals.GetVal() {
+				b, err := decodeBinary(v)
+				if err != nil {
+					return nil, fmt.Errorf("metadata %q: invalid base64 value: %w", k, err)
+				}
+				dec[i] = string(b)
+			}
+		}
+		md[k] = append(md[k], dec...)
+	}
+	return md, nil
+}
+
+func decodeBinary(v string) ([]byte, error) {
+	if strings.HasSuffix(v, "=") {
+		return base64.StdEncoding.DecodeString(v)
+	}
+	return binaryEncoding.DecodeString(v)
+}

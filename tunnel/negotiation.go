@@ -1,0 +1,124 @@
+package tunnel
+
+import (
+	"fmt"
+	"strings"
+
+	"google.golang.org/grpc/metadata"
+
+	"github.com/grpctunnel/grpctunnel/tunnelpb"
+)
+
+// Headers exchanged on the tunnel-opening RPC.
+const (
+	// negotiateHeader, sent by both network client and network server,
+	// switches the tunnel to protocol revision one.
+	negotiateHeader = "grpctunnel-negotiate"
+	negotiateOn     = "on"
+
+	// extensionsHeader lists the extensions an end supports. The network
+	// server answers with the ones it accepts from the client's list; only
+	// those are used. A plain peer sends and answers nothing, so nothing is
+	// used. See PROTOCOL.md.
+	extensionsHeader = "grpctunnel-extensions"
+
+	// extBinaryMetadata sends "-bin" metadata values base64-encoded, so any
+	// bytes survive the protocol's string fields.
+	extBinaryMetadata = "binary-metadata"
+)
+
+// settingsStreamID marks the settings frame, which concerns the whole tunnel.
+const settingsStreamID = -1
+
+// supportedRevisions are the revisions this package speaks, lowest first.
+var supportedRevisions = []tunnelpb.ProtocolRevision{
+	tunnelpb.ProtocolRevision_REVISION_ZERO,
+	tunnelpb.ProtocolRevision_REVISION_ONE,
+}
+
+// agreement is what the two ends of a tunnel settled on when it opened.
+type agreement struct {
+	// negotiated is true when both ends sent the negotiate header, so the
+	// tunnel server sends settings and revision one may be used.
+	negotiated bool
+	// binaryMetadata is the binary-metadata extension.
+	binaryMetadata bool
+}
+
+// openingHeaders is the metadata the network client adds when it opens a
+// tunnel.
+func (o *options) openingHeaders() metadata.MD {
+	md := metadata.MD{}
+	if !o.disableFlowControl {
+		md.Set(negotiateHeader, negotiateOn)
+	}
+	if !o.plain {
+		md.Set(extensionsHeader, extBinaryMetadata)
+	}
+	return md
+}
+
+// accept is the network server's side: given the opening request's metadata
+// it returns the response headers to send at once, and what was agreed.
+func (o *options) accept(req metadata.MD) (metadata.MD, agreement) {
+	var a agreement
+	resp := metadata.MD{}
+	if !o.disableFlowControl {
+		resp.Set(negotiateHeader, negotiateOn)
+		a.negotiated = hasValue(req, negotiateHeader, negotiateOn)
+	}
+	if !o.plain && hasValue(req, extensionsHeader, extBinaryMetadata) {
+		resp.Set(extensionsHeader, extBinaryMetadata)
+		a.binaryMetadata = true
+	}
+	return resp, a
+}
+
+// agreed is the network client's side: what the server's response headers
+// say was agreed.
+func (o *options) agreed(resp metadata.MD) agreement {
+	return agreement{
+		negotiated:     !o.disableFlowControl && hasValue(resp, negotiateHeader, negotiateOn),
+		binaryMetadata: !o.plain && hasValue(resp, extensionsHeader, extBinaryMetadata),
+	}
+}
+
+// hasValue reports whether any value of key, read as a comma-separated
+// list, is want.
+func hasValue(md metadata.MD, key, want string) bool {
+	for _, v := range md.Get(key) {
+		for _, item := range strings.Split(v, ",") {
+			if strings.TrimSpace(item) == want {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// settingsFrame is the tunnel server's first frame under revision one.
+func (o *options) settingsFrame() *tunnelpb.ServerToClient {
+	return &tunnelpb.ServerToClient{
+		StreamId: settingsStreamID,
+		Frame: &tunnelpb.ServerToClient_Settings{Settings: &tunnelpb.Settings{
+			SupportedProtocolRevisions: supportedRevisions,
+			InitialWindowSize:          o.initialWindow,
+		}},
+	}
+}
+
+// chooseRevision picks the highest revision both ends support.
+func chooseRevision(peer []tunnelpb.ProtocolRevision) (tunnelpb.ProtocolRevision, error) {
+	best := tunnelpb.ProtocolRevision(-1)
+	for _, r := range peer {
+		for _, mine := range supportedRevisions {
+			if r == mine && r > best {
+				best = r
+			}
+		}
+	}
+	if best < 0 {
+		return 0, fmt.Errorf("no protocol revision in common: peer supports %v, this end %v", peer, supportedRevisions)
+	}
+	return best, nil
+}

@@ -1,0 +1,54 @@
+package tunnel
+
+import (
+	"google.golang.org/grpc/mem"
+
+	"github.com/grpctunnel/grpctunnel/flowcontrol"
+)
+
+// framer builds the frames of one direction of one stream.
+type framer[F any] struct {
+	message func(size uint32, chunk []byte) F
+	more    func(chunk []byte) F
+}
+
+// sendMessage sends one encoded message as a message frame and continuation
+// frames, taking window credit before each chunk. Chunks are slices of the
+// codec's buffers; the only copy is the outer stream's own encoding. It
+// returns errDone if done closes while it waits for credit.
+func sendMessage[F any](s *sender[F], win *flowcontrol.SendWindow, done <-chan struct{}, fr framer[F], data mem.BufferSlice, maxChunk int) error {
+	size := data.Len()
+	if size == 0 {
+		return s.Send(fr.message(0, nil))
+	}
+	bufs := make([][]byte, len(data))
+	for i, b := range data {
+		bufs[i] = b.ReadOnlyData()
+	}
+	first := true
+	for len(bufs) > 0 {
+		for len(bufs) > 0 && len(bufs[0]) == 0 {
+			bufs = bufs[1:]
+		}
+		if len(bufs) == 0 {
+			break
+		}
+		n, ok := win.Take(min(maxChunk, len(bufs[0])), done)
+		if !ok {
+			return errDone
+		}
+		var chunk []byte
+		chunk, bufs = flowcontrol.Chunk(bufs, n)
+		var f F
+		if first {
+			f = fr.message(uint32(size), chunk)
+			first = false
+		} else {
+			f = fr.more(chunk)
+		}
+		if err := s.Send(f); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,178 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"sync"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+
+	"github.com/grpctunnel/grpctunnel/tunnelpb"
+)
+
+// ErrServerStopped is returned by ReverseTunnelServer.Serve once the server
+// has been stopped.
+var ErrServerStopped = errors.New("grpctunnel: reverse tunnel server stopped")
+
+// ReverseTunnelServer serves gRPC services over reverse tunnels: it dials a
+// TunnelServiceHandler and lets that server call the services registered
+// here. It is how a client behind NAT or a firewall exposes services to a
+// server it can reach but that cannot reach it.
+type ReverseTunnelServer struct {
+	stub tunnelpb.TunnelServiceClient
+	opts *options
+	svc  *services
+
+	mu       sync.Mutex
+	calls    map[*serveCall]struct{}
+	stopped  bool
+	graceful bool
+	serving  sync.WaitGroup
+}
+
+// NewReverseTunnelServer returns a server that opens its tunnels through
+// stub.
+func NewReverseTunnelServer(stub tunnelpb.TunnelServiceClient, opts ...TunnelOption) *ReverseTunnelServer {
+	return &ReverseTunnelServer{
+		stub:    stub,
+		opts:    newOptions(opts),
+		svc:     newServices(),
+		calls:   map[*serveCall]struct{}{},
+	}
+}
+
+var _ grpc.ServiceRegistrar = (*ReverseTunnelServer)(nil)
+
+// RegisterService registers a service implementation to serve over the
+// reverse tunnels; generated RegisterXxxServer functions accept the server.
+// Register everything before calling Serve. To intercept calls, register
+// through a wrapper such as grpchan.WithInterceptor(server, unary, stream).
+func (s *ReverseTunnelServer) RegisterService(desc *grpc.ServiceDesc, impl any) {
+	s.svc.RegisterService(desc, impl)
+}
+
+// GetServiceInfo reports the registered services, in the form *grpc.Server
+// uses (server reflection reads it).
+func (s *ReverseTunnelServer) GetServiceInfo() map[string]grpc.ServiceInfo {
+	return s.svc.GetServiceInfo()
+}
+
+// Serve opens one reverse tunnel and serves calls on it until the tunnel
+// ends. Call it once per tunnel wanted; concurrent calls open several
+// tunnels. started reports whether the tunnel opened at all: when false,
+// err says why it could not (the server refused it, or it was unreachable),
+// and retrying makes sense. Once started, Serve returns nil after a clean
+// end (Stop, GracefulStop, or the server ending the tunnel), ctx's error if
+// ctx ended it, and otherwise the failure.
+//
+// ctx's outgoing metadata and opts go with the opening RPC; use them for
+// credentials. The server reads that metadata from the tunnel's Context.
+func (s *ReverseTunnelServer) Serve(ctx context.Context, opts ...grpc.CallOption) (started bool, err error) {
+	openedMD, _ := metadata.FromOutgoingContext(ctx)
+	openedMD = openedMD.Copy()
+	streamCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	call := &serveCall{cancel: cancel}
+	s.mu.Lock()
+	if s.stopped {
+		s.mu.Unlock()
+		return false, ErrServerStopped
+	}
+	s.calls[call] = struct{}{}
+	s.serving.Add(1)
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.calls, call)
+		s.mu.Unlock()
+		s.serving.Done()
+	}()
+	stream, err := s.stub.OpenReverseTunnel(metadata.NewOutgoingContext(streamCtx, metadata.Join(openedMD, s.opts.openingHeaders())), opts...)
+	if err != nil {
+		return false, err
+	}
+	hdr, err := stream.Header()
+	if err != nil {
+		return false, err
+	}
+	if hdr == nil {
+		// No headers: the server refused the tunnel; its status says why.
+		_, err := stream.Recv()
+		return false, err
+	}
+	p, _ := peer.FromContext(stream.Context())
+	t := newTunnelServer(streamCtx, stream, s.opts, s.svc, s.opts.agreed(hdr), true, p, openedMD)
+	t.closeSend = stream.CloseSend
+
+	s.mu.Lock()
+	call.t = t
+	drain := s.stopped && s.graceful
+	s.mu.Unlock()
+	if drain {
+		t.drain()
+	}
+
+	err = t.serve(true)
+	s.mu.Lock()
+	stopped := s.stopped
+	s.mu.Unlock()
+	switch {
+	case stopped:
+		return true, nil
+	case ctx.Err() != nil:
+		return true, ctx.Err()
+	}
+	return true, err
+}
+
+// GracefulStop stops the server gently: every tunnel refuses new calls with
+// Unavailable, finishes the calls in progress, then closes. It returns when
+// every Serve call has returned; later calls to Serve fail at once.
+func (s *ReverseTunnelServer) GracefulStop() {
+	s.mu.Lock()
+	s.stopped = true
+	s.graceful = true
+	calls := s.snapshot()
+	s.mu.Unlock()
+	for _, c := range calls {
+		if c.t != nil {
+			c.t.drain()
+		} else {
+			c.cancel() // not open yet: nothing to finish
+		}
+	}
+	s.serving.Wait()
+}
+
+// Stop closes every tunnel at once: calls in progress are cancelled. It
+// returns when every Serve call has returned; later calls to Serve fail at
+// once.
+func (s *ReverseTunnelServer) Stop() {
+	s.mu.Lock()
+	s.stopped = true
+	s.graceful = false
+	calls := s.snapshot()
+	s.mu.Unlock()
+	for _, c := range calls {
+		c.cancel()
+	}
+	s.serving.Wait()
+}
+
+// serveCall is one Serve in progress.
+type serveCall struct {
+	cancel context.CancelFunc // ends the opening RPC and so the tunnel
+	t      *tunnelServer      // set once the tunnel is open; guarded by mu
+}
+
+// snapshot copies the calls in progress; s.mu must be held. Their t fields
+// are copied too, so the caller may use them after unlocking.
+func (s *ReverseTunnelServer) snapshot() []serveCall {
+	out := make([]serveCall, 0, len(s.calls))
+	for c := range s.calls {
+		out = append(out, *c)
+	}
+	return out
+}

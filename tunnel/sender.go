@@ -1,0 +1,132 @@
+package tunnel
+
+import (
+	"sync"
+)
+
+// sender owns the sending half of the outer stream. gRPC allows one sender
+// at a time, so every frame goes out under mu. Callers that may block (a
+// stream sending its messages) send directly; callers that must never block
+// on the network, above all the reader goroutine, queue control frames that
+// a short-lived flusher goroutine writes. Without that split, two peers
+// whose readers both wait on a full outer stream would deadlock.
+type sender[F any] struct {
+	send func(F) error
+
+	mu  sync.Mutex // serializes send
+	err error      // first send failure or close reason; guarded by mu
+
+	qmu      sync.Mutex
+	queue    []F
+	flushing bool
+	closed   bool // no more frames are queued
+	flusher  sync.WaitGroup
+
+	onFail func(error) // called once, off mu, when a send fails
+	failed sync.Once
+}
+
+func newSender[F any](send func(F) error, onFail func(error)) *sender[F] {
+	return &sender[F]{send: send, onFail: onFail}
+}
+
+// Send writes f, blocking while the outer stream is full.
+func (s *sender[F]) Send(f F) error {
+	return s.Do(func(send func(F) error) error { return send(f) })
+}
+
+// Do runs fn with exclusive use of the outer stream, for a group of frames
+// that must go out together and in order (a new stream's ID is allocated and
+// its first frame sent under one hold, so IDs reach the peer increasing).
+func (s *sender[F]) Do(fn func(send func(F) error) error) error {
+	s.mu.Lock()
+	if s.err != nil {
+		err := s.err
+		s.mu.Unlock()
+		return err
+	}
+	var sendErr error
+	err := fn(func(f F) error {
+		if sendErr != nil {
+			return sendErr
+		}
+		if sendErr = s.send(f); sendErr != nil {
+			s.err = sendErr
+		}
+		return sendErr
+	})
+	s.mu.Unlock()
+	if sendErr != nil {
+		s.fail(sendErr)
+	}
+	return err
+}
+
+// Queue schedules f to be sent soon, without blocking. Frames queued by one
+// goroutine go out in the order queued.
+func (s *sender[F]) Queue(f F) {
+	s.qmu.Lock()
+	if s.closed {
+		s.qmu.Unlock()
+		return
+	}
+	s.queue = append(s.queue, f)
+	start := !s.flushing
+	if start {
+		s.flushing = true
+		s.flusher.Add(1)
+	}
+	s.qmu.Unlock()
+	if start {
+		go s.flush()
+	}
+}
+
+// flush writes queued frames until the queue is empty, then exits; a later
+// Queue starts a new flusher. An idle tunnel thus costs no goroutine here.
+func (s *sender[F]) flush() {
+	defer s.flusher.Done()
+	for {
+		s.qmu.Lock()
+		batch := s.queue
+		s.queue = nil
+		if len(batch) == 0 {
+			s.flushing = false
+			s.qmu.Unlock()
+			return
+		}
+		s.qmu.Unlock()
+		_ = s.Do(func(send func(F) error) error {
+			for _, f := range batch {
+				if err := send(f); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+}
+
+// Close makes every later send fail with err and waits for the send in
+// progress, if any, and for the flusher. The caller must make sure a blocked
+// send can finish (by ending the outer stream) or Close waits for it.
+func (s *sender[F]) Close(err error) {
+	s.mu.Lock()
+	if s.err == nil {
+		s.err = err
+	}
+	s.mu.Unlock()
+	s.qmu.Lock()
+	s.closed = true
+	s.queue = nil
+	s.qmu.Unlock()
+	s.flusher.Wait()
+}
+
+func (s *sender[F]) fail(err error) {
+	s.failed.Do(func() {
+		if s.onFail != nil {
+			s.onFail(err)
+		}
+	})
+}

@@ -1,0 +1,300 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/grpctunnel/grpctunnel/flowcontrol"
+	"github.com/grpctunnel/grpctunnel/tunnelpb"
+)
+
+// serverStream is one tunneled call on the handling side; it implements
+// grpc.ServerStream for the handler and grpc.ServerTransportStream so that
+// grpc.SetHeader, grpc.SendHeader, grpc.SetTrailer and grpc.Method work on
+// its context.
+type serverStream struct {
+	t       *tunnelServer
+	id      int64
+	ctx     context.Context
+	cancel  context.CancelFunc
+	method  string
+	kind    methodKind
+	handler callHandler
+	codec   encoding.CodecV2
+	window  *flowcontrol.SendWindow
+	in      *inbound
+
+	// Reader-owned.
+	halfClosed bool
+
+	mu         sync.Mutex
+	header     metadata.MD
+	headerSent bool
+	trailer    metadata.MD
+	closed     bool // close_stream sent, or the client cancelled
+
+	// Handler-owned.
+	sent int
+}
+
+func grpcServerTransportContext(ctx context.Context, st *serverStream) context.Context {
+	return grpc.NewContextWithServerTransportStream(ctx, (*transportStream)(st))
+}
+
+// transportStream is the stream as grpc.ServerTransportStream, whose
+// SetTrailer differs from grpc.ServerStream's only in returning an error.
+type transportStream serverStream
+
+func (ts *transportStream) Method() string                  { return ts.method }
+func (ts *transportStream) SetHeader(md metadata.MD) error  { return (*serverStream)(ts).SetHeader(md) }
+func (ts *transportStream) SendHeader(md metadata.MD) error { return (*serverStream)(ts).SendHeader(md) }
+func (ts *transportStream) SetTrailer(md metadata.MD) error { return (*serverStream)(ts).setTrailer(md) }
+
+// run calls the handler and closes the stream with its result.
+func (st *serverStream) run() {
+	defer st.t.handlers.Done()
+	err := st.handler(st)
+	st.close(err, false)
+}
+
+// Reader side.
+
+func (st *serverStream) afterData(update uint32, err error) {
+	if err != nil {
+		st.fail(err)
+		return
+	}
+	if update > 0 {
+		st.t.out.Queue(&tunnelpb.ServerToClient{
+			StreamId: st.id,
+			Frame:    &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: update},
+		})
+	}
+	st.in.waitForSpace(st.ctx.Done())
+}
+
+// fail ends the call with err because the client broke the rules for it.
+func (st *serverStream) fail(err error) {
+	st.in.abort(err)
+	st.close(err, true)
+}
+
+// cancelled handles the client's cancel: the handler's context is cancelled
+// and nothing more is sent.
+func (st *serverStream) cancelled() {
+	st.mu.Lock()
+	st.closed = true
+	st.mu.Unlock()
+	st.in.abort(status.Error(codes.Canceled, "grpctunnel: call cancelled by the client"))
+	st.cancel()
+	st.t.forget(st.id)
+}
+
+// close sends the call's status and trailers, once. The reader queues them
+// (it must not block); the handler's goroutine sends them itself.
+func (st *serverStream) close(err error, fromReader bool) {
+	st.mu.Lock()
+	if st.closed {
+		st.mu.Unlock()
+		st.cancel()
+		return
+	}
+	st.closed = true
+	var header metadata.MD
+	if !st.headerSent && len(st.header) > 0 {
+		header = st.header
+	}
+	st.headerSent = true
+	trailer := st.trailer
+	st.mu.Unlock()
+
+	var frames []*tunnelpb.ServerToClient
+	if header != nil {
+		if f, err := st.headerFrame(header); err == nil {
+			frames = append(frames, f)
+		}
+	}
+	s := statusOf(err)
+	pbTrailer, encErr := encodeMetadata(trailer, st.t.agreed.binaryMetadata)
+	if encErr != nil {
+		s = status.New(codes.Internal, "grpctunnel: "+encErr.Error())
+		pbTrailer = nil
+	}
+	frames = append(frames, closeFrame(st.id, s, pbTrailer))
+	if fromReader {
+		for _, f := range frames {
+			st.t.out.Queue(f)
+		}
+	} else {
+		_ = st.t.out.Do(func(send func(*tunnelpb.ServerToClient) error) error {
+			for _, f := range frames {
+				if err := send(f); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	st.cancel()
+	st.t.forget(st.id)
+}
+
+// statusOf turns a handler's result into the status sent to the client.
+func statusOf(err error) *status.Status {
+	if err == nil {
+		return status.New(codes.OK, "")
+	}
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		if _, ok := status.FromError(err); !ok {
+			return status.FromContextError(err)
+		}
+	}
+	return status.Convert(err)
+}
+
+func (st *serverStream) headerFrame(md metadata.MD) (*tunnelpb.ServerToClient, error) {
+	pb, err := encodeMetadata(md, st.t.agreed.binaryMetadata)
+	if err != nil {
+		return nil, status.Error(codes.Internal, "grpctunnel: "+err.Error())
+	}
+	return &tunnelpb.ServerToClient{StreamId: st.id, Frame: &tunnelpb.ServerToClient_ResponseHeaders{ResponseHeaders: pb}}, nil
+}
+
+// Handler side: grpc.ServerStream.
+
+func (st *serverStream) Context() context.Context { return st.ctx }
+
+func (st *serverStream) SetHeader(md metadata.MD) error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.headerSent || st.closed {
+		return status.Error(codes.Internal, "grpctunnel: headers already sent")
+	}
+	st.header = metadata.Join(st.header, md)
+	return nil
+}
+
+func (st *serverStream) SendHeader(md metadata.MD) error {
+	if err := st.SetHeader(md); err != nil {
+		return err
+	}
+	return st.flushHeader()
+}
+
+// flushHeader sends the headers if they have not gone yet.
+func (st *serverStream) flushHeader() error {
+	st.mu.Lock()
+	if st.headerSent {
+		st.mu.Unlock()
+		return nil
+	}
+	if st.closed {
+		st.mu.Unlock()
+		return status.FromContextError(context.Canceled).Err()
+	}
+	st.headerSent = true
+	md := st.header
+	st.mu.Unlock()
+	f, err := st.headerFrame(md)
+	if err != nil {
+		return err
+	}
+	if err := st.t.out.Send(f); err != nil {
+		return status.Error(codes.Unavailable, "grpctunnel: tunnel failed")
+	}
+	return nil
+}
+
+func (st *serverStream) SetTrailer(md metadata.MD) { _ = st.setTrailer(md) }
+
+func (st *serverStream) setTrailer(md metadata.MD) error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.closed {
+		return status.Error(codes.Internal, "grpctunnel: call already ended")
+	}
+	st.trailer = metadata.Join(st.trailer, md)
+	return nil
+}
+
+func (st *serverStream) SendMsg(m any) error {
+	if err := st.ctx.Err(); err != nil {
+		return status.FromContextError(err).Err()
+	}
+	if !st.kind.serverStreams && st.sent > 0 {
+		return status.Error(codes.Internal, "grpctunnel: more than one response for a unary-response method")
+	}
+	data, err := st.codec.Marshal(m)
+	if err != nil {
+		return status.Errorf(codes.Internal, "grpctunnel: error while marshaling: %v", err)
+	}
+	defer data.Free()
+	if size := data.Len(); size > st.t.opts.maxSendMsgSize {
+		return status.Errorf(codes.ResourceExhausted, "grpctunnel: trying to send message larger than max (%d vs. %d)", size, st.t.opts.maxSendMsgSize)
+	}
+	if err := st.flushHeader(); err != nil {
+		return err
+	}
+	st.sent++
+	err = sendMessage(st.t.out, st.window, st.ctx.Done(), serverFramer(st.id), data, flowcontrol.MaxChunk)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, errDone):
+		return status.FromContextError(st.ctx.Err()).Err()
+	default:
+		return status.Error(codes.Unavailable, "grpctunnel: tunnel failed")
+	}
+}
+
+func (st *serverStream) RecvMsg(m any) error {
+	msg, update, err := st.in.recv(st.ctx.Done())
+	if err != nil {
+		if errors.Is(err, errDone) {
+			return status.FromContextError(st.ctx.Err()).Err()
+		}
+		return err
+	}
+	if update > 0 {
+		st.t.out.Queue(&tunnelpb.ServerToClient{
+			StreamId: st.id,
+			Frame:    &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: update},
+		})
+	}
+	err = st.codec.Unmarshal(msg.chunks, m)
+	msg.chunks.Free()
+	if err != nil {
+		return status.Errorf(codes.Internal, "grpctunnel: failed to unmarshal the request: %v", err)
+	}
+	return nil
+}
+
+// recvUnaryRequest reads the one request of a unary-request method.
+func (st *serverStream) recvUnaryRequest(m any) error {
+	err := st.RecvMsg(m)
+	if errors.Is(err, io.EOF) {
+		return status.Error(codes.Internal, "grpctunnel: no request message for a unary-request method")
+	}
+	return err
+}
+
+func serverFramer(id int64) framer[*tunnelpb.ServerToClient] {
+	return framer[*tunnelpb.ServerToClient]{
+		message: func(size uint32, chunk []byte) *tunnelpb.ServerToClient {
+			return &tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_ResponseMessage{
+				ResponseMessage: &tunnelpb.MessageData{Size: size, Data: chunk},
+			}}
+		},
+		more: func(chunk []byte) *tunnelpb.ServerToClient {
+			return &tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_MoreResponseData{MoreResponseData: chunk}}
+		},
+	}
+}

@@ -1,0 +1,313 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/grpctunnel/grpctunnel/flowcontrol"
+	"github.com/grpctunnel/grpctunnel/tunnelpb"
+)
+
+// serverFrames is the outer stream as the tunnel server sees it, whichever
+// end dialled.
+type serverFrames interface {
+	Send(*tunnelpb.ServerToClient) error
+	Recv() (*tunnelpb.ClientToServer, error)
+}
+
+// tunnelServer is the end of a tunnel that handles calls: the network server
+// of a forward tunnel, the network client of a reverse one. Each call runs
+// its handler in a goroutine of its own, as in grpc.Server.
+type tunnelServer struct {
+	ctx      context.Context // parent of every handler's context
+	cancel   context.CancelFunc
+	frames   serverFrames
+	out      *sender[*tunnelpb.ServerToClient]
+	opts     *options
+	svc      *services
+	agreed   agreement
+	reverse  bool
+	peer     *peer.Peer
+	openedMD metadata.MD // metadata of the opening RPC, for handlers
+	// closeSend, set on a network client, ends the outer stream cleanly
+	// once a drained tunnel is idle; a network server just returns.
+	closeSend func() error
+
+	// Reader-owned.
+	lastID int64
+
+	mu       sync.Mutex
+	streams  map[int64]*serverStream
+	closed   bool
+	draining bool
+	handlers sync.WaitGroup
+
+	done chan struct{}
+	err  error
+	once sync.Once
+}
+
+func newTunnelServer(ctx context.Context, frames serverFrames, o *options, svc *services, a agreement, reverse bool, p *peer.Peer, openedMD metadata.MD) *tunnelServer {
+	ctx, cancel := context.WithCancel(ctx)
+	// Handlers must not inherit the opening RPC's outgoing metadata (a
+	// network client's credentials, say) into calls they make themselves.
+	ctx = metadata.NewOutgoingContext(ctx, nil)
+	if p != nil {
+		ctx = peer.NewContext(ctx, p)
+	}
+	ctx = context.WithValue(ctx, tunnelIncomingMDKey{}, openedMD)
+	t := &tunnelServer{
+		ctx:      ctx,
+		cancel:   cancel,
+		frames:   frames,
+		opts:     o,
+		svc:      svc,
+		agreed:   a,
+		reverse:  reverse,
+		peer:     p,
+		openedMD: openedMD,
+		streams:  map[int64]*serverStream{},
+		done:     make(chan struct{}),
+	}
+	t.out = newSender(frames.Send, func(err error) { t.shutdown(tunnelFailure(err)) })
+	return t
+}
+
+// serve runs the tunnel until it ends and everything it started has
+// stopped. With inline, frames are read on the calling goroutine; otherwise
+// a reader goroutine does it, so that the caller can end the tunnel (a drain
+// or shutdown) while a read is blocked.
+func (t *tunnelServer) serve(inline bool) error {
+	if t.agreed.negotiated {
+		if err := t.out.Send(t.opts.settingsFrame()); err != nil {
+			t.shutdown(tunnelFailure(err))
+		}
+	}
+	if inline {
+		t.shutdown(t.read())
+	} else {
+		go func() { t.shutdown(t.read()) }()
+		<-t.done
+	}
+	// Handlers stop once their contexts are cancelled; after that nothing
+	// sends, and the outer stream may be released.
+	t.handlers.Wait()
+	t.out.Close(errTunnelClosed)
+	return t.err
+}
+
+var errTunnelClosed = errors.New("grpctunnel: tunnel closed")
+
+func (t *tunnelServer) read() error {
+	for {
+		f, err := t.frames.Recv()
+		if err != nil {
+			return tunnelFailure(err)
+		}
+		if err := t.dispatch(f); err != nil {
+			return err
+		}
+	}
+}
+
+func (t *tunnelServer) dispatch(f *tunnelpb.ClientToServer) error {
+	id := f.GetStreamId()
+	switch fr := f.GetFrame().(type) {
+	case nil:
+		return protocolErrorf("frame of unknown type for stream %d", id)
+	case *tunnelpb.ClientToServer_NewStream:
+		return t.newStream(id, fr.NewStream)
+	}
+	t.mu.Lock()
+	st := t.streams[id]
+	t.mu.Unlock()
+	if st == nil {
+		if id > 0 && id <= t.lastID {
+			return nil // a stream that ended; its frames race with the end
+		}
+		return protocolErrorf("frame for stream %d, which was never opened", id)
+	}
+	switch fr := f.GetFrame().(type) {
+	case *tunnelpb.ClientToServer_RequestMessage:
+		if st.halfClosed {
+			st.fail(status.Error(codes.Internal, "grpctunnel: request message after half-close"))
+			return nil
+		}
+		update, err := st.in.startMessage(fr.RequestMessage.GetSize(), fr.RequestMessage.GetData())
+		st.afterData(update, err)
+	case *tunnelpb.ClientToServer_MoreRequestData:
+		if st.halfClosed {
+			st.fail(status.Error(codes.Internal, "grpctunnel: request data after half-close"))
+			return nil
+		}
+		st.afterData(0, st.in.moreData(fr.MoreRequestData))
+	case *tunnelpb.ClientToServer_HalfClose:
+		if st.in.active {
+			st.fail(status.Error(codes.Internal, "grpctunnel: half-close in the middle of a request message"))
+			return nil
+		}
+		st.halfClosed = true
+		st.in.finish(io.EOF)
+	case *tunnelpb.ClientToServer_Cancel:
+		st.cancelled()
+	case *tunnelpb.ClientToServer_WindowUpdate:
+		if err := st.window.Add(fr.WindowUpdate); err != nil {
+			st.fail(status.Error(codes.Internal, "grpctunnel: peer's window update overflows the send window"))
+		}
+	}
+	return nil
+}
+
+// newStream starts a call, or refuses it with a close_stream.
+func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
+	if id <= t.lastID {
+		return protocolErrorf("new stream %d does not follow stream %d", id, t.lastID)
+	}
+	t.lastID = id
+	st, err := t.prepare(id, ns)
+	if err != nil {
+		t.out.Queue(closeFrame(id, status.Convert(err), nil))
+		return nil
+	}
+	t.mu.Lock()
+	if t.closed || t.draining {
+		t.mu.Unlock()
+		st.cancel()
+		t.out.Queue(closeFrame(id, status.New(codes.Unavailable, "grpctunnel: server is shutting down"), nil))
+		return nil
+	}
+	t.streams[id] = st
+	t.handlers.Add(1)
+	t.mu.Unlock()
+	go st.run()
+	return nil
+}
+
+// prepare builds a stream for a new_stream frame, or says why it is refused.
+func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream, error) {
+	flowControl := false
+	switch rev := ns.GetProtocolRevision(); {
+	case rev == tunnelpb.ProtocolRevision_REVISION_ZERO:
+	case rev == tunnelpb.ProtocolRevision_REVISION_ONE && t.agreed.negotiated:
+		flowControl = true
+	default:
+		return nil, status.Errorf(codes.Unimplemented, "grpctunnel: protocol revision %v is not supported on this tunnel", rev)
+	}
+	handler, kind, err := t.svc.lookup(ns.GetMethodName())
+	if err != nil {
+		return nil, err
+	}
+	md, err := decodeMetadata(ns.GetRequestHeaders(), t.agreed.binaryMetadata)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, "grpctunnel: "+err.Error())
+	}
+	ctx := t.ctx
+	var cancel context.CancelFunc
+	if v := ns.GetRequestHeaders().GetMd()[timeoutHeader].GetVal(); len(v) > 0 {
+		d, err := decodeTimeout(v[0])
+		if err != nil {
+			return nil, status.Error(codes.InvalidArgument, "grpctunnel: "+err.Error())
+		}
+		ctx, cancel = context.WithTimeout(ctx, d)
+	} else {
+		ctx, cancel = context.WithCancel(ctx)
+	}
+	st := &serverStream{
+		t:       t,
+		id:      id,
+		cancel:  cancel,
+		method:  "/" + trimSlash(ns.GetMethodName()),
+		kind:    kind,
+		handler: handler,
+		codec:   defaultCodec(),
+	}
+	ctx = metadata.NewIncomingContext(ctx, md)
+	st.ctx = grpcServerTransportContext(ctx, st)
+	var recvWin *flowcontrol.RecvWindow
+	if flowControl {
+		peerWindow := ns.GetInitialWindowSize()
+		if peerWindow == 0 {
+			peerWindow = flowcontrol.DefaultWindow
+		}
+		st.window = flowcontrol.NewSendWindow(peerWindow)
+		recvWin = flowcontrol.NewRecvWindow(t.opts.initialWindow, t.opts.initialWindow)
+	} else {
+		st.window = flowcontrol.Unlimited()
+	}
+	st.in = newInbound(recvWin, int(t.opts.initialWindow), t.opts.maxRecvMsgSize)
+	return st, nil
+}
+
+func trimSlash(s string) string {
+	if len(s) > 0 && s[0] == '/' {
+		return s[1:]
+	}
+	return s
+}
+
+// forget drops a finished stream; a draining tunnel with no streams left
+// then ends.
+func (t *tunnelServer) forget(id int64) {
+	t.mu.Lock()
+	delete(t.streams, id)
+	idle := t.draining && len(t.streams) == 0 && !t.closed
+	t.mu.Unlock()
+	if idle {
+		t.endIdle()
+	}
+}
+
+// drain refuses new calls with Unavailable and ends the tunnel once the
+// calls in progress are over.
+func (t *tunnelServer) drain() {
+	t.mu.Lock()
+	wasDraining := t.draining
+	t.draining = true
+	idle := len(t.streams) == 0 && !t.closed
+	t.mu.Unlock()
+	if idle && !wasDraining {
+		t.endIdle()
+	}
+}
+
+// endIdle ends a drained tunnel cleanly. A network client half-closes the
+// outer stream and lets the peer end it; a network server ends it itself.
+func (t *tunnelServer) endIdle() {
+	if t.closeSend == nil {
+		t.shutdown(nil)
+		return
+	}
+	err := t.out.Do(func(func(*tunnelpb.ServerToClient) error) error { return t.closeSend() })
+	if err != nil {
+		t.shutdown(nil)
+	}
+}
+
+// shutdown ends the tunnel: handlers see their contexts cancelled.
+func (t *tunnelServer) shutdown(err error) {
+	t.once.Do(func() {
+		t.mu.Lock()
+		t.closed = true
+		t.err = err
+		t.mu.Unlock()
+		t.cancel()
+		close(t.done)
+	})
+}
+
+func closeFrame(id int64, st *status.Status, trailer *tunnelpb.Metadata) *tunnelpb.ServerToClient {
+	return &tunnelpb.ServerToClient{
+		StreamId: id,
+		Frame: &tunnelpb.ServerToClient_CloseStream{CloseStream: &tunnelpb.CloseStream{
+			ResponseTrailers: trailer,
+			Status:           st.Proto(),
+		}},
+	}
+}

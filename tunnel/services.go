@@ -1,0 +1,76 @@
+package tunnel
+
+import (
+	"strings"
+
+	"github.com/fullstorydev/grpchan"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// services are the handlers a tunnel server dispatches to: what was
+// registered through grpc.ServiceRegistrar.
+type services struct {
+	handlers grpchan.HandlerMap
+}
+
+func newServices() *services {
+	return &services{handlers: grpchan.HandlerMap{}}
+}
+
+// RegisterService implements grpc.ServiceRegistrar.
+func (s *services) RegisterService(desc *grpc.ServiceDesc, impl any) {
+	s.handlers.RegisterService(desc, impl)
+}
+
+// GetServiceInfo reports the registered services as grpc.Server does, for
+// server reflection.
+func (s *services) GetServiceInfo() map[string]grpc.ServiceInfo {
+	return s.handlers.GetServiceInfo()
+}
+
+func (s *services) empty() bool { return len(s.handlers) == 0 }
+
+// callHandler runs one tunneled call to completion and returns its status.
+type callHandler func(*serverStream) error
+
+// methodKind says which sides of a call stream.
+type methodKind struct{ clientStreams, serverStreams bool }
+
+// lookup resolves a full method name to its handler, or a status error to
+// close the stream with.
+func (s *services) lookup(fullMethod string) (callHandler, methodKind, error) {
+	name := strings.TrimPrefix(fullMethod, "/")
+	slash := strings.LastIndex(name, "/")
+	if slash <= 0 || slash == len(name)-1 {
+		return nil, methodKind{}, status.Errorf(codes.Unimplemented, "malformed method name: %q", fullMethod)
+	}
+	service, method := name[:slash], name[slash+1:]
+	desc, impl := s.handlers.QueryService(service)
+	if desc == nil {
+		return nil, methodKind{}, status.Errorf(codes.Unimplemented, "unknown service %s", service)
+	}
+	for i := range desc.Methods {
+		if desc.Methods[i].MethodName == method {
+			h := desc.Methods[i].Handler
+			return func(st *serverStream) error {
+				resp, err := h(impl, st.ctx, st.recvUnaryRequest, nil)
+				if err != nil {
+					return err
+				}
+				return st.SendMsg(resp)
+			}, methodKind{}, nil
+		}
+	}
+	for i := range desc.Streams {
+		if desc.Streams[i].StreamName == method {
+			sd := desc.Streams[i]
+			return func(st *serverStream) error {
+				return sd.Handler(impl, st)
+			}, methodKind{clientStreams: sd.ClientStreams, serverStreams: sd.ServerStreams}, nil
+		}
+	}
+	return nil, methodKind{}, status.Errorf(codes.Unimplemented, "unknown method %s for service %s", method, service)
+}
+
