@@ -36,10 +36,10 @@ type ReverseTunnelServer struct {
 // stub.
 func NewReverseTunnelServer(stub tunnelpb.TunnelServiceClient, opts ...TunnelOption) *ReverseTunnelServer {
 	return &ReverseTunnelServer{
-		stub:    stub,
-		opts:    newOptions(opts),
-		svc:     newServices(),
-		calls:   map[*serveCall]struct{}{},
+		stub:  stub,
+		opts:  newOptions(opts),
+		svc:   newServices(),
+		calls: map[*serveCall]struct{}{},
 	}
 }
 

@@ -53,10 +53,14 @@ func grpcServerTransportContext(ctx context.Context, st *serverStream) context.C
 // SetTrailer differs from grpc.ServerStream's only in returning an error.
 type transportStream serverStream
 
-func (ts *transportStream) Method() string                  { return ts.method }
-func (ts *transportStream) SetHeader(md metadata.MD) error  { return (*serverStream)(ts).SetHeader(md) }
-func (ts *transportStream) SendHeader(md metadata.MD) error { return (*serverStream)(ts).SendHeader(md) }
-func (ts *transportStream) SetTrailer(md metadata.MD) error { return (*serverStream)(ts).setTrailer(md) }
+func (ts *transportStream) Method() string                 { return ts.method }
+func (ts *transportStream) SetHeader(md metadata.MD) error { return (*serverStream)(ts).SetHeader(md) }
+func (ts *transportStream) SendHeader(md metadata.MD) error {
+	return (*serverStream)(ts).SendHeader(md)
+}
+func (ts *transportStream) SetTrailer(md metadata.MD) error {
+	return (*serverStream)(ts).setTrailer(md)
+}
 
 // run calls the handler and closes the stream with its result.
 func (st *serverStream) run() {

@@ -73,4 +73,3 @@ func (s *services) lookup(fullMethod string) (callHandler, methodKind, error) {
 	}
 	return nil, methodKind{}, status.Errorf(codes.Unimplemented, "unknown method %s for service %s", method, service)
 }
-
