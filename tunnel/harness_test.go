@@ -8,6 +8,7 @@ import (
 	"github.com/fullstorydev/grpchan/grpchantesting"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -20,16 +21,32 @@ type testServer struct {
 	stub    tunnelpb.TunnelServiceClient
 }
 
-// startServer starts a gRPC server with a tunnel handler and dials it. The
-// handler serves grpchantesting's TestServer on forward tunnels.
-func startServer(t testing.TB, opts TunnelServiceHandlerOptions) *testServer {
+// registrar registers the services a test wants on a tunnel server.
+type registrar func(grpc.ServiceRegistrar)
+
+// testServices registers grpchantesting's TestServer and, if p is not nil,
+// the probe service.
+func testServices(p *probe) registrar {
+	return func(r grpc.ServiceRegistrar) {
+		grpchantesting.RegisterTestServiceServer(r, &grpchantesting.TestServer{})
+		if p != nil {
+			r.RegisterService(&probeDesc, p)
+		}
+	}
+}
+
+// startServer starts a gRPC server on loopback with a tunnel handler that
+// serves reg's services on forward tunnels, and dials it.
+func startServer(t testing.TB, opts TunnelServiceHandlerOptions, reg registrar, serverOpts ...grpc.ServerOption) *testServer {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts := &testServer{handler: NewTunnelServiceHandler(opts), server: grpc.NewServer()}
-	grpchantesting.RegisterTestServiceServer(ts.handler, &grpchantesting.TestServer{})
+	ts := &testServer{handler: NewTunnelServiceHandler(opts), server: grpc.NewServer(serverOpts...)}
+	if reg != nil {
+		reg(ts.handler)
+	}
 	tunnelpb.RegisterTunnelServiceServer(ts.server, ts.handler.Service())
 	served := make(chan struct{})
 	go func() {
@@ -49,10 +66,10 @@ func startServer(t testing.TB, opts TunnelServiceHandlerOptions) *testServer {
 	return ts
 }
 
-// forward opens a forward tunnel to ts, closed at cleanup.
-func (ts *testServer) forward(t testing.TB, opts ...TunnelOption) TunnelChannel {
+// forward opens a forward tunnel over stub, closed at cleanup.
+func forward(t testing.TB, stub tunnelpb.TunnelServiceClient, opts ...TunnelOption) TunnelChannel {
 	t.Helper()
-	ch, err := NewChannel(ts.stub, opts...).Start(context.Background())
+	ch, err := NewChannel(stub, opts...).Start(context.Background())
 	if err != nil {
 		t.Fatalf("opening forward tunnel: %v", err)
 	}
@@ -60,18 +77,25 @@ func (ts *testServer) forward(t testing.TB, opts ...TunnelOption) TunnelChannel 
 	return ch
 }
 
-// reverse opens n reverse tunnels to ts serving TestServer, and waits until
-// the handler sees them. The server is stopped at cleanup.
-func (ts *testServer) reverse(t testing.TB, n int, opts ...TunnelOption) *ReverseTunnelServer {
+// reverse opens n reverse tunnels over stub serving reg's services, and
+// waits until h sees them. The server is stopped at cleanup.
+func reverse(t testing.TB, h *TunnelServiceHandler, stub tunnelpb.TunnelServiceClient, n int, reg registrar, opts ...TunnelOption) *ReverseTunnelServer {
 	t.Helper()
-	rs := NewReverseTunnelServer(ts.stub, opts...)
-	grpchantesting.RegisterTestServiceServer(rs, &grpchantesting.TestServer{})
-	before := len(ts.handler.AllReverseTunnels())
+	return reverseCtx(t, context.Background(), h, stub, n, reg, opts...)
+}
+
+func reverseCtx(t testing.TB, ctx context.Context, h *TunnelServiceHandler, stub tunnelpb.TunnelServiceClient, n int, reg registrar, opts ...TunnelOption) *ReverseTunnelServer {
+	t.Helper()
+	rs := NewReverseTunnelServer(stub, opts...)
+	if reg != nil {
+		reg(rs)
+	}
+	before := len(h.AllReverseTunnels())
 	done := make(chan struct{}, n)
 	for range n {
 		go func() {
 			defer func() { done <- struct{}{} }()
-			_, _ = rs.Serve(context.Background())
+			_, _ = rs.Serve(ctx)
 		}()
 	}
 	t.Cleanup(func() {
@@ -80,6 +104,92 @@ func (ts *testServer) reverse(t testing.TB, n int, opts ...TunnelOption) *Revers
 			<-done
 		}
 	})
-	waitFor(t, func() bool { return len(ts.handler.AllReverseTunnels()) >= before+n })
+	waitFor(t, func() bool { return len(h.AllReverseTunnels()) >= before+n })
 	return rs
 }
+
+// transport is one way of reaching a tunnel server's services.
+type transport struct {
+	name string
+	// dial sets up servers and tunnels, serving reg's services, and returns
+	// the channel to call them through. opts apply to both tunnel ends.
+	dial func(t *testing.T, reg registrar, opts []TunnelOption) grpc.ClientConnInterface
+}
+
+// transports are every topology the library supports: forward and reverse
+// tunnels, and each nested in a forward tunnel.
+var transports = []transport{
+	{"forward", func(t *testing.T, reg registrar, opts []TunnelOption) grpc.ClientConnInterface {
+		ts := startServer(t, TunnelServiceHandlerOptions{TunnelOptions: opts}, reg)
+		return forward(t, ts.stub, opts...)
+	}},
+	{"reverse", func(t *testing.T, reg registrar, opts []TunnelOption) grpc.ClientConnInterface {
+		ts := startServer(t, TunnelServiceHandlerOptions{TunnelOptions: opts}, nil)
+		reverse(t, ts.handler, ts.stub, 1, reg, opts...)
+		return ts.handler.AsChannel()
+	}},
+	{"forward-in-forward", func(t *testing.T, reg registrar, opts []TunnelOption) grpc.ClientConnInterface {
+		inner := NewTunnelServiceHandler(TunnelServiceHandlerOptions{TunnelOptions: opts})
+		reg(inner)
+		ts := startServer(t, TunnelServiceHandlerOptions{TunnelOptions: opts}, func(r grpc.ServiceRegistrar) {
+			tunnelpb.RegisterTunnelServiceServer(r, inner.Service())
+		})
+		outer := forward(t, ts.stub, opts...)
+		return forward(t, tunnelpb.NewTunnelServiceClient(outer), opts...)
+	}},
+	{"reverse-in-forward", func(t *testing.T, reg registrar, opts []TunnelOption) grpc.ClientConnInterface {
+		inner := NewTunnelServiceHandler(TunnelServiceHandlerOptions{TunnelOptions: opts})
+		ts := startServer(t, TunnelServiceHandlerOptions{TunnelOptions: opts}, func(r grpc.ServiceRegistrar) {
+			tunnelpb.RegisterTunnelServiceServer(r, inner.Service())
+		})
+		outer := forward(t, ts.stub, opts...)
+		reverse(t, inner, tunnelpb.NewTunnelServiceClient(outer), 1, reg, opts...)
+		return inner.AsChannel()
+	}},
+}
+
+// probe is a test service whose behaviour each test supplies. Its methods
+// carry wrapperspb.BytesValue messages.
+type probe struct {
+	unary  func(context.Context, *wrapperspb.BytesValue) (*wrapperspb.BytesValue, error)
+	stream func(grpc.ServerStream) error
+}
+
+const (
+	probeUnary  = "/grpctunnel.test.Probe/Unary"
+	probeStream = "/grpctunnel.test.Probe/Stream"
+)
+
+var probeStreamDesc = &grpc.StreamDesc{StreamName: "Stream", ServerStreams: true, ClientStreams: true}
+
+var probeDesc = grpc.ServiceDesc{
+	ServiceName: "grpctunnel.test.Probe",
+	HandlerType: (*any)(nil),
+	Methods: []grpc.MethodDesc{{
+		MethodName: "Unary",
+		Handler: func(srv any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error) {
+			in := new(wrapperspb.BytesValue)
+			if err := dec(in); err != nil {
+				return nil, err
+			}
+			p := srv.(*probe)
+			if interceptor == nil {
+				return p.unary(ctx, in)
+			}
+			info := &grpc.UnaryServerInfo{Server: srv, FullMethod: probeUnary}
+			return interceptor(ctx, in, info, func(ctx context.Context, req any) (any, error) {
+				return p.unary(ctx, req.(*wrapperspb.BytesValue))
+			})
+		},
+	}},
+	Streams: []grpc.StreamDesc{{
+		StreamName:    "Stream",
+		ServerStreams: true,
+		ClientStreams: true,
+		Handler: func(srv any, stream grpc.ServerStream) error {
+			return srv.(*probe).stream(stream)
+		},
+	}},
+}
+
+func bytesValue(b []byte) *wrapperspb.BytesValue { return wrapperspb.Bytes(b) }

@@ -23,24 +23,26 @@ func waitFor(t testing.TB, cond func() bool) {
 	}
 }
 
+// TestChannelCases runs grpchan's shared channel test cases over every
+// topology, with and without flow control, and against an end that speaks
+// only the plain protocol (no extensions).
 func TestChannelCases(t *testing.T) {
-	for _, mode := range []struct {
+	modes := []struct {
 		name string
 		opts []TunnelOption
 	}{
 		{"flow-control", nil},
 		{"no-flow-control", []TunnelOption{WithDisableFlowControl()}},
-	} {
+		{"plain", []TunnelOption{withPlainProtocol()}},
+	}
+	for _, mode := range modes {
 		t.Run(mode.name, func(t *testing.T) {
-			t.Run("forward", func(t *testing.T) {
-				ts := startServer(t, TunnelServiceHandlerOptions{})
-				grpchantesting.RunChannelTestCases(t, ts.forward(t, mode.opts...), true)
-			})
-			t.Run("reverse", func(t *testing.T) {
-				ts := startServer(t, TunnelServiceHandlerOptions{})
-				ts.reverse(t, 1, mode.opts...)
-				grpchantesting.RunChannelTestCases(t, ts.handler.AsChannel(), true)
-			})
+			for _, tr := range transports {
+				t.Run(tr.name, func(t *testing.T) {
+					ch := tr.dial(t, testServices(nil), mode.opts)
+					grpchantesting.RunChannelTestCases(t, ch, true)
+				})
+			}
 		})
 	}
 }
