@@ -29,10 +29,11 @@ var reservedHeaders = map[string]bool{
 }
 
 // isReserved reports whether key is kept out of tunneled metadata: gRPC's own
-// headers, HTTP/2 pseudo-headers, and everything in this package's
-// "grpctunnel-" namespace.
+// headers and HTTP/2 pseudo-headers. This package's own "grpctunnel-"
+// headers are not reserved: they only mean something on a tunnel-opening
+// RPC, and such an RPC may itself travel through a tunnel.
 func isReserved(key string) bool {
-	return reservedHeaders[key] || strings.HasPrefix(key, ":") || strings.HasPrefix(key, "grpctunnel-")
+	return reservedHeaders[key] || strings.HasPrefix(key, ":")
 }
 
 // binaryEncoding is how "-bin" values travel when the binary-metadata
