@@ -210,11 +210,11 @@ func (t *tunnelClient) dispatch(f *tunnelpb.ServerToClient) error {
 // register allocates the next stream ID and sends the stream's first frame,
 // under one hold of the sender so IDs reach the peer in increasing order.
 func (t *tunnelClient) register(st *clientStream, first func(id int64) *tunnelpb.ClientToServer) error {
-	return t.out.Do(func(send func(*tunnelpb.ClientToServer) error) error {
+	err := t.out.Do(func(send func(*tunnelpb.ClientToServer) error) error {
 		t.mu.Lock()
 		if t.closed || t.draining {
 			t.mu.Unlock()
-			return t.unavailable()
+			return errTunnelClosed
 		}
 		t.lastID++
 		st.id = t.lastID
@@ -222,10 +222,14 @@ func (t *tunnelClient) register(st *clientStream, first func(id int64) *tunnelpb
 		t.mu.Unlock()
 		if err := send(first(st.id)); err != nil {
 			t.forget(st.id)
-			return t.unavailable()
+			return err
 		}
 		return nil
 	})
+	if err != nil {
+		return t.unavailable()
+	}
+	return nil
 }
 
 // forget drops a stream from the table; a draining tunnel with no streams

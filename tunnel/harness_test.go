@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"context"
+	"io"
 	"net"
 	"testing"
 
@@ -174,11 +175,11 @@ var probeDesc = grpc.ServiceDesc{
 			}
 			p := srv.(*probe)
 			if interceptor == nil {
-				return p.unary(ctx, in)
+				return p.callUnary(ctx, in)
 			}
 			info := &grpc.UnaryServerInfo{Server: srv, FullMethod: probeUnary}
 			return interceptor(ctx, in, info, func(ctx context.Context, req any) (any, error) {
-				return p.unary(ctx, req.(*wrapperspb.BytesValue))
+				return p.callUnary(ctx, req.(*wrapperspb.BytesValue))
 			})
 		},
 	}},
@@ -187,9 +188,36 @@ var probeDesc = grpc.ServiceDesc{
 		ServerStreams: true,
 		ClientStreams: true,
 		Handler: func(srv any, stream grpc.ServerStream) error {
-			return srv.(*probe).stream(stream)
+			return srv.(*probe).callStream(stream)
 		},
 	}},
+}
+
+// callUnary runs the test's unary behaviour; by default it echoes.
+func (p *probe) callUnary(ctx context.Context, in *wrapperspb.BytesValue) (*wrapperspb.BytesValue, error) {
+	if p.unary == nil {
+		return in, nil
+	}
+	return p.unary(ctx, in)
+}
+
+// callStream runs the test's streaming behaviour; by default it echoes every
+// message until the client half-closes.
+func (p *probe) callStream(ss grpc.ServerStream) error {
+	if p.stream != nil {
+		return p.stream(ss)
+	}
+	for {
+		m := new(wrapperspb.BytesValue)
+		if err := ss.RecvMsg(m); err == io.EOF {
+			return nil
+		} else if err != nil {
+			return err
+		}
+		if err := ss.SendMsg(m); err != nil {
+			return err
+		}
+	}
 }
 
 func bytesValue(b []byte) *wrapperspb.BytesValue { return wrapperspb.Bytes(b) }
