@@ -1,0 +1,66 @@
+// Package tunnel carries gRPC inside gRPC: one bidirectional stream, a
+// tunnel, multiplexes many RPCs, and each end of it can be used as a
+// grpc.ClientConnInterface or served like a *grpc.Server.
+//
+// # The model
+//
+// Two pairs of roles meet in every tunnel. The network client dials and
+// opens the tunnel with an RPC; the network server accepts it. The tunnel
+// client issues RPCs inside the tunnel; the tunnel server handles them. The
+// two pairs line up in a forward tunnel and cross in a reverse one:
+//
+//	forward (NewChannel):
+//
+//	  network client                              network server
+//	  TunnelChannel ===== OpenTunnel stream =====> TunnelServiceHandler
+//	  (tunnel client: issues RPCs)                 (tunnel server: serves
+//	                                                the registered services)
+//
+//	reverse (NewReverseTunnelServer):
+//
+//	  network client                              network server
+//	  ReverseTunnelServer == OpenReverseTunnel ==> TunnelServiceHandler
+//	  (tunnel server: serves                       (tunnel client: AsChannel,
+//	   the registered services)                     KeyAsChannel issue RPCs)
+//
+// A forward tunnel pins a conversation of many calls to the one backend that
+// accepted it, whatever load balancing sits in front. A reverse tunnel lets
+// a server call services hosted by a client it cannot dial, one behind NAT or
+// a firewall: server push with real RPC semantics.
+//
+// # Streams and flow control
+//
+// Inside a tunnel every call is a stream with an ID, started by a new_stream
+// frame and ended by a close_stream (or a cancel) frame; messages travel in
+// chunks of at most 16 KiB. Under protocol revision one, which the ends
+// negotiate when the tunnel opens, each direction of each stream has its own
+// window: a sender stops when the window is used up and the receiver
+// replenishes it as the application consumes messages. A slow or stalled
+// consumer therefore holds up only its own stream, never the tunnel.
+// Revision zero has no windows; it exists for old peers (see
+// WithDisableFlowControl).
+//
+// # Goroutines
+//
+// Each tunnel has one reader goroutine. Each call handled by a tunnel server
+// runs in a goroutine of its own, as on a *grpc.Server; a call issued through
+// a tunnel uses only the caller's goroutine. Control frames the reader must
+// send (window updates, refusals) go through a short-lived flusher goroutine
+// so that the reader never blocks on the network.
+//
+// # Interceptors
+//
+// Tunnel servers are grpc.ServiceRegistrars, so server interceptors wrap
+// services as they are registered; channels are grpc.ClientConnInterfaces,
+// so client interceptors wrap the channel. grpchan provides both:
+//
+//	reg := grpchan.WithInterceptor(handler, unaryInterceptor, streamInterceptor)
+//	pb.RegisterFooServer(reg, impl)
+//
+//	ch = grpchan.InterceptClientConn(ch, unaryClientInterceptor, streamClientInterceptor)
+//
+// Interceptors on the *grpc.Server that hosts a TunnelServiceHandler see the
+// tunnel-opening RPC; authenticate tunnels there, and read the result in
+// tunneled handlers with TunnelMetadataFromIncomingContext or, for reverse
+// tunnels, in an AffinityKey function through TunnelChannel.Context.
+package tunnel

@@ -1,0 +1,143 @@
+package tunnel_test
+
+import (
+	"context"
+	"fmt"
+	"log"
+	"net"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/grpctunnel/grpctunnel/tunnel"
+	"github.com/grpctunnel/grpctunnel/tunnelpb"
+)
+
+// serve starts a gRPC server with the tunnel service on loopback and returns
+// a connection to it and a function that tears both down.
+func serve(handler *tunnel.TunnelServiceHandler) (*grpc.ClientConn, func()) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
+	server := grpc.NewServer()
+	tunnelpb.RegisterTunnelServiceServer(server, handler.Service())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = server.Serve(lis)
+	}()
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		log.Fatal(err)
+	}
+	return conn, func() {
+		_ = conn.Close()
+		server.Stop()
+		<-done
+	}
+}
+
+// A forward tunnel: the server registers services on its handler, and the
+// client calls them through a channel that always reaches that server.
+func ExampleNewChannel() {
+	handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{})
+	healthpb.RegisterHealthServer(handler, health.NewServer())
+	conn, stop := serve(handler)
+	defer stop()
+
+	ctx := context.Background()
+	ch, err := tunnel.NewChannel(tunnelpb.NewTunnelServiceClient(conn)).Start(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer ch.Close()
+
+	resp, err := healthpb.NewHealthClient(ch).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("through the tunnel:", resp.GetStatus())
+	// Output: through the tunnel: SERVING
+}
+
+// A reverse tunnel: the client dials out and serves; the server calls it.
+func ExampleNewReverseTunnelServer() {
+	handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{
+		// Group tunnels by a header the client sends when it opens one.
+		// Real deployments derive the key from authenticated identity.
+		AffinityKey: func(ch tunnel.TunnelChannel) any {
+			md, _ := metadata.FromIncomingContext(ch.Context())
+			return md.Get("device-id")[0]
+		},
+	})
+	conn, stop := serve(handler)
+	defer stop()
+
+	// The client side, possibly behind NAT.
+	rs := tunnel.NewReverseTunnelServer(tunnelpb.NewTunnelServiceClient(conn))
+	healthpb.RegisterHealthServer(rs, health.NewServer())
+	served := make(chan error, 1)
+	go func() {
+		ctx := metadata.AppendToOutgoingContext(context.Background(), "device-id", "sensor-7")
+		_, err := rs.Serve(ctx)
+		served <- err
+	}()
+
+	// The server side calls back into the client.
+	ctx := context.Background()
+	device := handler.KeyAsChannel("sensor-7")
+	if err := device.WaitForReady(ctx); err != nil {
+		log.Fatal(err)
+	}
+	resp, err := healthpb.NewHealthClient(device).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("sensor-7 says:", resp.GetStatus())
+
+	rs.GracefulStop()
+	fmt.Println("Serve returned:", <-served)
+	// Output:
+	// sensor-7 says: SERVING
+	// Serve returned: <nil>
+}
+
+// A handler both serves forward tunnels and keeps reverse tunnels; register
+// it with any *grpc.Server.
+func ExampleNewTunnelServiceHandler() {
+	closed := make(chan struct{})
+	handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{
+		OnReverseTunnelOpen: func(tunnel.TunnelChannel) { fmt.Println("reverse tunnel open") },
+		OnReverseTunnelClose: func(tunnel.TunnelChannel) {
+			fmt.Println("reverse tunnel closed")
+			close(closed)
+		},
+	})
+	conn, stop := serve(handler)
+	defer stop()
+
+	rs := tunnel.NewReverseTunnelServer(tunnelpb.NewTunnelServiceClient(conn))
+	healthpb.RegisterHealthServer(rs, health.NewServer())
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_, _ = rs.Serve(context.Background())
+	}()
+	if err := handler.AsChannel().WaitForReady(context.Background()); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("open reverse tunnels:", len(handler.AllReverseTunnels()))
+	rs.Stop()
+	<-served
+	<-closed
+	fmt.Println("open reverse tunnels:", len(handler.AllReverseTunnels()))
+	// Output:
+	// reverse tunnel open
+	// open reverse tunnels: 1
+	// reverse tunnel closed
+	// open reverse tunnels: 0
+}
