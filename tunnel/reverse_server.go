@@ -105,6 +105,7 @@ func (s *ReverseTunnelServer) Serve(ctx context.Context, opts ...grpc.CallOption
 	p, _ := peer.FromContext(stream.Context())
 	t := newTunnelServer(streamCtx, stream, s.opts, s.svc, s.opts.agreed(hdr), true, p, openedMD)
 	t.closeSend = stream.CloseSend
+	t.abort = cancel
 
 	s.mu.Lock()
 	call.t = t

@@ -39,6 +39,9 @@ type tunnelServer struct {
 	// closeSend, set on a network client, ends the outer stream cleanly
 	// once a drained tunnel is idle; a network server just returns.
 	closeSend func() error
+	// abort, set on a network client, cancels the outer stream so that a
+	// blocked read returns when the tunnel ends for any other reason.
+	abort context.CancelFunc
 
 	// Reader-owned.
 	lastID int64
@@ -298,6 +301,9 @@ func (t *tunnelServer) shutdown(err error) {
 		t.err = err
 		t.mu.Unlock()
 		t.cancel()
+		if t.abort != nil {
+			t.abort()
+		}
 		close(t.done)
 	})
 }
