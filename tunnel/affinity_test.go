@@ -614,10 +614,6 @@ func TestAffinityNonComparableKey(t *testing.T) {
 // key no tunnel can have, since it is not comparable. It should behave as
 // any key without tunnels; it must not panic the caller.
 func TestAffinityKeyAsChannelNonComparable(t *testing.T) {
-	t.Skip("BUG: KeyAsChannel(key) with a non-comparable key (e.g. []string) panics with " +
-		"'runtime error: hash of unhashable type' on Invoke/NewStream/Ready/WaitForReady: " +
-		"tunnelPool.pick indexes p.byKey[key] (reverse_pool.go) without the comparable() check " +
-		"that openReverseTunnel applies to AffinityKey results")
 	ts := startServer(t, TunnelServiceHandlerOptions{AffinityKey: affKey}, nil)
 	affOpen(t, ts.handler, ts.stub, "k", "k", 1)
 	cc := ts.handler.KeyAsChannel([]string{"x", "y"})

@@ -28,8 +28,9 @@ type TunnelServiceHandlerOptions struct {
 	// tunnel, before OnReverseTunnelOpen, and the tunnel's Context carries
 	// the opening RPC's peer, metadata and interceptor values, so the key
 	// can come from the client's authenticated identity. The key must be
-	// comparable; a tunnel whose key is not is refused. Without it every
-	// tunnel's key is nil.
+	// comparable (usable as a map key): a tunnel whose key is not is closed
+	// with Internal as soon as it opens. Without AffinityKey every tunnel's
+	// key is nil.
 	AffinityKey func(TunnelChannel) any
 	// DisableFlowControl makes every tunnel speak protocol revision zero;
 	// see WithDisableFlowControl.

@@ -103,6 +103,9 @@ func (p *tunnelPool) pick(all bool, key any) (*tunnelClient, <-chan struct{}) {
 	defer p.mu.Unlock()
 	ts, next := p.all, &p.next
 	if !all {
+		if !comparable(key) {
+			return nil, p.changed // no tunnel can have such a key
+		}
 		g := p.byKey[key]
 		if g == nil {
 			return nil, p.changed
