@@ -40,6 +40,13 @@ func testServices(p *probe) registrar {
 // serves reg's services on forward tunnels, and dials it.
 func startServer(t testing.TB, opts TunnelServiceHandlerOptions, reg registrar, serverOpts ...grpc.ServerOption) *testServer {
 	t.Helper()
+	return startServerWith(t, opts, reg, nil, serverOpts...)
+}
+
+// startServerWith is startServer that also registers direct's services on
+// the gRPC server itself, for calls that bypass tunnels.
+func startServerWith(t testing.TB, opts TunnelServiceHandlerOptions, reg, direct registrar, serverOpts ...grpc.ServerOption) *testServer {
+	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -49,6 +56,9 @@ func startServer(t testing.TB, opts TunnelServiceHandlerOptions, reg registrar, 
 		reg(ts.handler)
 	}
 	tunnelpb.RegisterTunnelServiceServer(ts.server, ts.handler.Service())
+	if direct != nil {
+		direct(ts.server)
+	}
 	served := make(chan struct{})
 	go func() {
 		defer close(served)
