@@ -84,17 +84,13 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 	for k, v := range creds {
 		md.Append(k, v)
 	}
-	for k := range md {
-		if isReserved(k) {
-			delete(md, k)
-		}
-	}
 	headers, err := encodeMetadata(md, t.agreed.binaryMetadata)
 	if err != nil {
 		return nil, status.Error(codes.Internal, "grpctunnel: "+err.Error())
 	}
 	if dl, ok := ctx.Deadline(); ok {
-		// encodeMetadata drops reserved keys; the deadline is ours to send.
+		// encodeMetadata drops reserved keys, a caller's grpc-timeout among
+		// them; the deadline is ours to send.
 		headers.Md[timeoutHeader] = &tunnelpb.Metadata_Values{Val: []string{encodeTimeout(time.Until(dl))}}
 	}
 

@@ -120,11 +120,13 @@ func protocolErrorf(format string, args ...any) error {
 	return &protocolError{msg: fmt.Sprintf(format, args...)}
 }
 
-func (t *tunnelClient) roles() (server, client string) {
+// serverRole names the peer in error messages, which must say which end of
+// a reverse tunnel is meant.
+func (t *tunnelClient) serverRole() string {
 	if t.reverse {
-		return "tunnel server (network client)", "tunnel client (network server)"
+		return "tunnel server (network client)"
 	}
-	return "server", "client"
+	return "server"
 }
 
 // readLoop reads frames until the outer stream ends, then ends the tunnel.
@@ -156,8 +158,7 @@ func (t *tunnelClient) readSettings() error {
 	}
 	s := f.GetSettings()
 	if s == nil || f.GetStreamId() != settingsStreamID {
-		srv, _ := t.roles()
-		return protocolErrorf("the %s did not send settings first", srv)
+		return protocolErrorf("the %s did not send settings first", t.serverRole())
 	}
 	rev, err := chooseRevision(s.GetSupportedProtocolRevisions())
 	if err != nil {
@@ -248,10 +249,7 @@ func (t *tunnelClient) forget(id int64) {
 func (t *tunnelClient) unavailable() error {
 	select {
 	case <-t.done:
-		if t.err != nil {
-			return status.Errorf(codes.Unavailable, "grpctunnel: tunnel failed: %v", t.err)
-		}
-		return status.Error(codes.Unavailable, "grpctunnel: tunnel is closed")
+		return unavailableAfter(t.err)
 	default:
 		return status.Error(codes.Unavailable, "grpctunnel: tunnel is shutting down")
 	}
@@ -288,7 +286,7 @@ func (t *tunnelClient) shutdown(err error) {
 		t.streams = map[int64]*clientStream{}
 		t.mu.Unlock()
 		t.cancel()
-		gone := t.unavailableAfter(err)
+		gone := unavailableAfter(err)
 		for _, st := range streams {
 			st.abort(gone, false)
 		}
@@ -299,7 +297,8 @@ func (t *tunnelClient) shutdown(err error) {
 	})
 }
 
-func (t *tunnelClient) unavailableAfter(err error) error {
+// unavailableAfter is the status of calls on a tunnel that ended with err.
+func unavailableAfter(err error) error {
 	if err != nil {
 		return status.Errorf(codes.Unavailable, "grpctunnel: tunnel failed: %v", err)
 	}

@@ -46,11 +46,11 @@ type TunnelServiceHandlerOptions struct {
 // so that the server can call services those clients host: see AsChannel
 // and KeyAsChannel. Register it with a *grpc.Server through Service.
 type TunnelServiceHandler struct {
-	svc   *services
-	cfg   TunnelServiceHandlerOptions
-	opts  *options
-	pool  *tunnelPool
-	forwd sync.Map // *tunnelServer -> struct{}, to drain them
+	svc            *services
+	cfg            TunnelServiceHandlerOptions
+	opts           *options
+	pool           *tunnelPool
+	forwardTunnels sync.Map // *tunnelServer -> struct{}, to drain them
 
 	mu       sync.Mutex
 	stopping bool
@@ -124,7 +124,7 @@ func (h *TunnelServiceHandler) InitiateShutdown() {
 	h.mu.Lock()
 	h.stopping = true
 	h.mu.Unlock()
-	h.forwd.Range(func(k, _ any) bool {
+	h.forwardTunnels.Range(func(k, _ any) bool {
 		k.(*tunnelServer).drain()
 		return true
 	})
@@ -159,8 +159,8 @@ func (h *TunnelServiceHandler) openTunnel(stream tunnelpb.TunnelService_OpenTunn
 		return err
 	}
 	t := newTunnelServer(stream.Context(), stream, h.opts, h.svc, agreed, false, nil, md)
-	h.forwd.Store(t, struct{}{})
-	defer h.forwd.Delete(t)
+	h.forwardTunnels.Store(t, struct{}{})
+	defer h.forwardTunnels.Delete(t)
 	if h.isStopping() {
 		t.drain()
 	}
