@@ -5,6 +5,7 @@ import (
 	"errors"
 	"sync"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 )
@@ -191,5 +192,58 @@ func TestChunk(t *testing.T) {
 		if got[i] != want[i] {
 			t.Fatalf("chunks %q; want %q", got, want)
 		}
+	}
+}
+
+func TestRecvWindowAutoTuneGrowsOnStalls(t *testing.T) {
+	w := NewRecvWindow(1024, 1024)
+	w.AutoTune(8192, time.Hour)
+	// The peer uses all its credit and the application keeps up: each
+	// such round doubles the limit, up to the ceiling.
+	for _, want := range []uint32{2048, 4096, 8192, 8192} {
+		granted := w.granted.Load() - w.received.Load()
+		if err := w.Receive(int(granted)); err != nil {
+			t.Fatal(err)
+		}
+		if u := w.Consume(int(granted)); u == 0 {
+			t.Fatal("a drained window must be replenished")
+		}
+		if got := w.Limit(); got != want {
+			t.Fatalf("limit %d; want %d", got, want)
+		}
+	}
+}
+
+func TestRecvWindowAutoTuneIgnoresSlowApplications(t *testing.T) {
+	w := NewRecvWindow(1024, 1024)
+	w.AutoTune(8192, time.Hour)
+	if err := w.Receive(1024); err != nil {
+		t.Fatal(err)
+	}
+	// The application lags behind: half of the data is still queued when
+	// it consumes, so a larger window would only buffer more.
+	w.Consume(512)
+	if got := w.Limit(); got != 1024 {
+		t.Fatalf("limit grew to %d while the application was the bottleneck", got)
+	}
+}
+
+func TestRecvWindowAutoTuneShrinksWhenIdle(t *testing.T) {
+	w := NewRecvWindow(1024, 1024)
+	w.AutoTune(8192, time.Nanosecond)
+	if err := w.Receive(1024); err != nil {
+		t.Fatal(err)
+	}
+	w.Consume(1024) // grows to 2048
+	start := time.Now()
+	for time.Since(start) < time.Millisecond {
+		// Let more than the idle period pass without consumption.
+	}
+	if err := w.Receive(100); err != nil {
+		t.Fatal(err)
+	}
+	w.Consume(100)
+	if got := w.Limit(); got != 1024 {
+		t.Fatalf("limit %d after idling; want the starting 1024", got)
 	}
 }

@@ -1,6 +1,9 @@
 package flowcontrol
 
-import "sync/atomic"
+import (
+	"sync/atomic"
+	"time"
+)
 
 // RecvWindow is a receiver's account of one stream direction: what it granted
 // the peer, what arrived, and what the application consumed. The tunnel's
@@ -14,6 +17,32 @@ type RecvWindow struct {
 	granted  atomic.Int64 // offset the peer may send up to
 	received atomic.Int64 // offset received so far
 	consumed atomic.Int64 // offset consumed by the application
+
+	// Autotuning, off while ceiling is zero; set before use.
+	floor    int64         // the limit to return to when idle
+	ceiling  int64         // the largest limit growth may reach
+	idle     time.Duration // how long without consumption counts as idle
+	lastUsed atomic.Int64  // monotonic nanoseconds of the last Consume
+}
+
+// epoch anchors the monotonic clock used for idle detection.
+var epoch = time.Now()
+
+// AutoTune lets the window grow on its own, up to ceiling, whenever it is
+// what holds the sender back: the peer has used every byte of credit and the
+// application has already consumed all of it, so only a larger window could
+// have kept data flowing. That is the situation on a link with a long round
+// trip, where a fixed window caps a stream at window/RTT. Each such stall
+// doubles the limit, so a window reaches any bandwidth-delay product in a
+// few round trips. After idle without consumption the limit falls back to
+// where it started, so a quiet stream does not keep a large allowance.
+//
+// Call it before the window is shared between goroutines.
+func (w *RecvWindow) AutoTune(ceiling uint32, idle time.Duration) {
+	w.floor = w.limit.Load()
+	w.ceiling = max(int64(min(ceiling, MaxWindow)), w.floor)
+	w.idle = idle
+	w.lastUsed.Store(int64(time.Since(epoch)))
 }
 
 // NewRecvWindow returns a window whose peer starts with initial bytes of
@@ -66,11 +95,31 @@ func (w *RecvWindow) BeginMessage(size uint32) uint32 {
 func (w *RecvWindow) Consume(n int) uint32 {
 	c := w.consumed.Add(int64(n))
 	limit := w.limit.Load()
+	if w.ceiling > w.floor {
+		limit = w.tune(c, limit)
+	}
 	target := c + limit
 	if target-w.granted.Load() < max(limit/4, 1) {
 		return 0
 	}
 	return w.grantUpTo(target)
+}
+
+// tune applies autotuning at a Consume that brought consumption to c, and
+// returns the limit to grant by.
+func (w *RecvWindow) tune(c, limit int64) int64 {
+	now := int64(time.Since(epoch))
+	if last := w.lastUsed.Swap(now); w.idle > 0 && time.Duration(now-last) > w.idle && limit > w.floor {
+		limit = w.floor
+		w.limit.Store(limit)
+	}
+	// The peer used all its credit and the application has taken all of
+	// it: the window, not the application, is what is slow.
+	if g := w.granted.Load(); w.received.Load() == g && c == g && limit < w.ceiling {
+		limit = min(2*limit, w.ceiling)
+		w.limit.Store(limit)
+	}
+	return limit
 }
 
 // grantUpTo raises granted to target and returns the increase, or 0 if the

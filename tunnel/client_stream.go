@@ -114,7 +114,7 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 	if t.flowControl {
 		revision = tunnelpb.ProtocolRevision_REVISION_ONE
 		st.window = flowcontrol.NewSendWindow(t.peerWindow)
-		recvWin = flowcontrol.NewRecvWindow(t.opts.initialWindow, t.opts.initialWindow)
+		recvWin = t.opts.newRecvWindow()
 	} else {
 		st.window = flowcontrol.Unlimited()
 	}
@@ -304,7 +304,7 @@ func (st *clientStream) SendMsg(m any) error {
 	if size := data.Len(); size > st.ci.maxSend {
 		return status.Errorf(codes.ResourceExhausted, "grpctunnel: trying to send message larger than max (%d vs. %d)", size, st.ci.maxSend)
 	}
-	if err := sendMessage(st.t.out, st.window, st.ended, clientFramer(st.id), data, flowcontrol.MaxChunk); err != nil {
+	if err := sendMessage(st.t.out, st.window, st.ended, clientFramer(st.id), data, st.t.agreed.maxChunk); err != nil {
 		return io.EOF
 	}
 	if !st.desc.ClientStreams {

@@ -2,10 +2,12 @@ package tunnel
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 
 	"google.golang.org/grpc/metadata"
 
+	"github.com/grpctunnel/grpctunnel/flowcontrol"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
 
@@ -25,6 +27,12 @@ const (
 	// extBinaryMetadata sends "-bin" metadata values base64-encoded, so any
 	// bytes survive the protocol's string fields.
 	extBinaryMetadata = "binary-metadata"
+
+	// extMaxChunk, as "max-chunk=N", announces that this end accepts
+	// message chunks of up to N bytes instead of 16 KiB. Each end sends
+	// chunks no larger than the other announced, so a large message costs
+	// fewer frames.
+	extMaxChunk = "max-chunk"
 )
 
 // settingsStreamID marks the settings frame, which concerns the whole tunnel.
@@ -43,6 +51,14 @@ type agreement struct {
 	negotiated bool
 	// binaryMetadata is the binary-metadata extension.
 	binaryMetadata bool
+	// maxChunk is the largest chunk this end may send: 16 KiB unless the
+	// peer announced more with the max-chunk extension.
+	maxChunk int
+}
+
+// extensions is the value of the extensions header this end sends.
+func (o *options) extensions() string {
+	return fmt.Sprintf("%s, %s=%d", extBinaryMetadata, extMaxChunk, o.maxChunk)
 }
 
 // openingHeaders is the metadata the network client adds when it opens a
@@ -53,7 +69,7 @@ func (o *options) openingHeaders() metadata.MD {
 		md.Set(negotiateHeader, negotiateOn)
 	}
 	if !o.plain {
-		md.Set(extensionsHeader, extBinaryMetadata)
+		md.Set(extensionsHeader, o.extensions())
 	}
 	return md
 }
@@ -61,15 +77,15 @@ func (o *options) openingHeaders() metadata.MD {
 // accept is the network server's side: given the opening request's metadata
 // it returns the response headers to send at once, and what was agreed.
 func (o *options) accept(req metadata.MD) (metadata.MD, agreement) {
-	var a agreement
 	resp := metadata.MD{}
 	if !o.disableFlowControl {
 		resp.Set(negotiateHeader, negotiateOn)
-		a.negotiated = hasValue(req, negotiateHeader, negotiateOn)
 	}
-	if !o.plain && hasValue(req, extensionsHeader, extBinaryMetadata) {
-		resp.Set(extensionsHeader, extBinaryMetadata)
-		a.binaryMetadata = true
+	a := o.agree(req)
+	a.negotiated = a.negotiated && !o.disableFlowControl
+	if !o.plain && len(req.Get(extensionsHeader)) > 0 {
+		// Answer with what this end supports; only what both list is used.
+		resp.Set(extensionsHeader, o.extensions())
 	}
 	return resp, a
 }
@@ -77,10 +93,41 @@ func (o *options) accept(req metadata.MD) (metadata.MD, agreement) {
 // agreed is the network client's side: what the server's response headers
 // say was agreed.
 func (o *options) agreed(resp metadata.MD) agreement {
-	return agreement{
-		negotiated:     !o.disableFlowControl && hasValue(resp, negotiateHeader, negotiateOn),
-		binaryMetadata: !o.plain && hasValue(resp, extensionsHeader, extBinaryMetadata),
+	a := o.agree(resp)
+	a.negotiated = a.negotiated && !o.disableFlowControl
+	return a
+}
+
+// agree computes the agreement from the other end's headers.
+func (o *options) agree(peer metadata.MD) agreement {
+	a := agreement{
+		negotiated: hasValue(peer, negotiateHeader, negotiateOn),
+		maxChunk:   flowcontrol.MaxChunk,
 	}
+	if o.plain {
+		return a
+	}
+	a.binaryMetadata = hasValue(peer, extensionsHeader, extBinaryMetadata)
+	if v, ok := extensionValue(peer, extMaxChunk); ok {
+		if n, err := strconv.ParseUint(v, 10, 32); err == nil && n > flowcontrol.MaxChunk {
+			a.maxChunk = int(min(n, uint64(o.maxChunk)))
+		}
+	}
+	return a
+}
+
+// extensionValue returns the value of a "name=value" item of the extensions
+// header.
+func extensionValue(md metadata.MD, name string) (string, bool) {
+	for _, v := range md.Get(extensionsHeader) {
+		for _, item := range strings.Split(v, ",") {
+			k, val, ok := strings.Cut(strings.TrimSpace(item), "=")
+			if ok && k == name {
+				return val, true
+			}
+		}
+	}
+	return "", false
 }
 
 // hasValue reports whether any value of key, read as a comma-separated

@@ -1,6 +1,8 @@
 package tunnel
 
 import (
+	"time"
+
 	"github.com/grpctunnel/grpctunnel/flowcontrol"
 )
 
@@ -9,6 +11,17 @@ const (
 	defaultMaxRecvMsgSize = 4 << 20
 	// defaultMaxSendMsgSize matches gRPC's own default: no limit of its own.
 	defaultMaxSendMsgSize = 1<<31 - 1
+	// defaultMaxWindow is how far a stream's receive window may grow: as
+	// far as gRPC lets an HTTP/2 stream window grow, so that the tunnel
+	// never caps a stream below what the connection under it carries.
+	defaultMaxWindow = 16 << 20
+	// defaultMaxChunk is the chunk size two ends of this package use: large
+	// enough that a big message costs few frames, small enough that one
+	// stream's chunk delays another's by well under a millisecond.
+	defaultMaxChunk = 256 << 10
+	// windowIdle is how long a stream may go without consuming before its
+	// grown window falls back to the initial size.
+	windowIdle = time.Second
 )
 
 // TunnelOption configures one end of a tunnel: a channel made by NewChannel,
@@ -26,6 +39,8 @@ func (f optionFunc) apply(o *options) { f(o) }
 type options struct {
 	disableFlowControl bool
 	initialWindow      uint32
+	maxWindow          uint32
+	maxChunk           int
 	maxRecvMsgSize     int
 	maxSendMsgSize     int
 	// plain turns off every extension so that this end behaves exactly as
@@ -37,6 +52,8 @@ type options struct {
 func newOptions(opts []TunnelOption) *options {
 	o := &options{
 		initialWindow:  flowcontrol.DefaultWindow,
+		maxWindow:      defaultMaxWindow,
+		maxChunk:       defaultMaxChunk,
 		maxRecvMsgSize: defaultMaxRecvMsgSize,
 		maxSendMsgSize: defaultMaxSendMsgSize,
 	}
@@ -65,6 +82,32 @@ func WithInitialWindowSize(size uint32) TunnelOption {
 	return optionFunc(func(o *options) {
 		o.initialWindow = max(min(size, flowcontrol.MaxWindow), flowcontrol.MinWindow)
 	})
+}
+
+// WithMaxWindowSize sets how far a stream's receive window may grow on its
+// own (16 MiB by default). The window starts at the initial size and doubles
+// whenever it, rather than the application, is what holds the sender back, as
+// happens on links with a long round trip; it falls back after a second
+// without traffic. Set it to the initial window size to keep windows fixed.
+// It bounds what one stream may buffer when its reader stalls.
+func WithMaxWindowSize(size uint32) TunnelOption {
+	return optionFunc(func(o *options) { o.maxWindow = min(size, flowcontrol.MaxWindow) })
+}
+
+// WithMaxChunkSize sets the largest message chunk this end sends and accepts
+// when the peer also runs this package (256 KiB by default). Larger chunks
+// cost fewer frames per message; smaller ones interleave streams more finely.
+// Peers that speak only the plain protocol always get 16 KiB chunks, and
+// values below that are raised to it.
+func WithMaxChunkSize(size int) TunnelOption {
+	return optionFunc(func(o *options) { o.maxChunk = max(size, flowcontrol.MaxChunk) })
+}
+
+// newRecvWindow returns the receive window for one direction of a new stream.
+func (o *options) newRecvWindow() *flowcontrol.RecvWindow {
+	w := flowcontrol.NewRecvWindow(o.initialWindow, o.initialWindow)
+	w.AutoTune(o.maxWindow, windowIdle)
+	return w
 }
 
 // WithMaxRecvMsgSize sets the largest message this end accepts on a tunneled

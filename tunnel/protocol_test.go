@@ -29,12 +29,13 @@ type rawTunnel struct {
 	cancel context.CancelFunc
 }
 
-func openRaw(t *testing.T, stub tunnelpb.TunnelServiceClient, negotiate bool) *rawTunnel {
+func openRaw(t *testing.T, stub tunnelpb.TunnelServiceClient, negotiate bool, headers ...string) *rawTunnel {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	if negotiate {
 		ctx = metadata.AppendToOutgoingContext(ctx, "grpctunnel-negotiate", "on")
 	}
+	ctx = metadata.AppendToOutgoingContext(ctx, headers...)
 	stream, err := stub.OpenTunnel(ctx)
 	if err != nil {
 		cancel()
@@ -268,6 +269,45 @@ func TestProtocolServerRespectsWindow(t *testing.T) {
 		}
 		received += n
 		r.send(&tunnelpb.ClientToServer{StreamId: 1, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: uint32(n)}})
+	}
+}
+
+// TestProtocolMaxChunkExtension announces larger chunks and checks that the
+// server uses them, and that without the announcement it never does.
+func TestProtocolMaxChunkExtension(t *testing.T) {
+	ts := startServer(t, TunnelServiceHandlerOptions{}, testServices(echoProbe()))
+	for _, c := range []struct {
+		name    string
+		headers []string
+		want    int
+	}{
+		{"announced", []string{"grpctunnel-extensions", "max-chunk=1048576"}, 65536},
+		{"not announced", nil, 16384},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := openRaw(t, ts.stub, true, c.headers...)
+			if c.headers != nil {
+				if v, ok := extensionValue(r.header, "max-chunk"); !ok || v != "262144" {
+					t.Fatalf("server announced max-chunk %q", v)
+				}
+			}
+			r.recv() // settings
+			req := mustMarshal(t, bytesValue(make([]byte, 200000)))
+			r.send(newStreamFrame(1, probeUnary, tunnelpb.ProtocolRevision_REVISION_ONE, 65536))
+			r.sendMessage(1, req)
+			r.send(halfCloseFrame(1))
+			for {
+				f := r.recv()
+				if m := f.GetResponseMessage(); m != nil {
+					// The first chunk is as large as both the window and
+					// the agreed chunk size allow.
+					if got := len(m.GetData()); got != c.want {
+						t.Fatalf("first chunk %d bytes; want %d", got, c.want)
+					}
+					return
+				}
+			}
+		})
 	}
 }
 

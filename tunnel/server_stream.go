@@ -248,7 +248,7 @@ func (st *serverStream) SendMsg(m any) error {
 		return err
 	}
 	st.sent++
-	err = sendMessage(st.t.out, st.window, st.ctx.Done(), serverFramer(st.id), data, flowcontrol.MaxChunk)
+	err = sendMessage(st.t.out, st.window, st.ctx.Done(), serverFramer(st.id), data, st.t.agreed.maxChunk)
 	switch {
 	case err == nil:
 		return nil

@@ -240,7 +240,7 @@ func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream,
 			peerWindow = flowcontrol.DefaultWindow
 		}
 		st.window = flowcontrol.NewSendWindow(peerWindow)
-		recvWin = flowcontrol.NewRecvWindow(t.opts.initialWindow, t.opts.initialWindow)
+		recvWin = t.opts.newRecvWindow()
 	} else {
 		st.window = flowcontrol.Unlimited()
 	}

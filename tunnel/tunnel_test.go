@@ -71,6 +71,13 @@ func TestRevisionNegotiated(t *testing.T) {
 			if ch.flowControl != c.wantFlowControl {
 				t.Fatalf("flow control %v; want %v", ch.flowControl, c.wantFlowControl)
 			}
+			wantChunk := defaultMaxChunk
+			if c.name == "plain peers" {
+				wantChunk = 16384
+			}
+			if ch.agreed.maxChunk != wantChunk {
+				t.Fatalf("chunk size %d; want %d", ch.agreed.maxChunk, wantChunk)
+			}
 		})
 	}
 	t.Run("nested", func(t *testing.T) {
