@@ -93,3 +93,21 @@ func (w *SendWindow) Take(want int, done <-chan struct{}) (int, bool) {
 		}
 	}
 }
+
+// TryTake takes exactly n bytes of credit if the window has that much, and
+// reports whether it did. It never waits. A small message can then go out in
+// one piece together with the frames around it.
+func (w *SendWindow) TryTake(n int) bool {
+	if w.unlimited || n <= 0 {
+		return true
+	}
+	for {
+		cur := w.avail.Load()
+		if cur < int64(n) {
+			return false
+		}
+		if w.avail.CompareAndSwap(cur, cur-int64(n)) {
+			return true
+		}
+	}
+}

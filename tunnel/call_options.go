@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
@@ -92,6 +93,19 @@ func (ci *callInfo) requestCredentials(ctx context.Context, method string, authI
 		return nil, status.Error(codes.Unauthenticated, fmt.Sprintf("per-RPC credentials failed: %v", err))
 	}
 	return md, nil
+}
+
+// marshal encodes a request with the call's codec and checks its size.
+func (ci *callInfo) marshal(m any) (mem.BufferSlice, error) {
+	data, err := ci.codec.Marshal(m)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "grpctunnel: error while marshaling: %v", err)
+	}
+	if size := data.Len(); size > ci.maxSend {
+		data.Free()
+		return nil, status.Errorf(codes.ResourceExhausted, "grpctunnel: trying to send message larger than max (%d vs. %d)", size, ci.maxSend)
+	}
+	return data, nil
 }
 
 // finish delivers what the call options asked to see once the call is over.

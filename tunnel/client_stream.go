@@ -9,6 +9,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
@@ -56,7 +57,7 @@ func (t *tunnelClient) newStream(ctx context.Context, desc *grpc.StreamDesc, met
 	if err != nil {
 		return nil, err
 	}
-	st, err := t.startStream(ctx, desc, method, ci)
+	st, err := t.startStream(ctx, desc, method, ci, nil)
 	if err != nil {
 		ci.finish(nil, nil, t.peer, t, err)
 		return nil, err
@@ -64,7 +65,11 @@ func (t *tunnelClient) newStream(ctx context.Context, desc *grpc.StreamDesc, met
 	return st, nil
 }
 
-func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, method string, ci *callInfo) (*clientStream, error) {
+// startStream opens a call. If only is not nil, it is the call's one and only
+// request: when it fits in a single chunk it goes out with the new_stream
+// frame and the half-close, in one hold of the sender, and the stream comes
+// back with sentClose set.
+func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, method string, ci *callInfo, only mem.BufferSlice) (*clientStream, error) {
 	select {
 	case <-t.ready:
 	case <-t.done:
@@ -120,17 +125,25 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 	}
 	st.in = newInbound(recvWin, int(t.opts.initialWindow), ci.maxRecv)
 
-	err = t.register(st, func(id int64) *tunnelpb.ClientToServer {
-		ns := &tunnelpb.NewStream{
-			MethodName:       method,
-			RequestHeaders:   headers,
-			ProtocolRevision: revision,
+	ns := &tunnelpb.NewStream{
+		MethodName:       method,
+		RequestHeaders:   headers,
+		ProtocolRevision: revision,
+	}
+	if t.flowControl {
+		ns.InitialWindowSize = t.opts.initialWindow
+	}
+	withRequest := only != nil && only.Len() <= t.agreed.maxChunk && st.window.TryTake(only.Len())
+	err = t.register(st, func(id int64) []*tunnelpb.ClientToServer {
+		frames := []*tunnelpb.ClientToServer{{StreamId: id, Frame: &tunnelpb.ClientToServer_NewStream{NewStream: ns}}}
+		if withRequest {
+			frames = append(frames,
+				clientFramer(id).message(uint32(only.Len()), contiguous(only)),
+				&tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_HalfClose{HalfClose: emptyFrame}})
 		}
-		if t.flowControl {
-			ns.InitialWindowSize = t.opts.initialWindow
-		}
-		return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_NewStream{NewStream: ns}}
+		return frames
 	})
+	st.sentClose = withRequest
 	if err != nil {
 		return nil, err
 	}
@@ -296,14 +309,17 @@ func (st *clientStream) SendMsg(m any) error {
 		return io.EOF // the status comes from RecvMsg, as in gRPC
 	default:
 	}
-	data, err := st.ci.codec.Marshal(m)
+	data, err := st.ci.marshal(m)
 	if err != nil {
-		return status.Errorf(codes.Internal, "grpctunnel: error while marshaling: %v", err)
+		return err
 	}
 	defer data.Free()
-	if size := data.Len(); size > st.ci.maxSend {
-		return status.Errorf(codes.ResourceExhausted, "grpctunnel: trying to send message larger than max (%d vs. %d)", size, st.ci.maxSend)
-	}
+	return st.sendMessage(data)
+}
+
+// sendMessage sends an encoded request, then half-closes if the method takes
+// only one.
+func (st *clientStream) sendMessage(data mem.BufferSlice) error {
 	if err := sendMessage(st.t.out, st.window, st.ended, clientFramer(st.id), data, st.t.agreed.maxChunk); err != nil {
 		return io.EOF
 	}

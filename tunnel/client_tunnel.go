@@ -210,7 +210,7 @@ func (t *tunnelClient) dispatch(f *tunnelpb.ServerToClient) error {
 
 // register allocates the next stream ID and sends the stream's first frame,
 // under one hold of the sender so IDs reach the peer in increasing order.
-func (t *tunnelClient) register(st *clientStream, first func(id int64) *tunnelpb.ClientToServer) error {
+func (t *tunnelClient) register(st *clientStream, first func(id int64) []*tunnelpb.ClientToServer) error {
 	err := t.out.Do(func(send func(*tunnelpb.ClientToServer) error) error {
 		t.mu.Lock()
 		if t.closed || t.draining {
@@ -221,7 +221,7 @@ func (t *tunnelClient) register(st *clientStream, first func(id int64) *tunnelpb
 		st.id = t.lastID
 		t.streams[st.id] = st
 		t.mu.Unlock()
-		if err := send(first(st.id)); err != nil {
+		if err := sendAll(first(st.id))(send); err != nil {
 			t.forget(st.id)
 			return err
 		}
@@ -334,16 +334,29 @@ func (t *tunnelClient) authInfo() credentials.AuthInfo {
 	return t.peer.AuthInfo
 }
 
-// Invoke issues a unary call through the tunnel.
+// Invoke issues a unary call through the tunnel. A request that fits in one
+// chunk leaves in the same hold of the sender as the call's opening.
 func (t *tunnelClient) Invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
-	st, err := t.newStream(ctx, unaryStreamDesc, method, opts)
+	ci, err := newCallInfo(t.opts, opts)
 	if err != nil {
 		return err
 	}
-	if err := st.SendMsg(req); err != nil && !errors.Is(err, io.EOF) {
-		st.abort(err, true)
-		st.finish(err)
+	data, err := ci.marshal(req)
+	if err != nil {
+		ci.finish(nil, nil, t.peer, t, err)
 		return err
+	}
+	defer data.Free()
+	st, err := t.startStream(ctx, unaryStreamDesc, method, ci, data)
+	if err != nil {
+		ci.finish(nil, nil, t.peer, t, err)
+		return err
+	}
+	if !st.sentClose {
+		if err := st.sendMessage(data); err != nil && !errors.Is(err, io.EOF) {
+			st.abort(err, true)
+			return st.finish(err)
+		}
 	}
 	return st.RecvMsg(reply)
 }

@@ -52,3 +52,12 @@ func sendMessage[F any](s *sender[F], win *flowcontrol.SendWindow, done <-chan s
 	}
 	return nil
 }
+
+// contiguous returns data as one slice, copying only when it is held in
+// several buffers.
+func contiguous(data mem.BufferSlice) []byte {
+	if len(data) == 1 {
+		return data[0].ReadOnlyData()
+	}
+	return data.Materialize()
+}

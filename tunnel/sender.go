@@ -130,3 +130,15 @@ func (s *sender[F]) fail(err error) {
 		}
 	})
 }
+
+// sendAll sends frames in order under one hold of the sender.
+func sendAll[F any](frames []F) func(send func(F) error) error {
+	return func(send func(F) error) error {
+		for _, f := range frames {
+			if err := send(f); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -65,8 +66,12 @@ func (ts *transportStream) SetTrailer(md metadata.MD) error {
 // run calls the handler and closes the stream with its result.
 func (st *serverStream) run() {
 	defer st.t.handlers.Done()
-	err := st.handler(st)
-	st.close(err, false)
+	resp, err := st.handler(st)
+	if err == nil && resp != nil {
+		st.close(nil, false, resp)
+		return
+	}
+	st.close(err, false, nil)
 }
 
 // Reader side.
@@ -88,7 +93,7 @@ func (st *serverStream) afterData(update uint32, err error) {
 // fail ends the call with err because the client broke the rules for it.
 func (st *serverStream) fail(err error) {
 	st.in.abort(err)
-	st.close(err, true)
+	st.close(err, true, nil)
 }
 
 // cancelled handles the client's cancel: the handler's context is cancelled
@@ -102,9 +107,16 @@ func (st *serverStream) cancelled() {
 	st.t.forget(st.id)
 }
 
-// close sends the call's status and trailers, once. The reader queues them
-// (it must not block); the handler's goroutine sends them itself.
-func (st *serverStream) close(err error, fromReader bool) {
+// close sends the call's status and trailers, once: after resp, if the
+// handler returned one, so that a unary call's response, status and trailers
+// leave in one hold of the sender. The reader queues its frames (it must not
+// block); the handler's goroutine sends them itself.
+func (st *serverStream) close(err error, fromReader bool, resp any) {
+	if resp != nil {
+		if err = st.sendLast(resp); err == nil {
+			return
+		}
+	}
 	st.mu.Lock()
 	if st.closed {
 		st.mu.Unlock()
@@ -112,43 +124,81 @@ func (st *serverStream) close(err error, fromReader bool) {
 		return
 	}
 	st.closed = true
-	var header metadata.MD
-	if !st.headerSent && len(st.header) > 0 {
-		header = st.header
-	}
-	st.headerSent = true
+	frames := st.pendingHeaderLocked()
 	trailer := st.trailer
 	st.mu.Unlock()
-
-	var frames []*tunnelpb.ServerToClient
-	if header != nil {
-		if f, err := st.headerFrame(header); err == nil {
-			frames = append(frames, f)
+	frames = append(frames, st.closeFrame(err, trailer))
+	if fromReader {
+		for _, f := range frames {
+			st.t.out.Queue(f)
 		}
+	} else {
+		_ = st.t.out.Do(sendAll(frames))
 	}
+	st.cancel()
+	st.t.forget(st.id)
+}
+
+// sendLast sends a unary call's response followed at once by its status. It
+// falls back to SendMsg when the response needs more than one chunk or more
+// window than there is, and reports any failure for close to send instead.
+func (st *serverStream) sendLast(resp any) error {
+	data, err := st.marshal(resp)
+	if err != nil {
+		return err
+	}
+	defer data.Free()
+	size := data.Len()
+	if size > st.t.agreed.maxChunk || !st.window.TryTake(size) {
+		if err := st.sendMessage(data); err != nil {
+			return err
+		}
+		st.close(nil, false, nil)
+		return nil
+	}
+	st.mu.Lock()
+	if st.closed {
+		st.mu.Unlock()
+		return nil
+	}
+	st.closed = true
+	st.sent++
+	frames := st.pendingHeaderLocked()
+	trailer := st.trailer
+	st.mu.Unlock()
+	frames = append(frames,
+		serverFramer(st.id).message(uint32(size), contiguous(data)),
+		st.closeFrame(nil, trailer))
+	_ = st.t.out.Do(sendAll(frames))
+	st.cancel()
+	st.t.forget(st.id)
+	return nil
+}
+
+// pendingHeaderLocked returns the header frame still to send before the end
+// of the call, if the handler set headers that have not gone out.
+func (st *serverStream) pendingHeaderLocked() []*tunnelpb.ServerToClient {
+	if st.headerSent || len(st.header) == 0 {
+		st.headerSent = true
+		return nil
+	}
+	st.headerSent = true
+	f, err := st.headerFrame(st.header)
+	if err != nil {
+		return nil
+	}
+	return []*tunnelpb.ServerToClient{f}
+}
+
+// closeFrame builds the close_stream frame for a call that ended with err.
+func (st *serverStream) closeFrame(err error, trailer metadata.MD) *tunnelpb.ServerToClient {
 	s := statusOf(err)
 	pbTrailer, encErr := encodeMetadata(trailer, st.t.agreed.binaryMetadata)
 	if encErr != nil {
 		s = status.New(codes.Internal, "grpctunnel: "+encErr.Error())
 		pbTrailer = nil
 	}
-	frames = append(frames, closeFrame(st.id, s, pbTrailer))
-	if fromReader {
-		for _, f := range frames {
-			st.t.out.Queue(f)
-		}
-	} else {
-		_ = st.t.out.Do(func(send func(*tunnelpb.ServerToClient) error) error {
-			for _, f := range frames {
-				if err := send(f); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-	}
-	st.cancel()
-	st.t.forget(st.id)
+	return closeFrame(st.id, s, pbTrailer)
 }
 
 // statusOf turns a handler's result into the status sent to the client.
@@ -190,11 +240,15 @@ func (st *serverStream) SendHeader(md metadata.MD) error {
 	if err := st.SetHeader(md); err != nil {
 		return err
 	}
-	return st.flushHeader()
+	return st.flushHeader(true)
 }
 
-// flushHeader sends the headers if they have not gone yet.
-func (st *serverStream) flushHeader() error {
+// flushHeader sends the headers if they have not gone yet. Before a message
+// (explicit false) empty headers are skipped: the protocol makes them
+// optional and the client takes the first message as their end, which saves
+// a frame per call. SendHeader (explicit true) always sends, since the
+// client may be waiting for headers alone.
+func (st *serverStream) flushHeader(explicit bool) error {
 	st.mu.Lock()
 	if st.headerSent {
 		st.mu.Unlock()
@@ -207,6 +261,9 @@ func (st *serverStream) flushHeader() error {
 	st.headerSent = true
 	md := st.header
 	st.mu.Unlock()
+	if !explicit && len(md) == 0 {
+		return nil
+	}
 	f, err := st.headerFrame(md)
 	if err != nil {
 		return err
@@ -230,25 +287,40 @@ func (st *serverStream) setTrailer(md metadata.MD) error {
 }
 
 func (st *serverStream) SendMsg(m any) error {
+	data, err := st.marshal(m)
+	if err != nil {
+		return err
+	}
+	defer data.Free()
+	return st.sendMessage(data)
+}
+
+// marshal encodes a response, checking what gRPC checks before sending.
+func (st *serverStream) marshal(m any) (mem.BufferSlice, error) {
 	if err := st.ctx.Err(); err != nil {
-		return status.FromContextError(err).Err()
+		return nil, status.FromContextError(err).Err()
 	}
 	if !st.kind.serverStreams && st.sent > 0 {
-		return status.Error(codes.Internal, "grpctunnel: more than one response for a unary-response method")
+		return nil, status.Error(codes.Internal, "grpctunnel: more than one response for a unary-response method")
 	}
 	data, err := st.codec.Marshal(m)
 	if err != nil {
-		return status.Errorf(codes.Internal, "grpctunnel: error while marshaling: %v", err)
+		return nil, status.Errorf(codes.Internal, "grpctunnel: error while marshaling: %v", err)
 	}
-	defer data.Free()
 	if size := data.Len(); size > st.t.opts.maxSendMsgSize {
-		return status.Errorf(codes.ResourceExhausted, "grpctunnel: trying to send message larger than max (%d vs. %d)", size, st.t.opts.maxSendMsgSize)
+		data.Free()
+		return nil, status.Errorf(codes.ResourceExhausted, "grpctunnel: trying to send message larger than max (%d vs. %d)", size, st.t.opts.maxSendMsgSize)
 	}
-	if err := st.flushHeader(); err != nil {
+	return data, nil
+}
+
+// sendMessage sends an encoded response, headers first if they are due.
+func (st *serverStream) sendMessage(data mem.BufferSlice) error {
+	if err := st.flushHeader(false); err != nil {
 		return err
 	}
 	st.sent++
-	err = sendMessage(st.t.out, st.window, st.ctx.Done(), serverFramer(st.id), data, st.t.agreed.maxChunk)
+	err := sendMessage(st.t.out, st.window, st.ctx.Done(), serverFramer(st.id), data, st.t.agreed.maxChunk)
 	switch {
 	case err == nil:
 		return nil

@@ -33,7 +33,9 @@ func (s *services) GetServiceInfo() map[string]grpc.ServiceInfo {
 func (s *services) empty() bool { return len(s.handlers) == 0 }
 
 // callHandler runs one tunneled call to completion and returns its status.
-type callHandler func(*serverStream) error
+// A unary-response handler also returns its response, unsent, so that the
+// response and the status can leave together.
+type callHandler func(*serverStream) (resp any, err error)
 
 // methodKind says which sides of a call stream.
 type methodKind struct{ clientStreams, serverStreams bool }
@@ -54,20 +56,16 @@ func (s *services) lookup(fullMethod string) (callHandler, methodKind, error) {
 	for i := range desc.Methods {
 		if desc.Methods[i].MethodName == method {
 			h := desc.Methods[i].Handler
-			return func(st *serverStream) error {
-				resp, err := h(impl, st.ctx, st.recvUnaryRequest, nil)
-				if err != nil {
-					return err
-				}
-				return st.SendMsg(resp)
+			return func(st *serverStream) (any, error) {
+				return h(impl, st.ctx, st.recvUnaryRequest, nil)
 			}, methodKind{}, nil
 		}
 	}
 	for i := range desc.Streams {
 		if desc.Streams[i].StreamName == method {
 			sd := desc.Streams[i]
-			return func(st *serverStream) error {
-				return sd.Handler(impl, st)
+			return func(st *serverStream) (any, error) {
+				return nil, sd.Handler(impl, st)
 			}, methodKind{clientStreams: sd.ClientStreams, serverStreams: sd.ServerStreams}, nil
 		}
 	}
