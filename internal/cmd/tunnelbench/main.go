@@ -1,0 +1,291 @@
+// Command tunnelbench measures forward and reverse tunnels against direct
+// gRPC, in the same run and on the same machine, and prints one markdown
+// table that can be pasted into the README.
+//
+// A tunnel's cost only means something next to what the same work costs
+// without it, and absolute figures vary from machine to machine and run to
+// run, so every tunnel figure comes with its ratio to direct gRPC measured
+// moments before or after it. Everything runs in this process over loopback
+// TCP: a gRPC server with the bench service registered directly, on a
+// TunnelServiceHandler for forward tunnels and on a ReverseTunnelServer for
+// reverse ones, and a relay that delays bytes to imitate a long link.
+//
+// Usage:
+//
+//	go run ./internal/cmd/tunnelbench [-duration 2s] [-runs 3] [-callers 32]
+//	    [-size 1048576] [-delay 10ms] [-idle 1000] [-only latency,stream]
+//
+// The table goes to standard output and progress to standard error. The
+// exit status is 1 if any measurement failed; the table then says which and
+// why.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+)
+
+// Measurement names, for -only.
+const (
+	keyLatency     = "latency"
+	keyThroughput  = "throughput"
+	keyStream      = "stream"
+	keyStreamDelay = "stream-delay"
+	keyIdleTunnels = "idle-tunnels"
+	keyIdleStreams = "idle-streams"
+)
+
+func measurementKeys() []string {
+	return []string{keyLatency, keyThroughput, keyStream, keyStreamDelay, keyIdleTunnels, keyIdleStreams}
+}
+
+// config is the command line.
+type config struct {
+	duration time.Duration // of each timed run
+	delay    time.Duration // one way, for the delayed stream
+	size     int           // of streamed messages, in bytes
+	callers  int           // concurrent unary callers
+	idle     int           // idle tunnels or streams to open
+	runs     int           // timed runs of each measurement
+	only     []string      // measurements to make; nil for all
+}
+
+// parseFlags reads the command line. Usage and errors go to stderr.
+func parseFlags(args []string, stderr io.Writer) (config, error) {
+	var cfg config
+	var only string
+	fs := flag.NewFlagSet("tunnelbench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.DurationVar(&cfg.duration, "duration", 2*time.Second, "length of each timed run")
+	fs.DurationVar(&cfg.delay, "delay", 10*time.Millisecond, "one-way delay of the relayed link in the delayed streaming row")
+	fs.IntVar(&cfg.size, "size", mib, "size in bytes of each streamed message")
+	fs.IntVar(&cfg.callers, "callers", 32, "concurrent callers in the unary throughput row")
+	fs.IntVar(&cfg.idle, "idle", 1000, "how many idle tunnels or streams to open in the idle rows")
+	fs.IntVar(&cfg.runs, "runs", 3, "timed runs of each measurement; the table shows their median")
+	fs.StringVar(&only, "only", "", "comma-separated measurements to make, of: "+strings.Join(measurementKeys(), ", "))
+	if err := fs.Parse(args); err != nil {
+		return config{}, err
+	}
+	if fs.NArg() > 0 {
+		return config{}, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	switch {
+	case cfg.duration <= 0:
+		return config{}, errors.New("-duration must be positive")
+	case cfg.delay <= 0:
+		return config{}, errors.New("-delay must be positive")
+	case cfg.size <= 0:
+		return config{}, errors.New("-size must be positive")
+	case cfg.callers <= 0:
+		return config{}, errors.New("-callers must be positive")
+	case cfg.idle <= 0:
+		return config{}, errors.New("-idle must be positive")
+	case cfg.runs <= 0:
+		return config{}, errors.New("-runs must be positive")
+	}
+	if only != "" {
+		for key := range strings.SplitSeq(only, ",") {
+			key = strings.TrimSpace(key)
+			if !slices.Contains(measurementKeys(), key) {
+				return config{}, fmt.Errorf("-only: unknown measurement %q; known: %s", key, strings.Join(measurementKeys(), ", "))
+			}
+			cfg.only = append(cfg.only, key)
+		}
+	}
+	return cfg, nil
+}
+
+// wants reports whether measurement key is to be made.
+func (c config) wants(key string) bool {
+	return c.only == nil || slices.Contains(c.only, key)
+}
+
+func main() {
+	cfg, err := parseFlags(os.Args[1:], os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return
+	} else if err != nil {
+		fmt.Fprintln(os.Stderr, "tunnelbench:", err)
+		os.Exit(2)
+	}
+	// Interrupting ends the measurements in progress; what was measured is
+	// still printed and everything is shut down.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	err = run(ctx, cfg, os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tunnelbench:", err)
+		os.Exit(1)
+	}
+}
+
+// timedBench is a measurement made over and over for a set time, and the
+// rows of the table it fills.
+type timedBench struct {
+	key     string
+	name    string // for progress
+	delayed bool   // through the delaying relay
+	probe   probe
+	rows    []*row
+}
+
+// run makes the measurements cfg asks for and writes the report to out,
+// progress to log. It returns once everything it started has stopped, with
+// an error if any measurement failed.
+func run(ctx context.Context, cfg config, out, log io.Writer) error {
+	say := func(format string, args ...any) {
+		fmt.Fprintf(log, "tunnelbench: "+format+"\n", args...)
+	}
+	fmt.Fprintln(out, "## tunnelbench: tunnels against direct gRPC")
+	fmt.Fprintln(out)
+	writeMachine(out)
+	fmt.Fprintf(out, "- settings: -duration %v -runs %d -callers %d -size %d (%s) -delay %v -idle %d\n",
+		cfg.duration, cfg.runs, cfg.callers, cfg.size, formatSize(cfg.size), cfg.delay, cfg.idle)
+	fmt.Fprintln(out)
+
+	latP50 := &row{label: fmt.Sprintf("unary latency p50, %d B, sequential ↓", unaryPayload), format: formatMicros}
+	latP99 := &row{label: fmt.Sprintf("unary latency p99, %d B, sequential ↓", unaryPayload), format: formatMicros}
+	rate := &row{label: fmt.Sprintf("unary throughput, %d callers ↑", cfg.callers), format: formatRate}
+	stream := &row{label: fmt.Sprintf("server-streaming %s messages, one stream ↑", formatSize(cfg.size)), format: formatMiBps}
+	delayed := &row{label: fmt.Sprintf("the same, %v one-way delay ↑", cfg.delay), format: formatMiBps}
+	tunnelHeap := &row{label: "heap per idle tunnel (direct: per idle gRPC stream) ↓", format: formatHeap}
+	tunnelGoroutines := &row{label: "goroutines per idle tunnel (direct: per idle gRPC stream) ↓", format: formatCount}
+	streamHeap := &row{label: "heap per idle stream, all in one tunnel (direct: on one connection) ↓", format: formatHeap}
+	streamGoroutines := &row{label: "goroutines per idle stream, all in one tunnel (direct: on one connection) ↓", format: formatCount}
+
+	timed := []timedBench{
+		{keyLatency, "unary latency", false, unaryLatency, []*row{latP50, latP99}},
+		{keyThroughput, "unary throughput", false, unaryThroughput(cfg.callers), []*row{rate}},
+		{keyStream, "streaming", false, streamThroughput(cfg.size), []*row{stream}},
+		{keyStreamDelay, "delayed streaming", true, streamThroughput(cfg.size), []*row{delayed}},
+	}
+	var rows []*row
+	for _, delay := range []time.Duration{0, cfg.delay} {
+		var group []timedBench
+		for _, tb := range timed {
+			if tb.delayed == (delay > 0) && cfg.wants(tb.key) {
+				group = append(group, tb)
+				rows = append(rows, tb.rows...)
+			}
+		}
+		if len(group) > 0 {
+			runTimed(ctx, cfg, delay, group, say)
+		}
+	}
+
+	// Idle tunnels have no direct counterpart; their baseline is an idle
+	// gRPC stream on one connection, which is what each tunnel is built on
+	// and also the baseline of idle streams, so it is measured once.
+	baseline := sync.OnceValues(func() (idleCost, error) {
+		say("idle: %d %v streams", cfg.idle, direct)
+		return idleStreams(ctx, direct, cfg.idle)
+	})
+	idle := func(heap, goroutines *row, measure func(target) (idleCost, error)) {
+		rows = append(rows, heap, goroutines)
+		for t := range numTargets {
+			measureT := measure
+			if t == direct {
+				measureT = func(target) (idleCost, error) { return baseline() }
+			}
+			c, err := measureT(t)
+			heap.set(t, c.heapBytes, err)
+			goroutines.set(t, c.goroutines, err)
+		}
+	}
+	if cfg.wants(keyIdleTunnels) {
+		idle(tunnelHeap, tunnelGoroutines, func(t target) (idleCost, error) {
+			say("idle: %d %vs", cfg.idle, t)
+			return idleTunnels(ctx, t, cfg.idle)
+		})
+	}
+	if cfg.wants(keyIdleStreams) {
+		idle(streamHeap, streamGoroutines, func(t target) (idleCost, error) {
+			say("idle: %d streams in one %v", cfg.idle, t)
+			return idleStreams(ctx, t, cfg.idle)
+		})
+	}
+
+	runs := fmt.Sprintf("the median of %d runs of %v each", cfg.runs, cfg.duration)
+	if cfg.runs == 1 {
+		runs = fmt.Sprintf("from one run of %v", cfg.duration)
+	}
+	fmt.Fprintf(out, "Each tunnel figure is followed by its ratio to direct gRPC from the same run "+
+		"(tunnel ÷ direct): lower is better in rows marked ↓, higher is better in rows marked ↑. "+
+		"Timed figures are %s, after a warm-up.\n\n", runs)
+	writeTable(out, rows)
+	fmt.Fprintln(out)
+	fmt.Fprintln(out, "- Every call crosses loopback TCP, with client and server in this one process. "+
+		"Each target has a connection of its own; the delayed row reaches the server through an in-process "+
+		"relay that holds every chunk of bytes for the delay in each direction without limiting bandwidth, "+
+		"and direct gRPC goes through it too.")
+	fmt.Fprintf(out, "- Idle rows open %d tunnels or streams and count both ends: heap is the growth of "+
+		"HeapAlloc measured after runtime.GC, goroutines the growth of runtime.NumGoroutine, each divided by %d. "+
+		"The direct column of the idle-tunnel rows is an idle gRPC bidi stream on one connection, "+
+		"what each tunnel is built on (the same figure as in the idle-stream rows). "+
+		"Reverse tunnels include the goroutine that calls ReverseTunnelServer.Serve for each.\n", cfg.idle, cfg.idle)
+
+	failed := 0
+	for _, r := range rows {
+		for _, err := range r.errs {
+			if err != nil {
+				failed++
+			}
+		}
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d measurements failed", failed)
+	}
+	return nil
+}
+
+// runTimed makes the measurements of group on one bed, whose link has the
+// given one-way delay (none if zero), and fills their rows. The bed is
+// shared so that the targets of every measurement run on the same server
+// and connections.
+func runTimed(ctx context.Context, cfg config, delay time.Duration, group []timedBench, say func(string, ...any)) {
+	fail := func(t target, err error) {
+		for _, tb := range group {
+			for _, r := range tb.rows {
+				r.set(t, 0, err)
+			}
+		}
+	}
+	b, err := startBed(delay)
+	if err != nil {
+		for t := range numTargets {
+			fail(t, err)
+		}
+		return
+	}
+	defer b.close()
+	var chans [numTargets]grpc.ClientConnInterface
+	var errs [numTargets]error
+	for t := range numTargets {
+		chans[t], errs[t] = b.connect(ctx, t)
+	}
+	for _, tb := range group {
+		c := compare(ctx, chans, errs, tb.probe, cfg.duration/4, cfg.duration, cfg.runs, func(t target, run int) {
+			say("%s: %v, run %d of %d", tb.name, t, run+1, cfg.runs)
+		})
+		for t := range numTargets {
+			for i, r := range tb.rows {
+				if c.errs[t] != nil {
+					r.set(t, 0, c.errs[t])
+				} else {
+					r.set(t, c.figures[t][i], nil)
+				}
+			}
+		}
+	}
+}

@@ -1,0 +1,193 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+)
+
+// unaryPayload is the size of unary requests and responses: small, so that
+// latency and call rates show the per-call overhead rather than copying.
+const unaryPayload = 64
+
+// mib is a mebibyte, the unit of the streaming rates.
+const mib = 1 << 20
+
+// probe measures one thing through cc for about d and returns one figure
+// for each table row it feeds.
+type probe func(ctx context.Context, cc grpc.ClientConnInterface, d time.Duration) ([]float64, error)
+
+// unaryLatency makes sequential Echo calls with a small payload for d and
+// returns the median and 99th percentile latencies, in microseconds.
+func unaryLatency(ctx context.Context, cc grpc.ClientConnInterface, d time.Duration) ([]float64, error) {
+	req := wrapperspb.Bytes(make([]byte, unaryPayload))
+	var lat []time.Duration
+	for end := time.Now().Add(d); len(lat) == 0 || time.Now().Before(end); {
+		start := time.Now()
+		if err := echo(ctx, cc, req); err != nil {
+			return nil, err
+		}
+		lat = append(lat, time.Since(start))
+	}
+	slices.Sort(lat)
+	return []float64{micros(percentile(lat, 0.50)), micros(percentile(lat, 0.99))}, nil
+}
+
+// percentile returns the nearest-rank q-quantile of sorted, which must not
+// be empty.
+func percentile(sorted []time.Duration, q float64) time.Duration {
+	i := int(math.Ceil(q*float64(len(sorted)))) - 1
+	return sorted[max(i, 0)]
+}
+
+func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+
+// unaryThroughput returns a probe that keeps callers Echo calls in flight
+// for d and reports the completed calls per second.
+func unaryThroughput(callers int) probe {
+	return func(ctx context.Context, cc grpc.ClientConnInterface, d time.Duration) ([]float64, error) {
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		req := wrapperspb.Bytes(make([]byte, unaryPayload))
+		var calls atomic.Int64
+		var once sync.Once
+		var firstErr error
+		var wg sync.WaitGroup
+		start := time.Now()
+		end := start.Add(d)
+		for range callers {
+			wg.Go(func() {
+				for time.Now().Before(end) {
+					if err := echo(ctx, cc, req); err != nil {
+						once.Do(func() { firstErr = err; cancel() })
+						return
+					}
+					calls.Add(1)
+				}
+			})
+		}
+		wg.Wait()
+		elapsed := time.Since(start)
+		if firstErr != nil {
+			return nil, firstErr
+		}
+		return []float64{float64(calls.Load()) / elapsed.Seconds()}, nil
+	}
+}
+
+// streamThroughput returns a probe that downloads messages of size bytes on
+// one server-streaming call for d and reports MiB/s. The clock starts at the
+// first message, so the rate excludes opening the stream and the first round
+// trip: it is the rate a long-lived stream sustains.
+func streamThroughput(size int) probe {
+	return func(ctx context.Context, cc grpc.ClientConnInterface, d time.Duration) ([]float64, error) {
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel() // ends the Download
+		cs, err := openDownload(ctx, cc, size)
+		if err != nil {
+			return nil, err
+		}
+		msg := new(wrapperspb.BytesValue)
+		if err := recvSized(cs, msg, size); err != nil {
+			return nil, err
+		}
+		start := time.Now()
+		n := 0
+		for time.Since(start) < d {
+			if err := recvSized(cs, msg, size); err != nil {
+				return nil, err
+			}
+			n++
+		}
+		elapsed := time.Since(start)
+		return []float64{float64(n) * float64(size) / mib / elapsed.Seconds()}, nil
+	}
+}
+
+// recvSized receives one message into msg and checks it has size bytes.
+func recvSized(cs grpc.ClientStream, msg *wrapperspb.BytesValue, size int) error {
+	if err := cs.RecvMsg(msg); err != nil {
+		if err == io.EOF {
+			return fmt.Errorf("download ended early")
+		}
+		return err
+	}
+	if len(msg.GetValue()) != size {
+		return fmt.Errorf("received %d bytes, want %d", len(msg.GetValue()), size)
+	}
+	return nil
+}
+
+// comparison is a probe's figures for every target: the median over the
+// runs of each figure, or why the target could not be measured.
+type comparison struct {
+	figures [numTargets][]float64
+	errs    [numTargets]error
+}
+
+// compare runs p through each target's channel: once for warm (a warm-up
+// whose figures are dropped: connections are set up, buffers grown, code
+// paged in), then runs times for d. The runs interleave the targets, so that
+// drift in the machine's speed during the bench affects every target alike.
+// A target that fails is left out of later runs, and so is one whose error
+// in errs says it could not be reached at all.
+func compare(ctx context.Context, chans [numTargets]grpc.ClientConnInterface, errs [numTargets]error, p probe, warm, d time.Duration, runs int, progress func(target, int)) comparison {
+	c := comparison{errs: errs}
+	var samples [numTargets][][]float64
+	for t := range numTargets {
+		if c.errs[t] != nil {
+			continue
+		}
+		if _, err := p(ctx, chans[t], warm); err != nil {
+			c.errs[t] = fmt.Errorf("warm-up: %w", err)
+		}
+	}
+	for run := range runs {
+		for t := range numTargets {
+			if c.errs[t] != nil {
+				continue
+			}
+			progress(t, run)
+			figs, err := p(ctx, chans[t], d)
+			if err != nil {
+				c.errs[t] = err
+				continue
+			}
+			samples[t] = append(samples[t], figs)
+		}
+	}
+	for t := range numTargets {
+		if c.errs[t] == nil {
+			c.figures[t] = medians(samples[t])
+		}
+	}
+	return c
+}
+
+// medians returns, for each position in the runs' figures, the median over
+// the runs (the mean of the middle two for an even count).
+func medians(runs [][]float64) []float64 {
+	out := make([]float64, len(runs[0]))
+	for i := range out {
+		col := make([]float64, len(runs))
+		for r, figs := range runs {
+			col[r] = figs[i]
+		}
+		slices.Sort(col)
+		m := len(col) / 2
+		if len(col)%2 == 1 {
+			out[i] = col[m]
+		} else {
+			out[i] = (col[m-1] + col[m]) / 2
+		}
+	}
+	return out
+}

@@ -1,0 +1,121 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"strings"
+)
+
+// row is one line of the table: one quantity for every target, each with
+// its ratio to direct gRPC.
+type row struct {
+	label  string
+	format func(float64) string
+	values [numTargets]float64
+	errs   [numTargets]error
+}
+
+// set records the figure (or the failure) of target t.
+func (r *row) set(t target, v float64, err error) {
+	r.values[t], r.errs[t] = v, err
+}
+
+// cell is the value of target t as printed.
+func (r *row) cell(t target) string {
+	if r.errs[t] != nil {
+		return "error"
+	}
+	return r.format(r.values[t])
+}
+
+// ratio is target t's value divided by direct gRPC's, as printed.
+func (r *row) ratio(t target) string {
+	d := r.values[direct]
+	if r.errs[t] != nil || r.errs[direct] != nil || d == 0 {
+		return "n/a"
+	}
+	return fmt.Sprintf("%.2f×", r.values[t]/d)
+}
+
+// writeTable prints rows as one markdown table, followed by the failures,
+// if any, with their causes.
+func writeTable(w io.Writer, rows []*row) {
+	fmt.Fprintf(w, "| | %v | %v | forward ÷ direct | %v | reverse ÷ direct |\n", direct, forward, reverse)
+	fmt.Fprintln(w, "|:--|--:|--:|--:|--:|--:|")
+	for _, r := range rows {
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s |\n", r.label,
+			r.cell(direct), r.cell(forward), r.ratio(forward), r.cell(reverse), r.ratio(reverse))
+	}
+	first := true
+	for _, r := range rows {
+		for t := range numTargets {
+			if r.errs[t] == nil {
+				continue
+			}
+			if first {
+				fmt.Fprintln(w, "\nFailures:")
+				first = false
+			}
+			fmt.Fprintf(w, "- %s, %s: %v\n", r.label, t, r.errs[t])
+		}
+	}
+}
+
+// Formats of the table's units.
+
+func formatMicros(v float64) string { return decimals(v) + " µs" }
+
+func formatRate(v float64) string { return thousands(v) + " calls/s" }
+
+func formatMiBps(v float64) string { return decimals(v) + " MiB/s" }
+
+func formatHeap(v float64) string {
+	if math.Abs(v) >= 1024 {
+		return fmt.Sprintf("%.1f KiB", v/1024)
+	}
+	return fmt.Sprintf("%.0f B", v)
+}
+
+func formatCount(v float64) string { return fmt.Sprintf("%.2f", v) }
+
+// decimals prints v with about three significant digits, never in
+// exponent form.
+func decimals(v float64) string {
+	switch a := math.Abs(v); {
+	case a >= 100:
+		return thousands(v)
+	case a >= 10:
+		return fmt.Sprintf("%.1f", v)
+	default:
+		return fmt.Sprintf("%.2f", v)
+	}
+}
+
+// thousands prints v rounded to an integer with commas between groups of
+// three digits.
+func thousands(v float64) string {
+	s := fmt.Sprintf("%.0f", math.Abs(v))
+	var b strings.Builder
+	if v < 0 && s != "0" {
+		b.WriteByte('-')
+	}
+	for i, c := range s {
+		if i > 0 && (len(s)-i)%3 == 0 {
+			b.WriteByte(',')
+		}
+		b.WriteRune(c)
+	}
+	return b.String()
+}
+
+// formatSize prints a byte count the way -size is best read.
+func formatSize(n int) string {
+	switch {
+	case n >= mib && n%mib == 0:
+		return fmt.Sprintf("%d MiB", n/mib)
+	case n >= 1024 && n%1024 == 0:
+		return fmt.Sprintf("%d KiB", n/1024)
+	}
+	return fmt.Sprintf("%d B", n)
+}
