@@ -195,22 +195,75 @@ func TestChunk(t *testing.T) {
 	}
 }
 
-func TestRecvWindowAutoTuneGrowsOnStalls(t *testing.T) {
+// fakeClock replaces the package clock for one test.
+func fakeClock(t *testing.T) *int64 {
+	var c int64 = 1
+	saved := now
+	now = func() int64 { return c }
+	t.Cleanup(func() { now = saved })
+	return &c
+}
+
+// TestRecvWindowAutoTuneGrowsWhenWindowBound plays a link with a 10 ms round
+// trip over which a whole window arrives in one round trip: the window is
+// the bottleneck, so it doubles.
+func TestRecvWindowAutoTuneGrowsWhenWindowBound(t *testing.T) {
+	clock := fakeClock(t)
 	w := NewRecvWindow(1024, 1024)
-	w.AutoTune(8192, time.Hour)
-	// The peer uses all its credit and the application keeps up: each
-	// such round doubles the limit, up to the ceiling.
-	for _, want := range []uint32{2048, 4096, 8192, 8192} {
-		granted := w.granted.Load() - w.received.Load()
-		if err := w.Receive(int(granted)); err != nil {
+	w.AutoTune(1<<20, time.Hour)
+	ms := int64(time.Millisecond)
+	for round := range 3 {
+		limit := int64(w.Limit())
+		// The peer sends what it may; the application keeps up, and the
+		// update it earns starts a probe.
+		if err := w.Receive(int(w.granted.Load() - w.received.Load())); err != nil {
 			t.Fatal(err)
 		}
-		if u := w.Consume(int(granted)); u == 0 {
-			t.Fatal("a drained window must be replenished")
+		if u := w.Consume(int(w.received.Load() - w.consumed.Load())); u == 0 {
+			t.Fatal("no update for a drained window")
 		}
-		if got := w.Limit(); got != want {
-			t.Fatalf("limit %d; want %d", got, want)
+		// One round trip later the first bytes the update allowed arrive,
+		// and within the next round trip a whole window does.
+		*clock += 10 * ms
+		if err := w.Receive(1); err != nil {
+			t.Fatal(err)
 		}
+		*clock += 9 * ms
+		if err := w.Receive(int(limit - 2)); err != nil {
+			t.Fatal(err)
+		}
+		*clock += 2 * ms
+		if err := w.Receive(1); err != nil {
+			t.Fatal(err)
+		}
+		if got := int64(w.Limit()); got < 2*limit {
+			t.Fatalf("round %d: limit %d; want at least %d", round, got, 2*limit)
+		}
+		w.Consume(int(w.received.Load() - w.consumed.Load()))
+	}
+}
+
+// TestRecvWindowAutoTuneKeepsWindowWhenNotBound plays a sender that is
+// slower than the window allows: a round trip carries a small part of the
+// window, so it stays.
+func TestRecvWindowAutoTuneKeepsWindowWhenNotBound(t *testing.T) {
+	clock := fakeClock(t)
+	w := NewRecvWindow(4096, 4096)
+	w.AutoTune(1<<20, time.Hour)
+	ms := int64(time.Millisecond)
+	if err := w.Receive(4096); err != nil {
+		t.Fatal(err)
+	}
+	w.Consume(4096)
+	*clock += 10 * ms
+	for range 5 {
+		if err := w.Receive(100); err != nil {
+			t.Fatal(err)
+		}
+		*clock += 3 * ms
+	}
+	if got := w.Limit(); got != 4096 {
+		t.Fatalf("limit grew to %d for a sender that never filled it", got)
 	}
 }
 
@@ -220,25 +273,27 @@ func TestRecvWindowAutoTuneIgnoresSlowApplications(t *testing.T) {
 	if err := w.Receive(1024); err != nil {
 		t.Fatal(err)
 	}
-	// The application lags behind: half of the data is still queued when
-	// it consumes, so a larger window would only buffer more.
-	w.Consume(512)
+	// The application lags behind: no update goes out, so no probe runs
+	// and the window cannot grow.
+	w.Consume(100)
 	if got := w.Limit(); got != 1024 {
 		t.Fatalf("limit grew to %d while the application was the bottleneck", got)
 	}
 }
 
 func TestRecvWindowAutoTuneShrinksWhenIdle(t *testing.T) {
+	clock := fakeClock(t)
 	w := NewRecvWindow(1024, 1024)
-	w.AutoTune(8192, time.Nanosecond)
-	if err := w.Receive(1024); err != nil {
+	w.AutoTune(8192, time.Second)
+	w.limit.Store(4096) // as if it had grown
+	if err := w.Receive(100); err != nil {
 		t.Fatal(err)
 	}
-	w.Consume(1024) // grows to 2048
-	start := time.Now()
-	for time.Since(start) < time.Millisecond {
-		// Let more than the idle period pass without consumption.
+	w.Consume(100)
+	if got := w.Limit(); got != 4096 {
+		t.Fatalf("limit %d while busy; want 4096", got)
 	}
+	*clock += int64(2 * time.Second)
 	if err := w.Receive(100); err != nil {
 		t.Fatal(err)
 	}

@@ -23,27 +23,31 @@ type RecvWindow struct {
 	ceiling  int64         // the largest limit growth may reach
 	idle     time.Duration // how long without consumption counts as idle
 	lastUsed atomic.Int64  // monotonic nanoseconds of the last Consume
+	bdp      bdpEstimator
 }
 
 // epoch anchors the monotonic clock used for idle detection.
 var epoch = time.Now()
 
-// AutoTune lets the window grow on its own, up to ceiling, whenever it is
-// what holds the sender back: the peer has used every byte of credit and the
-// application has already consumed all of it, so only a larger window could
-// have kept data flowing. That is the situation on a link with a long round
-// trip, where a fixed window caps a stream at window/RTT. Each such stall
-// doubles the limit, so a window reaches any bandwidth-delay product in a
-// few round trips. After idle without consumption the limit falls back to
-// where it started, so a quiet stream does not keep a large allowance.
+// AutoTune lets the window grow on its own, up to ceiling, when it is what
+// holds the stream back, as on a link with a long round trip where a fixed
+// window caps a stream at window/RTT. The receiver estimates the
+// bandwidth-delay product as grpc-go's transport does, with window updates
+// standing in for HTTP/2 pings (see bdpEstimator): when about a whole window
+// arrives within one round trip, the window is too small and is doubled.
+// After idle without consumption the limit falls back to where it started,
+// so a quiet stream does not keep a large allowance.
 //
 // Call it before the window is shared between goroutines.
 func (w *RecvWindow) AutoTune(ceiling uint32, idle time.Duration) {
 	w.floor = w.limit.Load()
 	w.ceiling = max(int64(min(ceiling, MaxWindow)), w.floor)
 	w.idle = idle
-	w.lastUsed.Store(int64(time.Since(epoch)))
+	w.lastUsed.Store(now())
 }
+
+// now reads a monotonic clock in nanoseconds; tests replace it.
+var now = func() int64 { return int64(time.Since(epoch)) }
 
 // NewRecvWindow returns a window whose peer starts with initial bytes of
 // credit (what this side announced), and that keeps granting so that about
@@ -71,10 +75,25 @@ func (w *RecvWindow) Buffered() int64 { return w.received.Load() - w.consumed.Lo
 // Receive records n bytes arriving from the peer. It returns ErrOverrun if
 // they exceed what was granted; the bytes are counted either way.
 func (w *RecvWindow) Receive(n int) error {
-	if w.received.Add(int64(n)) > w.granted.Load() {
+	r := w.received.Add(int64(n))
+	if r > w.granted.Load() {
 		return ErrOverrun
 	}
+	if w.ceiling > w.floor {
+		if sample := w.bdp.received(r, n); sample > 0 {
+			w.grow(sample)
+		}
+	}
 	return nil
+}
+
+// grow raises the limit when a bandwidth-delay sample shows the window was
+// nearly used up within one round trip.
+func (w *RecvWindow) grow(sample int64) {
+	limit := w.limit.Load()
+	if sample*3 >= limit*2 && limit < w.ceiling {
+		w.limit.Store(min(max(2*sample, limit), w.ceiling))
+	}
 }
 
 // BeginMessage records that a message of size bytes starts at the current
@@ -96,7 +115,7 @@ func (w *RecvWindow) Consume(n int) uint32 {
 	c := w.consumed.Add(int64(n))
 	limit := w.limit.Load()
 	if w.ceiling > w.floor {
-		limit = w.tune(c, limit)
+		limit = w.tune(limit)
 	}
 	target := c + limit
 	if target-w.granted.Load() < max(limit/4, 1) {
@@ -105,18 +124,11 @@ func (w *RecvWindow) Consume(n int) uint32 {
 	return w.grantUpTo(target)
 }
 
-// tune applies autotuning at a Consume that brought consumption to c, and
-// returns the limit to grant by.
-func (w *RecvWindow) tune(c, limit int64) int64 {
-	now := int64(time.Since(epoch))
-	if last := w.lastUsed.Swap(now); w.idle > 0 && time.Duration(now-last) > w.idle && limit > w.floor {
+// tune applies the idle rule at a Consume and returns the limit to grant by.
+func (w *RecvWindow) tune(limit int64) int64 {
+	t := now()
+	if last := w.lastUsed.Swap(t); w.idle > 0 && time.Duration(t-last) > w.idle && limit > w.floor {
 		limit = w.floor
-		w.limit.Store(limit)
-	}
-	// The peer used all its credit and the application has taken all of
-	// it: the window, not the application, is what is slow.
-	if g := w.granted.Load(); w.received.Load() == g && c == g && limit < w.ceiling {
-		limit = min(2*limit, w.ceiling)
 		w.limit.Store(limit)
 	}
 	return limit
@@ -132,6 +144,9 @@ func (w *RecvWindow) grantUpTo(target int64) uint32 {
 		}
 		inc := min(target-g, MaxWindow)
 		if w.granted.CompareAndSwap(g, g+inc) {
+			if w.ceiling > w.floor {
+				w.bdp.granted(g)
+			}
 			return uint32(inc)
 		}
 	}
