@@ -86,10 +86,11 @@ func WithInitialWindowSize(size uint32) TunnelOption {
 
 // WithMaxWindowSize sets how far a stream's receive window may grow on its
 // own (16 MiB by default). The window starts at the initial size and doubles
-// whenever it, rather than the application, is what holds the sender back, as
-// happens on links with a long round trip; it falls back after a second
-// without traffic. Set it to the initial window size to keep windows fixed.
-// It bounds what one stream may buffer when its reader stalls.
+// whenever nearly all of it arrives within one round trip, which means it,
+// rather than the network or the application, is what holds the stream back,
+// as on links with a long round trip; it falls back after a second without
+// traffic. Set it to the initial window size to keep windows fixed. It bounds
+// what one stream may buffer when its reader stalls.
 func WithMaxWindowSize(size uint32) TunnelOption {
 	return optionFunc(func(o *options) { o.maxWindow = min(size, flowcontrol.MaxWindow) })
 }
