@@ -72,6 +72,10 @@ type tunnelClient struct {
 	closed   bool
 	draining bool
 	onClose  func() // runs once as the tunnel ends, before done closes
+	// askPeerToClose is set on a network server that reads on its handler
+	// goroutine: ending the tunnel then means asking the network client to
+	// end the outer stream (tunnel-close extension).
+	askPeerToClose bool
 
 	ready chan struct{} // closed once settings arrived (or none are due)
 	done  chan struct{}
@@ -131,21 +135,33 @@ func (t *tunnelClient) serverRole() string {
 
 // readLoop reads frames until the outer stream ends, then ends the tunnel.
 func (t *tunnelClient) readLoop() {
-	t.shutdown(t.read())
+	err := t.handshake()
+	if err == nil {
+		err = t.readFrames()
+	}
+	t.shutdown(err)
 }
 
-func (t *tunnelClient) read() error {
-	if t.agreed.negotiated {
-		if err := t.readSettings(); err != nil {
-			return err
-		}
+// handshake reads the settings frame, when one is due, and makes the tunnel
+// ready for calls.
+func (t *tunnelClient) handshake() error {
+	if !t.agreed.negotiated {
+		return nil
 	}
+	return t.readSettings()
+}
+
+// readFrames dispatches frames until the outer stream ends.
+func (t *tunnelClient) readFrames() error {
 	for {
 		f, err := t.frames.Recv()
 		if err != nil {
 			return tunnelFailure(err)
 		}
 		if err := t.dispatch(f); err != nil {
+			if errors.Is(err, errPeerClosed) {
+				return nil
+			}
 			return err
 		}
 	}
@@ -177,6 +193,9 @@ func (t *tunnelClient) dispatch(f *tunnelpb.ServerToClient) error {
 	id := f.GetStreamId()
 	if _, ok := f.GetFrame().(*tunnelpb.ServerToClient_Settings); ok {
 		return protocolErrorf("settings received again (stream %d)", id)
+	}
+	if _, ok := f.GetFrame().(*tunnelpb.ServerToClient_CloseStream); ok && id == settingsStreamID && t.agreed.tunnelClose && !t.reverse {
+		return errPeerClosed
 	}
 	if f.GetFrame() == nil {
 		return protocolErrorf("frame of unknown type for stream %d", id)
@@ -286,6 +305,9 @@ func (t *tunnelClient) shutdown(err error) {
 		t.streams = map[int64]*clientStream{}
 		t.mu.Unlock()
 		t.cancel()
+		if t.askPeerToClose {
+			t.out.Queue(&tunnelpb.ClientToServer{StreamId: settingsStreamID, Frame: &tunnelpb.ClientToServer_Cancel{Cancel: emptyFrame}})
+		}
 		gone := unavailableAfter(err)
 		for _, st := range streams {
 			st.abort(gone, false)

@@ -159,12 +159,15 @@ func (h *TunnelServiceHandler) openTunnel(stream tunnelpb.TunnelService_OpenTunn
 		return err
 	}
 	t := newTunnelServer(stream.Context(), stream, h.opts, h.svc, agreed, false, nil, md)
+	// With tunnel-close this goroutine can read frames itself and still
+	// end the tunnel whenever it must, by asking the client to.
+	t.askPeerToClose = agreed.tunnelClose
 	h.forwardTunnels.Store(t, struct{}{})
 	defer h.forwardTunnels.Delete(t)
 	if h.isStopping() {
 		t.drain()
 	}
-	return t.serve(false)
+	return t.serve(agreed.tunnelClose)
 }
 
 func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_OpenReverseTunnelServer) error {
@@ -183,13 +186,25 @@ func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_O
 	p, _ := peer.FromContext(ctx)
 	t := newTunnelClient(ctx, cancel, stream, h.opts, agreed, true, p)
 	t.onClose = func() { h.pool.remove(t) }
-	go t.readLoop()
 	defer t.out.Close(errTunnelClosed)
 
-	select {
-	case <-t.ready:
-	case <-t.done:
-		return t.err
+	// With tunnel-close this goroutine reads the frames itself and ends the
+	// tunnel by asking the client to; without it a reader goroutine must,
+	// so that this one can return whenever the tunnel has to end.
+	inline := agreed.tunnelClose
+	t.askPeerToClose = inline
+	if inline {
+		if err := t.handshake(); err != nil {
+			t.shutdown(err)
+			return err
+		}
+	} else {
+		go t.readLoop()
+		select {
+		case <-t.ready:
+		case <-t.done:
+			return t.err
+		}
 	}
 	var key any
 	if h.cfg.AffinityKey != nil {
@@ -210,7 +225,11 @@ func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_O
 			defer h.cfg.OnReverseTunnelClose(t)
 		}
 	}
-	<-t.done
+	if inline {
+		t.shutdown(t.readFrames())
+	} else {
+		<-t.done
+	}
 	return t.err
 }
 

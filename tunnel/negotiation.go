@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -33,6 +34,14 @@ const (
 	// chunks no larger than the other announced, so a large message costs
 	// fewer frames.
 	extMaxChunk = "max-chunk"
+
+	// extTunnelClose lets the network server ask the network client to end
+	// the tunnel, with a frame on stream -1: close_stream from a tunnel
+	// server, cancel from a tunnel client. gRPC gives a server no way to
+	// end a stream while a read is blocked, so without it the network
+	// server needs a reader goroutine of its own just to be able to end a
+	// tunnel; with it, the handler's goroutine does the reading.
+	extTunnelClose = "tunnel-close"
 )
 
 // settingsStreamID marks the settings frame, which concerns the whole tunnel.
@@ -54,11 +63,13 @@ type agreement struct {
 	// maxChunk is the largest chunk this end may send: 16 KiB unless the
 	// peer announced more with the max-chunk extension.
 	maxChunk int
+	// tunnelClose is the tunnel-close extension.
+	tunnelClose bool
 }
 
 // extensions is the value of the extensions header this end sends.
 func (o *options) extensions() string {
-	return fmt.Sprintf("%s, %s=%d", extBinaryMetadata, extMaxChunk, o.maxChunk)
+	return fmt.Sprintf("%s, %s=%d, %s", extBinaryMetadata, extMaxChunk, o.maxChunk, extTunnelClose)
 }
 
 // openingHeaders is the metadata the network client adds when it opens a
@@ -108,6 +119,7 @@ func (o *options) agree(peer metadata.MD) agreement {
 		return a
 	}
 	a.binaryMetadata = hasValue(peer, extensionsHeader, extBinaryMetadata)
+	a.tunnelClose = hasValue(peer, extensionsHeader, extTunnelClose)
 	if v, ok := extensionValue(peer, extMaxChunk); ok {
 		if n, err := strconv.ParseUint(v, 10, 32); err == nil && n > flowcontrol.MaxChunk {
 			a.maxChunk = int(min(n, uint64(o.maxChunk)))
@@ -169,3 +181,7 @@ func chooseRevision(peer []tunnelpb.ProtocolRevision) (tunnelpb.ProtocolRevision
 	}
 	return best, nil
 }
+
+// errPeerClosed ends a tunnel whose network server asked for the end with the
+// tunnel-close extension; it is a clean end.
+var errPeerClosed = errors.New("grpctunnel: tunnel closed by the peer")

@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"context"
+	"io"
 	"net"
 	"strings"
 	"testing"
@@ -308,6 +309,29 @@ func TestProtocolMaxChunkExtension(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestProtocolTunnelCloseExtension drains a server whose client announced
+// tunnel-close: the server asks for the end with a close_stream on stream -1
+// and ends cleanly once the client half-closes.
+func TestProtocolTunnelCloseExtension(t *testing.T) {
+	ts := startServer(t, TunnelServiceHandlerOptions{}, testServices(echoProbe()))
+	r := openRaw(t, ts.stub, true, "grpctunnel-extensions", "tunnel-close")
+	if !hasValue(r.header, "grpctunnel-extensions", "tunnel-close") {
+		t.Fatalf("server did not announce tunnel-close: %v", r.header)
+	}
+	r.recv() // settings
+	ts.handler.InitiateShutdown()
+	f := r.recv()
+	if f.GetStreamId() != -1 || f.GetCloseStream() == nil || f.GetCloseStream().GetStatus().GetCode() != 0 {
+		t.Fatalf("expected a close request on stream -1, got %v", f)
+	}
+	if err := r.stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.stream.Recv(); err != io.EOF {
+		t.Fatalf("tunnel ended with %v; want a clean end", err)
 	}
 }
 

@@ -42,6 +42,10 @@ type tunnelServer struct {
 	// abort, set on a network client, cancels the outer stream so that a
 	// blocked read returns when the tunnel ends for any other reason.
 	abort context.CancelFunc
+	// askPeerToClose is set on a network server that reads on its handler
+	// goroutine: ending the tunnel then means asking the network client to
+	// end the outer stream (tunnel-close extension).
+	askPeerToClose bool
 
 	// Reader-owned.
 	lastID int64
@@ -115,6 +119,9 @@ func (t *tunnelServer) read() error {
 			return tunnelFailure(err)
 		}
 		if err := t.dispatch(f); err != nil {
+			if errors.Is(err, errPeerClosed) {
+				return nil
+			}
 			return err
 		}
 	}
@@ -127,6 +134,10 @@ func (t *tunnelServer) dispatch(f *tunnelpb.ClientToServer) error {
 		return protocolErrorf("frame of unknown type for stream %d", id)
 	case *tunnelpb.ClientToServer_NewStream:
 		return t.newStream(id, fr.NewStream)
+	case *tunnelpb.ClientToServer_Cancel:
+		if id == settingsStreamID && t.agreed.tunnelClose && t.reverse {
+			return errPeerClosed
+		}
 	}
 	t.mu.Lock()
 	st := t.streams[id]
@@ -303,6 +314,11 @@ func (t *tunnelServer) shutdown(err error) {
 		t.cancel()
 		if t.abort != nil {
 			t.abort()
+		}
+		if t.askPeerToClose {
+			t.out.Queue(&tunnelpb.ServerToClient{StreamId: settingsStreamID, Frame: &tunnelpb.ServerToClient_CloseStream{
+				CloseStream: &tunnelpb.CloseStream{Status: statusOf(nil).Proto()},
+			}})
 		}
 		close(t.done)
 	})
