@@ -13,14 +13,19 @@ import (
 )
 
 // producer is a probe whose stream handler reads one request holding a byte
-// count, then sends that many bytes back in 32 KiB messages.
+// count and a message size (32 KiB if absent), then sends that many bytes
+// back in messages of that size.
 var producer = &probe{stream: func(ss grpc.ServerStream) error {
 	req := new(wrapperspb.BytesValue)
 	if err := ss.RecvMsg(req); err != nil {
 		return err
 	}
 	total := int(binary.BigEndian.Uint64(req.GetValue()))
-	chunk := bytesValue(make([]byte, 32*1024))
+	size := 32 * 1024
+	if len(req.GetValue()) == 16 {
+		size = int(binary.BigEndian.Uint64(req.GetValue()[8:]))
+	}
+	chunk := bytesValue(make([]byte, size))
 	for sent := 0; sent < total; sent += len(chunk.GetValue()) {
 		if err := ss.SendMsg(chunk); err != nil {
 			return err
@@ -29,12 +34,16 @@ var producer = &probe{stream: func(ss grpc.ServerStream) error {
 	return nil
 }}
 
-func produce(ctx context.Context, cc grpc.ClientConnInterface, n uint64) (grpc.ClientStream, error) {
+func produce(ctx context.Context, cc grpc.ClientConnInterface, n uint64, size ...uint64) (grpc.ClientStream, error) {
 	cs, err := cc.NewStream(ctx, probeStreamDesc, probeStream)
 	if err != nil {
 		return nil, err
 	}
-	if err := cs.SendMsg(bytesValue(binary.BigEndian.AppendUint64(nil, n))); err != nil {
+	req := binary.BigEndian.AppendUint64(nil, n)
+	for _, s := range size {
+		req = binary.BigEndian.AppendUint64(req, s)
+	}
+	if err := cs.SendMsg(bytesValue(req)); err != nil {
 		return nil, err
 	}
 	return cs, cs.CloseSend()
