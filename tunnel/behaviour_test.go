@@ -178,9 +178,9 @@ func TestBinaryMetadataWithPlainPeer(t *testing.T) {
 		t.Run(side, func(t *testing.T) {
 			var srvOpts, cliOpts []TunnelOption
 			if side == "plain server" {
-				srvOpts = []TunnelOption{withPlainProtocol()}
+				srvOpts = []TunnelOption{WithPlainProtocol()}
 			} else {
-				cliOpts = []TunnelOption{withPlainProtocol()}
+				cliOpts = []TunnelOption{WithPlainProtocol()}
 			}
 			ts := startServer(t, TunnelServiceHandlerOptions{TunnelOptions: srvOpts}, testServices(echoMetadata))
 			cc := forward(t, ts.stub, cliOpts...)

@@ -84,6 +84,15 @@ func WithInitialWindowSize(size uint32) TunnelOption {
 	})
 }
 
+// WithPlainProtocol makes this end use none of this package's protocol
+// extensions, exactly as a peer that implements only the published
+// grpctunnel.v1 protocol would: 16 KiB chunks, "-bin" metadata as UTF-8
+// only, and on a network server a reader goroutine beside each handler. Use
+// it to check interoperability, or to measure what the extensions bring.
+func WithPlainProtocol() TunnelOption {
+	return optionFunc(func(o *options) { o.plain = true })
+}
+
 // WithMaxWindowSize sets how far a stream's receive window may grow on its
 // own (16 MiB by default). The window starts at the initial size and doubles
 // whenever nearly all of it arrives within one round trip, which means it,

@@ -36,7 +36,7 @@ func TestChannelCases(t *testing.T) {
 	}{
 		{"flow-control", nil},
 		{"no-flow-control", []TunnelOption{WithDisableFlowControl()}},
-		{"plain", []TunnelOption{withPlainProtocol()}},
+		{"plain", []TunnelOption{WithPlainProtocol()}},
 	}
 	for _, mode := range modes {
 		t.Run(mode.name, func(t *testing.T) {
@@ -62,7 +62,7 @@ func TestRevisionNegotiated(t *testing.T) {
 		{"both default", nil, nil, true},
 		{"client disables", nil, []TunnelOption{WithDisableFlowControl()}, false},
 		{"server disables", []TunnelOption{WithDisableFlowControl()}, nil, false},
-		{"plain peers", []TunnelOption{withPlainProtocol()}, []TunnelOption{withPlainProtocol()}, true},
+		{"plain peers", []TunnelOption{WithPlainProtocol()}, []TunnelOption{WithPlainProtocol()}, true},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -97,7 +97,7 @@ func TestRevisionNegotiated(t *testing.T) {
 // TestMixedPeers runs the channel cases between this package and an end
 // that speaks only the plain protocol, in both directions.
 func TestMixedPeers(t *testing.T) {
-	plain := []TunnelOption{withPlainProtocol()}
+	plain := []TunnelOption{WithPlainProtocol()}
 	for _, c := range []struct {
 		name           string
 		server, client []TunnelOption

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/grpctunnel/grpctunnel/flowcontrol"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -18,9 +19,10 @@ import (
 type target int
 
 const (
-	direct  target = iota // plain gRPC on the connection: the baseline
-	forward               // a forward tunnel on the connection
-	reverse               // a reverse tunnel on the connection, called from the server's end
+	direct       target = iota // plain gRPC on the connection: the baseline
+	forward                    // a forward tunnel on the connection
+	reverse                    // a reverse tunnel on the connection, called from the server's end
+	plainForward               // a forward tunnel whose client speaks only the plain protocol
 	numTargets
 )
 
@@ -32,6 +34,8 @@ func (t target) String() string {
 		return "forward tunnel"
 	case reverse:
 		return "reverse tunnel"
+	case plainForward:
+		return "forward, plain protocol"
 	}
 	return fmt.Sprintf("target(%d)", int(t))
 }
@@ -129,8 +133,8 @@ func (b *bed) connect(ctx context.Context, t target) (grpc.ClientConnInterface, 
 	switch t {
 	case direct:
 		return conn, nil
-	case forward:
-		return b.openForward(ctx, conn)
+	case forward, plainForward:
+		return b.openForward(ctx, conn, t)
 	case reverse:
 		if _, err := b.serveReverse(ctx, conn, 1); err != nil {
 			return nil, err
@@ -141,9 +145,16 @@ func (b *bed) connect(ctx context.Context, t target) (grpc.ClientConnInterface, 
 }
 
 // openForward opens a forward tunnel on conn; it is closed with the bed if
-// not before.
-func (b *bed) openForward(ctx context.Context, conn *grpc.ClientConn) (tunnel.TunnelChannel, error) {
-	ch, err := tunnel.NewChannel(tunnelpb.NewTunnelServiceClient(conn)).Start(ctx)
+// not before. For plainForward the client announces no extension and keeps
+// its receive windows at the protocol's customary 64 KiB, as a peer that
+// implements only the published protocol does; the server then falls back
+// to the plain protocol too.
+func (b *bed) openForward(ctx context.Context, conn *grpc.ClientConn, t target) (tunnel.TunnelChannel, error) {
+	var opts []tunnel.TunnelOption
+	if t == plainForward {
+		opts = []tunnel.TunnelOption{tunnel.WithPlainProtocol(), tunnel.WithMaxWindowSize(flowcontrol.DefaultWindow)}
+	}
+	ch, err := tunnel.NewChannel(tunnelpb.NewTunnelServiceClient(conn), opts...).Start(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("opening a forward tunnel: %w", err)
 	}

@@ -122,18 +122,18 @@ func idleTunnels(ctx context.Context, t target, n int) (idleCost, error) {
 		return idleCost{}, err
 	}
 	switch t {
-	case forward:
-		return idleForwardTunnels(ctx, b, conn, n)
+	case forward, plainForward:
+		return idleForwardTunnels(ctx, b, conn, n, t)
 	case reverse:
 		return idleReverseTunnels(ctx, b, conn, n)
 	}
 	return idleCost{}, fmt.Errorf("no idle tunnels for %v", t)
 }
 
-func idleForwardTunnels(ctx context.Context, b *bed, conn *grpc.ClientConn, n int) (idleCost, error) {
+func idleForwardTunnels(ctx context.Context, b *bed, conn *grpc.ClientConn, n int, t target) (idleCost, error) {
 	// One tunnel with one call first, so that the connection and whatever
 	// gets built once are in place before the first reading.
-	warm, err := b.openForward(ctx, conn)
+	warm, err := b.openForward(ctx, conn, t)
 	if err != nil {
 		return idleCost{}, err
 	}

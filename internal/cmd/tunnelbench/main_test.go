@@ -74,8 +74,8 @@ func TestRun(t *testing.T) {
 		if !strings.HasPrefix(cells[0], tableRows[i]) {
 			t.Errorf("row %d is %q, want one starting %q", i, cells[0], tableRows[i])
 		}
-		if len(cells) != 6 {
-			t.Errorf("row %q has %d cells, want 6", cells[0], len(cells))
+		if len(cells) != 8 {
+			t.Errorf("row %q has %d cells, want 8", cells[0], len(cells))
 			continue
 		}
 		for _, c := range cells[1:] {
@@ -84,7 +84,7 @@ func TestRun(t *testing.T) {
 				break
 			}
 		}
-		for _, i := range []int{3, 5} {
+		for _, i := range []int{3, 5, 7} {
 			if !strings.HasSuffix(cells[i], "×") {
 				t.Errorf("row %q: cell %d is %q, want a ratio", cells[0], i, cells[i])
 			}

@@ -41,11 +41,12 @@ func (r *row) ratio(t target) string {
 // writeTable prints rows as one markdown table, followed by the failures,
 // if any, with their causes.
 func writeTable(w io.Writer, rows []*row) {
-	fmt.Fprintf(w, "| | %v | %v | forward ÷ direct | %v | reverse ÷ direct |\n", direct, forward, reverse)
-	fmt.Fprintln(w, "|:--|--:|--:|--:|--:|--:|")
+	fmt.Fprintf(w, "| | %v | %v | forward ÷ direct | %v | reverse ÷ direct | %v | plain ÷ direct |\n", direct, forward, reverse, plainForward)
+	fmt.Fprintln(w, "|:--|--:|--:|--:|--:|--:|--:|--:|")
 	for _, r := range rows {
-		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s |\n", r.label,
-			r.cell(direct), r.cell(forward), r.ratio(forward), r.cell(reverse), r.ratio(reverse))
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %s |\n", r.label,
+			r.cell(direct), r.cell(forward), r.ratio(forward), r.cell(reverse), r.ratio(reverse),
+			r.cell(plainForward), r.ratio(plainForward))
 	}
 	first := true
 	for _, r := range rows {
