@@ -150,16 +150,20 @@ func (b *bed) connect(ctx context.Context, t target) (grpc.ClientConnInterface, 
 // implements only the published protocol does; the server then falls back
 // to the plain protocol too.
 func (b *bed) openForward(ctx context.Context, conn *grpc.ClientConn, t target) (tunnel.TunnelChannel, error) {
-	var opts []tunnel.TunnelOption
-	if t == plainForward {
-		opts = []tunnel.TunnelOption{tunnel.WithPlainProtocol(), tunnel.WithMaxWindowSize(flowcontrol.DefaultWindow)}
-	}
-	ch, err := tunnel.NewChannel(tunnelpb.NewTunnelServiceClient(conn), opts...).Start(ctx)
+	ch, err := tunnel.NewChannel(tunnelpb.NewTunnelServiceClient(conn), forwardOptions(t)...).Start(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("opening a forward tunnel: %w", err)
 	}
 	b.onClose(ch.Close)
 	return ch, nil
+}
+
+// forwardOptions are the options of a forward tunnel's client for target t.
+func forwardOptions(t target) []tunnel.TunnelOption {
+	if t == plainForward {
+		return []tunnel.TunnelOption{tunnel.WithPlainProtocol(), tunnel.WithMaxWindowSize(flowcontrol.DefaultWindow)}
+	}
+	return nil
 }
 
 // serveReverse opens n reverse tunnels on conn, each served by a goroutine

@@ -152,7 +152,7 @@ func idleForwardTunnels(ctx context.Context, b *bed, conn *grpc.ClientConn, n in
 	}()
 	before := measureFootprint()
 	for range n {
-		ch, err := tunnel.NewChannel(stub).Start(ctx)
+		ch, err := tunnel.NewChannel(stub, forwardOptions(t)...).Start(ctx)
 		if err != nil {
 			return idleCost{}, fmt.Errorf("opening forward tunnel %d of %d: %w", len(tunnels)+1, n, err)
 		}
