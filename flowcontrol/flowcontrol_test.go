@@ -210,7 +210,7 @@ func fakeClock(t *testing.T) *int64 {
 func TestRecvWindowAutoTuneGrowsWhenWindowBound(t *testing.T) {
 	clock := fakeClock(t)
 	w := NewRecvWindow(1024, 1024)
-	w.AutoTune(1<<20, time.Hour)
+	w.AutoTune(1<<20, time.Hour, nil)
 	ms := int64(time.Millisecond)
 	for round := range 3 {
 		limit := int64(w.Limit())
@@ -249,7 +249,7 @@ func TestRecvWindowAutoTuneGrowsWhenWindowBound(t *testing.T) {
 func TestRecvWindowAutoTuneKeepsWindowWhenNotBound(t *testing.T) {
 	clock := fakeClock(t)
 	w := NewRecvWindow(4096, 4096)
-	w.AutoTune(1<<20, time.Hour)
+	w.AutoTune(1<<20, time.Hour, nil)
 	ms := int64(time.Millisecond)
 	if err := w.Receive(4096); err != nil {
 		t.Fatal(err)
@@ -269,7 +269,7 @@ func TestRecvWindowAutoTuneKeepsWindowWhenNotBound(t *testing.T) {
 
 func TestRecvWindowAutoTuneIgnoresSlowApplications(t *testing.T) {
 	w := NewRecvWindow(1024, 1024)
-	w.AutoTune(8192, time.Hour)
+	w.AutoTune(8192, time.Hour, nil)
 	if err := w.Receive(1024); err != nil {
 		t.Fatal(err)
 	}
@@ -284,7 +284,7 @@ func TestRecvWindowAutoTuneIgnoresSlowApplications(t *testing.T) {
 func TestRecvWindowAutoTuneShrinksWhenIdle(t *testing.T) {
 	clock := fakeClock(t)
 	w := NewRecvWindow(1024, 1024)
-	w.AutoTune(8192, time.Second)
+	w.AutoTune(8192, time.Second, nil)
 	w.limit.Store(4096) // as if it had grown
 	if err := w.Receive(100); err != nil {
 		t.Fatal(err)
@@ -300,5 +300,29 @@ func TestRecvWindowAutoTuneShrinksWhenIdle(t *testing.T) {
 	w.Consume(100)
 	if got := w.Limit(); got != 1024 {
 		t.Fatalf("limit %d after idling; want the starting 1024", got)
+	}
+}
+
+// TestHintCarriesGrowthToNewWindows grows one window and checks that the
+// next one on the same hint starts at that size, until the hint fades.
+func TestHintCarriesGrowthToNewWindows(t *testing.T) {
+	clock := fakeClock(t)
+	var hint Hint
+	first := NewRecvWindow(1024, 1024)
+	first.AutoTune(1<<20, time.Second, &hint)
+	first.grow(10000)
+	second := NewRecvWindow(1024, 1024)
+	second.AutoTune(1<<20, time.Second, &hint)
+	if got := second.Limit(); got != 20000 {
+		t.Fatalf("new window starts at %d; want the learned 20000", got)
+	}
+	if g := second.Grant(); g != 20000-1024 {
+		t.Fatalf("Grant() = %d; want %d", g, 20000-1024)
+	}
+	*clock += int64(HintLifetime + time.Second)
+	third := NewRecvWindow(1024, 1024)
+	third.AutoTune(1<<20, time.Second, &hint)
+	if got := third.Limit(); got != 1024 {
+		t.Fatalf("after the hint faded a window starts at %d; want 1024", got)
 	}
 }

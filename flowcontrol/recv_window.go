@@ -24,6 +24,7 @@ type RecvWindow struct {
 	idle     time.Duration // how long without consumption counts as idle
 	lastUsed atomic.Int64  // monotonic nanoseconds of the last Consume
 	bdp      bdpEstimator
+	hint     *Hint
 }
 
 // epoch anchors the monotonic clock used for idle detection.
@@ -38,12 +39,35 @@ var epoch = time.Now()
 // After idle without consumption the limit falls back to where it started,
 // so a quiet stream does not keep a large allowance.
 //
+// A non-nil hint shares what was learned between the streams of one
+// tunnel: a window starts, and restarts after idle, from the size recent
+// streams grew to, rather than learning the link again from the initial
+// size, and growth here is passed on.
+//
 // Call it before the window is shared between goroutines.
-func (w *RecvWindow) AutoTune(ceiling uint32, idle time.Duration) {
+func (w *RecvWindow) AutoTune(ceiling uint32, idle time.Duration, hint *Hint) {
 	w.floor = w.limit.Load()
 	w.ceiling = max(int64(min(ceiling, MaxWindow)), w.floor)
 	w.idle = idle
+	w.hint = hint
 	w.lastUsed.Store(now())
+	w.limit.Store(w.startLimit())
+}
+
+// startLimit is the limit a window starts from, and returns to after idle:
+// what the tunnel learned recently, or else the initial size.
+func (w *RecvWindow) startLimit() int64 {
+	if w.hint == nil {
+		return w.floor
+	}
+	return min(max(w.hint.limit(), w.floor), w.ceiling)
+}
+
+// Grant returns credit to send at once so that the peer may send up to the
+// current limit beyond what was consumed; a window whose limit starts above
+// its initial grant (see AutoTune) uses it to tell the peer so.
+func (w *RecvWindow) Grant() uint32 {
+	return w.grantUpTo(w.consumed.Load() + w.limit.Load())
 }
 
 // now reads a monotonic clock in nanoseconds; tests replace it.
@@ -92,7 +116,11 @@ func (w *RecvWindow) Receive(n int) error {
 func (w *RecvWindow) grow(sample int64) {
 	limit := w.limit.Load()
 	if sample*3 >= limit*2 && limit < w.ceiling {
-		w.limit.Store(min(max(2*sample, limit), w.ceiling))
+		limit = min(max(2*sample, limit), w.ceiling)
+		w.limit.Store(limit)
+		if w.hint != nil {
+			w.hint.record(limit)
+		}
 	}
 }
 
@@ -127,8 +155,8 @@ func (w *RecvWindow) Consume(n int) uint32 {
 // tune applies the idle rule at a Consume and returns the limit to grant by.
 func (w *RecvWindow) tune(limit int64) int64 {
 	t := now()
-	if last := w.lastUsed.Swap(t); w.idle > 0 && time.Duration(t-last) > w.idle && limit > w.floor {
-		limit = w.floor
+	if last := w.lastUsed.Swap(t); w.idle > 0 && time.Duration(t-last) > w.idle {
+		limit = w.startLimit()
 		w.limit.Store(limit)
 	}
 	return limit

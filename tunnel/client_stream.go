@@ -119,7 +119,7 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 	if t.flowControl {
 		revision = tunnelpb.ProtocolRevision_REVISION_ONE
 		st.window = flowcontrol.NewSendWindow(t.peerWindow)
-		recvWin = t.opts.newRecvWindow()
+		recvWin = t.opts.newRecvWindow(&t.hint)
 	} else {
 		st.window = flowcontrol.Unlimited()
 	}
@@ -131,7 +131,8 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 		ProtocolRevision: revision,
 	}
 	if t.flowControl {
-		ns.InitialWindowSize = t.opts.initialWindow
+		// A window that starts from a learned size announces all of it.
+		ns.InitialWindowSize = t.opts.initialWindow + recvWin.Grant()
 	}
 	withRequest := only != nil && only.Len() <= t.agreed.maxChunk && st.window.TryTake(only.Len())
 	err = t.register(st, func(id int64) []*tunnelpb.ClientToServer {

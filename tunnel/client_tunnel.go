@@ -62,6 +62,9 @@ type tunnelClient struct {
 	peer     *peer.Peer
 	openedMD metadata.MD // outgoing metadata of a forward tunnel's opening RPC
 
+	// hint carries window growth from one stream to the next.
+	hint flowcontrol.Hint
+
 	// Fixed once ready is closed.
 	flowControl bool
 	peerWindow  uint32 // initial send window of each new stream

@@ -113,10 +113,11 @@ func WithMaxChunkSize(size int) TunnelOption {
 	return optionFunc(func(o *options) { o.maxChunk = max(size, flowcontrol.MaxChunk) })
 }
 
-// newRecvWindow returns the receive window for one direction of a new stream.
-func (o *options) newRecvWindow() *flowcontrol.RecvWindow {
+// newRecvWindow returns the receive window for one direction of a new
+// stream, starting from what the tunnel's earlier streams learned.
+func (o *options) newRecvWindow(hint *flowcontrol.Hint) *flowcontrol.RecvWindow {
 	w := flowcontrol.NewRecvWindow(o.initialWindow, o.initialWindow)
-	w.AutoTune(o.maxWindow, windowIdle)
+	w.AutoTune(o.maxWindow, windowIdle, hint)
 	return w
 }
 

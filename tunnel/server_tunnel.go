@@ -47,6 +47,9 @@ type tunnelServer struct {
 	// end the outer stream (tunnel-close extension).
 	askPeerToClose bool
 
+	// hint carries window growth from one stream to the next.
+	hint flowcontrol.Hint
+
 	// Reader-owned.
 	lastID int64
 
@@ -200,6 +203,13 @@ func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
 	t.streams[id] = st
 	t.handlers.Add(1)
 	t.mu.Unlock()
+	if st.in.win != nil {
+		// The settings fixed the initial window; a stream that starts from
+		// a learned larger one says so at once.
+		if extra := st.in.win.Grant(); extra > 0 {
+			t.out.Queue(&tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: extra}})
+		}
+	}
 	go st.run()
 	return nil
 }
@@ -251,7 +261,7 @@ func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream,
 			peerWindow = flowcontrol.DefaultWindow
 		}
 		st.window = flowcontrol.NewSendWindow(peerWindow)
-		recvWin = t.opts.newRecvWindow()
+		recvWin = t.opts.newRecvWindow(&t.hint)
 	} else {
 		st.window = flowcontrol.Unlimited()
 	}
