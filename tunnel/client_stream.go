@@ -345,8 +345,9 @@ func (st *clientStream) RecvMsg(m any) error {
 	if update > 0 {
 		st.sendWindowUpdate(update)
 	}
-	err = st.ci.codec.Unmarshal(msg.chunks, m)
-	msg.chunks.Free()
+	data := msg.gathered()
+	err = st.ci.codec.Unmarshal(data, m)
+	data.Free()
 	if err != nil {
 		err = status.Errorf(codes.Internal, "grpctunnel: failed to unmarshal the response: %v", err)
 		st.abort(err, true)

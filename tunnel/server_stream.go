@@ -345,8 +345,9 @@ func (st *serverStream) RecvMsg(m any) error {
 			Frame:    &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: update},
 		})
 	}
-	err = st.codec.Unmarshal(msg.chunks, m)
-	msg.chunks.Free()
+	data := msg.gathered()
+	err = st.codec.Unmarshal(data, m)
+	data.Free()
 	if err != nil {
 		return status.Errorf(codes.Internal, "grpctunnel: failed to unmarshal the request: %v", err)
 	}

@@ -1,0 +1,54 @@
+package tunnel
+
+import (
+	"math/bits"
+	"sync"
+
+	"google.golang.org/grpc/mem"
+)
+
+// gatherPool holds the buffers that messages received in several chunks are
+// gathered into for the codec. Unlike gRPC's default pool it does not clear
+// a buffer it hands out again: gathering overwrites every byte the codec
+// reads, and clearing a megabyte costs as much as copying it.
+var gatherPool = &dirtyPool{}
+
+// dirtyPool is a mem.BufferPool of power-of-two sized buffers that are
+// reused without being cleared.
+type dirtyPool struct {
+	tiers [bits.UintSize]sync.Pool
+}
+
+func (p *dirtyPool) Get(length int) *[]byte {
+	k := bits.Len(uint(max(length, 1) - 1))
+	if b, ok := p.tiers[k].Get().(*[]byte); ok {
+		*b = (*b)[:length]
+		return b
+	}
+	b := make([]byte, length, 1<<k)
+	return &b
+}
+
+func (p *dirtyPool) Put(b *[]byte) {
+	c := cap(*b)
+	if c == 0 || c&(c-1) != 0 {
+		return // not one of ours
+	}
+	p.tiers[bits.Len(uint(c))-1].Put(b)
+}
+
+// gathered returns a message as the codec wants it, one contiguous buffer,
+// copying only when it arrived in several chunks. The caller frees the
+// result once the codec is done with it.
+func (m message) gathered() mem.BufferSlice {
+	if len(m.chunks) <= 1 {
+		return m.chunks
+	}
+	buf := gatherPool.Get(m.size)
+	off := 0
+	for _, c := range m.chunks {
+		off += copy((*buf)[off:], c.ReadOnlyData())
+	}
+	m.chunks.Free()
+	return mem.BufferSlice{mem.NewBuffer(buf, gatherPool)}
+}
