@@ -335,6 +335,7 @@ func TestTunnelMetadata(t *testing.T) {
 		return bytesValue([]byte(fmt.Sprint(md.Get("tunnel-auth")))), nil
 	}}
 	ctx := metadata.AppendToOutgoingContext(context.Background(), "tunnel-auth", "secret")
+	p.stream = func(grpc.ServerStream) error { return nil }
 	t.Run("forward", func(t *testing.T) {
 		ts := startServer(t, TunnelServiceHandlerOptions{}, testServices(p))
 		ch, err := NewChannel(ts.stub).Start(ctx)
@@ -358,7 +359,6 @@ func TestTunnelMetadata(t *testing.T) {
 			t.Fatal("TunnelChannelFromContext does not name the tunnel")
 		}
 		_ = cs.CloseSend()
-		p.stream = func(grpc.ServerStream) error { return nil }
 	})
 	t.Run("reverse", func(t *testing.T) {
 		ts := startServer(t, TunnelServiceHandlerOptions{}, nil)

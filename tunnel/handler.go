@@ -210,6 +210,7 @@ func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_O
 	if h.cfg.AffinityKey != nil {
 		key = h.cfg.AffinityKey(t)
 		if !comparable(key) {
+			t.askPeerToClose = false // returning ends the tunnel, with this status
 			t.shutdown(nil)
 			return status.Errorf(codes.Internal, "grpctunnel: affinity key of type %T is not comparable", key)
 		}
