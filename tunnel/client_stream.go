@@ -123,7 +123,7 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 	} else {
 		st.window = flowcontrol.Unlimited()
 	}
-	st.in = newInbound(recvWin, int(t.opts.initialWindow), ci.maxRecv)
+	st.in = newInbound(recvWin, int(t.opts.initialWindow), ci.maxRecv, &t.buffered)
 
 	ns := &tunnelpb.NewStream{
 		MethodName:       method,
@@ -162,9 +162,9 @@ func (st *clientStream) onHeaders(md *tunnelpb.Metadata) {
 		return
 	}
 	st.sawHeader = true
-	hdr, err := decodeMetadata(md, st.t.agreed.binaryMetadata)
+	hdr, err := st.t.opts.decodeMetadata(md, st.t.agreed.binaryMetadata)
 	if err != nil {
-		st.abort(status.Error(codes.Internal, "grpctunnel: "+err.Error()), true)
+		st.abort(err, true)
 		return
 	}
 	st.setHeader(hdr)
@@ -210,9 +210,9 @@ func (st *clientStream) sendWindowUpdate(n uint32) {
 
 // onClose handles the server's close_stream: the call's status and trailers.
 func (st *clientStream) onClose(cs *tunnelpb.CloseStream) {
-	trailer, err := decodeMetadata(cs.GetResponseTrailers(), st.t.agreed.binaryMetadata)
+	trailer, err := st.t.opts.decodeMetadata(cs.GetResponseTrailers(), st.t.agreed.binaryMetadata)
 	if err != nil {
-		st.abort(status.Error(codes.Internal, "grpctunnel: "+err.Error()), true)
+		st.abort(err, true)
 		return
 	}
 	var result error = io.EOF

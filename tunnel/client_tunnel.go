@@ -64,6 +64,8 @@ type tunnelClient struct {
 
 	// hint carries window growth from one stream to the next.
 	hint flowcontrol.Hint
+	// buffered bounds the unread data of all streams together.
+	buffered budget
 
 	// Fixed once ready is closed.
 	flowControl bool
@@ -100,6 +102,7 @@ func newTunnelClient(ctx context.Context, cancel context.CancelFunc, frames clie
 		done:    make(chan struct{}),
 	}
 	t.out = newSender(frames.Send, func(err error) { t.shutdown(tunnelFailure(err)) })
+	t.buffered.limit = o.maxBuffered
 	if !a.negotiated {
 		close(t.ready)
 	}
@@ -239,6 +242,10 @@ func (t *tunnelClient) register(st *clientStream, first func(id int64) []*tunnel
 			t.mu.Unlock()
 			return errTunnelClosed
 		}
+		if len(t.streams) >= t.opts.maxStreams {
+			t.mu.Unlock()
+			return errTooManyStreams
+		}
 		t.lastID++
 		st.id = t.lastID
 		t.streams[st.id] = st
@@ -249,11 +256,17 @@ func (t *tunnelClient) register(st *clientStream, first func(id int64) []*tunnel
 		}
 		return nil
 	})
-	if err != nil {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, errTooManyStreams):
+		return err
+	default:
 		return t.unavailable()
 	}
-	return nil
 }
+
+var errTooManyStreams = status.Error(codes.ResourceExhausted, "grpctunnel: too many calls in progress on the tunnel (see WithMaxConcurrentStreams)")
 
 // forget drops a stream from the table; a draining tunnel with no streams
 // left then ends.

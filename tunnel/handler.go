@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"context"
+	"errors"
 	"sync"
 
 	"google.golang.org/grpc"
@@ -38,6 +39,33 @@ type TunnelServiceHandlerOptions struct {
 	// TunnelOptions configure the handler's end of every tunnel it
 	// accepts, as for NewChannel and NewReverseTunnelServer.
 	TunnelOptions []TunnelOption
+	// MaxReverseTunnels bounds the reverse tunnels the handler holds at
+	// once (10,000 if zero); more are refused with ResourceExhausted before
+	// they open.
+	MaxReverseTunnels int
+	// MaxReverseTunnelsPerKey bounds the reverse tunnels with one affinity
+	// key (100 if zero), so that one client cannot crowd out the others;
+	// more are closed with ResourceExhausted once their key is known.
+	MaxReverseTunnelsPerKey int
+}
+
+const (
+	defaultMaxReverseTunnels       = 10000
+	defaultMaxReverseTunnelsPerKey = 100
+)
+
+func (h *TunnelServiceHandler) maxPerKey() int {
+	if h.cfg.MaxReverseTunnelsPerKey > 0 {
+		return h.cfg.MaxReverseTunnelsPerKey
+	}
+	return defaultMaxReverseTunnelsPerKey
+}
+
+func (h *TunnelServiceHandler) maxReverse() int {
+	if h.cfg.MaxReverseTunnels > 0 {
+		return h.cfg.MaxReverseTunnels
+	}
+	return defaultMaxReverseTunnels
 }
 
 // TunnelServiceHandler implements the tunnel service on a gRPC server. It
@@ -177,6 +205,9 @@ func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_O
 	if h.isStopping() {
 		return errShuttingDown
 	}
+	if h.pool.size() >= h.maxReverse() {
+		return status.Error(codes.ResourceExhausted, "grpctunnel: this server holds as many reverse tunnels as it may (see MaxReverseTunnels)")
+	}
 	md, _ := metadata.FromIncomingContext(stream.Context())
 	resp, agreed := h.opts.accept(md)
 	if err := stream.SendHeader(resp); err != nil {
@@ -215,7 +246,12 @@ func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_O
 			return status.Errorf(codes.Internal, "grpctunnel: affinity key of type %T is not comparable", key)
 		}
 	}
-	if h.pool.add(t, key) {
+	switch err := h.pool.add(t, key, h.maxPerKey()); {
+	case errors.Is(err, errTooManyForKey):
+		t.askPeerToClose = false // returning ends the tunnel, with this status
+		t.shutdown(nil)
+		return err
+	case err == nil:
 		if h.isStopping() {
 			t.drain()
 		}

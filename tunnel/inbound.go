@@ -34,6 +34,7 @@ type inbound struct {
 	win     *flowcontrol.RecvWindow // nil without flow control
 	hold    int                     // without flow control: queue this much, then make the reader wait
 	maxSize int                     // largest message accepted
+	budget  *budget                 // the tunnel's, shared by its streams
 
 	// Reassembly, owned by the reader.
 	partial   mem.BufferSlice
@@ -44,17 +45,19 @@ type inbound struct {
 	mu       sync.Mutex
 	msgs     []message
 	queued   int   // bytes in msgs
+	held     int   // bytes taken from the budget: queued plus the partial message
 	err      error // set when no more messages will be queued
 	aborted  bool  // err applies at once, queued messages are dropped
 	signal   chan struct{}
 	consumed chan struct{}
 }
 
-func newInbound(win *flowcontrol.RecvWindow, hold, maxSize int) *inbound {
+func newInbound(win *flowcontrol.RecvWindow, hold, maxSize int, b *budget) *inbound {
 	return &inbound{
 		win:      win,
 		hold:     hold,
 		maxSize:  maxSize,
+		budget:   b,
 		signal:   make(chan struct{}, 1),
 		consumed: make(chan struct{}, 1),
 	}
@@ -84,8 +87,7 @@ func (in *inbound) startMessage(size uint32, data []byte) (uint32, error) {
 	in.size = int(size)
 	in.remaining = int(size)
 	in.partial = in.partial[:0]
-	in.appendChunk(data)
-	return update, nil
+	return update, in.appendChunk(data)
 }
 
 // moreData handles a continuation chunk.
@@ -101,19 +103,32 @@ func (in *inbound) moreData(data []byte) error {
 			return errWindowOverrun
 		}
 	}
-	in.appendChunk(data)
-	return nil
+	return in.appendChunk(data)
 }
 
 var errWindowOverrun = status.Error(codes.ResourceExhausted, "grpctunnel: peer sent more data than the flow-control window allows")
 
-func (in *inbound) appendChunk(data []byte) {
+// appendChunk adds a chunk to the message in progress, charging it to the
+// tunnel's budget, and queues the message once it is complete.
+func (in *inbound) appendChunk(data []byte) error {
 	if len(data) > 0 {
+		if !in.budget.take(len(data)) {
+			return errBudget
+		}
+		in.mu.Lock()
+		if in.aborted {
+			// Nobody will consume it; give the bytes back at once.
+			in.mu.Unlock()
+			in.budget.release(len(data))
+		} else {
+			in.held += len(data)
+			in.mu.Unlock()
+		}
 		in.partial = append(in.partial, mem.SliceBuffer(data))
 		in.remaining -= len(data)
 	}
 	if in.remaining > 0 {
-		return
+		return nil
 	}
 	m := message{chunks: in.partial, size: in.size}
 	in.partial = nil
@@ -125,6 +140,7 @@ func (in *inbound) appendChunk(data []byte) {
 	}
 	in.mu.Unlock()
 	notify(in.signal)
+	return nil
 }
 
 // waitForSpace makes the reader wait while a stream without flow control has
@@ -151,11 +167,22 @@ func (in *inbound) waitForSpace(done <-chan struct{}) {
 }
 
 // finish records that the peer will send no more messages; err is io.EOF for
-// a normal end. Messages already queued are still delivered.
+// a normal end. Messages already queued are still delivered. Only the reader
+// calls it.
 func (in *inbound) finish(err error) {
+	partial := 0
+	if in.active {
+		// A message cut short by the end will never be delivered.
+		partial = in.size - in.remaining
+		in.active, in.partial = false, nil
+	}
 	in.mu.Lock()
 	if in.err == nil {
 		in.err = err
+	}
+	if !in.aborted {
+		in.held -= partial
+		in.budget.release(partial)
 	}
 	in.mu.Unlock()
 	notify(in.signal)
@@ -169,6 +196,8 @@ func (in *inbound) abort(err error) {
 		in.err = err
 		in.msgs = nil
 		in.queued = 0
+		in.budget.release(in.held)
+		in.held = 0
 	}
 	in.mu.Unlock()
 	notify(in.signal)
@@ -190,6 +219,8 @@ func (in *inbound) recv(done <-chan struct{}) (m message, update uint32, err err
 			in.msgs[0] = message{}
 			in.msgs = in.msgs[1:]
 			in.queued -= m.size
+			in.held -= m.size
+			in.budget.release(m.size)
 		case in.err != nil:
 			err = in.err
 		}

@@ -6,7 +6,9 @@ import (
 	"strings"
 	"unicode/utf8"
 
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -100,4 +102,29 @@ func decodeBinary(v string) ([]byte, error) {
 		return base64.StdEncoding.DecodeString(v)
 	}
 	return binaryEncoding.DecodeString(v)
+}
+
+// decodeMetadata decodes received metadata and enforces the size limit,
+// returning a status error to end the call with.
+func (o *options) decodeMetadata(pb *tunnelpb.Metadata, binary bool) (metadata.MD, error) {
+	if size := headerListSize(pb); size > o.maxHeaderListSize {
+		return nil, status.Errorf(codes.ResourceExhausted, "grpctunnel: received metadata of %d bytes, more than the limit of %d (see WithMaxHeaderListSize)", size, o.maxHeaderListSize)
+	}
+	md, err := decodeMetadata(pb, binary)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, "grpctunnel: "+err.Error())
+	}
+	return md, nil
+}
+
+// headerListSize counts metadata as HTTP/2 does: each name and value, and 32
+// bytes of overhead per entry.
+func headerListSize(pb *tunnelpb.Metadata) int {
+	size := 0
+	for k, vals := range pb.GetMd() {
+		for _, v := range vals.GetVal() {
+			size += len(k) + len(v) + 32
+		}
+	}
+	return size
 }

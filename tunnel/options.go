@@ -19,6 +19,14 @@ const (
 	// enough that a big message costs few frames, small enough that one
 	// stream's chunk delays another's by well under a millisecond.
 	defaultMaxChunk = 256 << 10
+	// defaultMaxConcurrentStreams bounds the calls in progress on a tunnel.
+	defaultMaxConcurrentStreams = 1000
+	// defaultMaxHeaderListSize bounds the metadata of one header block,
+	// counted as HTTP/2 does (name, value and 32 bytes per entry).
+	defaultMaxHeaderListSize = 64 << 10
+	// defaultMaxBufferedBytes bounds what a tunnel holds for its readers:
+	// four streams' worth of fully grown windows.
+	defaultMaxBufferedBytes = 64 << 20
 	// windowIdle is how long a stream may go without consuming before its
 	// grown window falls back to the initial size.
 	windowIdle = time.Second
@@ -43,6 +51,9 @@ type options struct {
 	maxChunk           int
 	maxRecvMsgSize     int
 	maxSendMsgSize     int
+	maxStreams         int
+	maxHeaderListSize  int
+	maxBuffered        int64
 	// plain turns off every extension so that this end behaves exactly as
 	// a peer that implements only the published protocol. Tests use it to
 	// prove compatibility.
@@ -51,11 +62,14 @@ type options struct {
 
 func newOptions(opts []TunnelOption) *options {
 	o := &options{
-		initialWindow:  flowcontrol.DefaultWindow,
-		maxWindow:      defaultMaxWindow,
-		maxChunk:       defaultMaxChunk,
-		maxRecvMsgSize: defaultMaxRecvMsgSize,
-		maxSendMsgSize: defaultMaxSendMsgSize,
+		initialWindow:     flowcontrol.DefaultWindow,
+		maxWindow:         defaultMaxWindow,
+		maxChunk:          defaultMaxChunk,
+		maxRecvMsgSize:    defaultMaxRecvMsgSize,
+		maxSendMsgSize:    defaultMaxSendMsgSize,
+		maxStreams:        defaultMaxConcurrentStreams,
+		maxHeaderListSize: defaultMaxHeaderListSize,
+		maxBuffered:       defaultMaxBufferedBytes,
 	}
 	for _, opt := range opts {
 		if opt != nil {
@@ -119,6 +133,35 @@ func (o *options) newRecvWindow(hint *flowcontrol.Hint) *flowcontrol.RecvWindow 
 	w := flowcontrol.NewRecvWindow(o.initialWindow, o.initialWindow)
 	w.AutoTune(o.maxWindow, windowIdle, hint)
 	return w
+}
+
+// WithMaxConcurrentStreams sets how many calls may be in progress on one
+// tunnel at once (1000 by default). On the end that handles calls, a call
+// beyond it is refused with ResourceExhausted; on the end that issues them,
+// a call beyond it fails with ResourceExhausted before anything is sent.
+// Callers that want to wait rather than fail can retry with backoff.
+func WithMaxConcurrentStreams(n int) TunnelOption {
+	return optionFunc(func(o *options) { o.maxStreams = max(n, 1) })
+}
+
+// WithMaxHeaderListSize sets the largest block of metadata (request headers,
+// response headers or trailers) this end accepts, counted as HTTP/2 counts
+// it: the length of each name and value plus 32 bytes per entry (64 KiB by
+// default). A call that receives more fails with ResourceExhausted.
+func WithMaxHeaderListSize(n int) TunnelOption {
+	return optionFunc(func(o *options) { o.maxHeaderListSize = max(n, 1024) })
+}
+
+// WithMaxBufferedBytes bounds the data one tunnel holds that its readers have
+// not consumed yet, across all its calls and partial messages included
+// (64 MiB by default). Windows bound each call; this bounds their sum, so a
+// peer cannot multiply its allowance by opening more calls. A chunk that
+// would exceed it fails its call with ResourceExhausted. Messages of a call
+// that the application abandons, neither reading it to the end nor
+// cancelling it, stay counted until the tunnel ends, as gRPC keeps such a
+// call's resources.
+func WithMaxBufferedBytes(n int64) TunnelOption {
+	return optionFunc(func(o *options) { o.maxBuffered = max(n, flowcontrol.DefaultWindow) })
 }
 
 // WithMaxRecvMsgSize sets the largest message this end accepts on a tunneled

@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"context"
+	"errors"
 	"reflect"
 	"sync"
 
@@ -34,29 +35,46 @@ func newTunnelPool() *tunnelPool {
 	}
 }
 
-// add puts an open tunnel in the pool. It reports false if the tunnel has
-// already ended, so a tunnel never enters the pool after it left.
-func (p *tunnelPool) add(t *tunnelClient, key any) bool {
+// add puts an open tunnel in the pool. It returns errPoolClosed, without
+// adding it, if the tunnel has already ended, so a tunnel never enters the
+// pool after it left; and errTooManyForKey if its key already has perKey
+// tunnels.
+func (p *tunnelPool) add(t *tunnelClient, key any, perKey int) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	t.mu.Lock()
 	closed := t.closed
 	t.mu.Unlock()
 	if closed {
-		return false
+		return errPoolClosed
 	}
-	p.all = append(p.all, t)
 	g := p.byKey[key]
+	if g != nil && len(g.tunnels) >= perKey {
+		return errTooManyForKey
+	}
 	if g == nil {
 		g = &keyGroup{}
 		p.byKey[key] = g
 	}
+	p.all = append(p.all, t)
 	g.tunnels = append(g.tunnels, t)
 	p.keys[t] = key
 	close(p.changed)
 	p.changed = make(chan struct{})
-	return true
+	return nil
 }
+
+// size reports how many tunnels the pool holds.
+func (p *tunnelPool) size() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.all)
+}
+
+var (
+	errPoolClosed    = errors.New("grpctunnel: tunnel ended before it joined the pool")
+	errTooManyForKey = status.Error(codes.ResourceExhausted, "grpctunnel: too many reverse tunnels for this affinity key (see MaxReverseTunnelsPerKey)")
+)
 
 // remove takes a tunnel out of the pool; it is a no-op for one not in it.
 func (p *tunnelPool) remove(t *tunnelClient) {

@@ -128,6 +128,9 @@ func (st *serverStream) close(err error, fromReader bool, resp any) {
 	trailer := st.trailer
 	st.mu.Unlock()
 	frames = append(frames, st.closeFrame(err, trailer))
+	// Requests the handler left unread are dropped, and their bytes
+	// returned to the tunnel's budget.
+	st.in.abort(errStreamClosed)
 	if fromReader {
 		for _, f := range frames {
 			st.t.out.Queue(f)
@@ -170,10 +173,14 @@ func (st *serverStream) sendLast(resp any) error {
 		serverFramer(st.id).message(uint32(size), contiguous(data)),
 		st.closeFrame(nil, trailer))
 	_ = st.t.out.Do(sendAll(frames))
+	st.in.abort(errStreamClosed)
 	st.cancel()
 	st.t.forget(st.id)
 	return nil
 }
+
+// errStreamClosed is what a handler's RecvMsg returns once its call is over.
+var errStreamClosed = status.Error(codes.Canceled, "grpctunnel: call is over")
 
 // pendingHeaderLocked returns the header frame still to send before the end
 // of the call, if the handler set headers that have not gone out.

@@ -49,6 +49,8 @@ type tunnelServer struct {
 
 	// hint carries window growth from one stream to the next.
 	hint flowcontrol.Hint
+	// buffered bounds the unread data of all streams together.
+	buffered budget
 
 	// Reader-owned.
 	lastID int64
@@ -87,6 +89,7 @@ func newTunnelServer(ctx context.Context, frames serverFrames, o *options, svc *
 		done:     make(chan struct{}),
 	}
 	t.out = newSender(frames.Send, func(err error) { t.shutdown(tunnelFailure(err)) })
+	t.buffered.limit = o.maxBuffered
 	return t
 }
 
@@ -194,10 +197,17 @@ func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
 		return nil
 	}
 	t.mu.Lock()
-	if t.closed || t.draining {
+	var refuse error
+	switch {
+	case t.closed || t.draining:
+		refuse = errShuttingDown
+	case len(t.streams) >= t.opts.maxStreams:
+		refuse = errTooManyStreams
+	}
+	if refuse != nil {
 		t.mu.Unlock()
 		st.cancel()
-		t.out.Queue(closeFrame(id, status.New(codes.Unavailable, "grpctunnel: server is shutting down"), nil))
+		t.out.Queue(closeFrame(id, status.Convert(refuse), nil))
 		return nil
 	}
 	t.streams[id] = st
@@ -228,9 +238,9 @@ func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream,
 	if err != nil {
 		return nil, err
 	}
-	md, err := decodeMetadata(ns.GetRequestHeaders(), t.agreed.binaryMetadata)
+	md, err := t.opts.decodeMetadata(ns.GetRequestHeaders(), t.agreed.binaryMetadata)
 	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, "grpctunnel: "+err.Error())
+		return nil, err
 	}
 	ctx := t.ctx
 	var cancel context.CancelFunc
@@ -265,7 +275,7 @@ func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream,
 	} else {
 		st.window = flowcontrol.Unlimited()
 	}
-	st.in = newInbound(recvWin, int(t.opts.initialWindow), t.opts.maxRecvMsgSize)
+	st.in = newInbound(recvWin, int(t.opts.initialWindow), t.opts.maxRecvMsgSize, &t.buffered)
 	return st, nil
 }
 
