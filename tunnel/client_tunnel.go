@@ -66,6 +66,9 @@ type tunnelClient struct {
 	hint flowcontrol.Hint
 	// buffered bounds the unread data of all streams together.
 	buffered budget
+	// ka watches for a silent peer; set by the reader once the tunnel is
+	// ready, under mu.
+	ka *keepalive
 
 	// Fixed once ready is closed.
 	flowControl bool
@@ -151,10 +154,21 @@ func (t *tunnelClient) readLoop() {
 // handshake reads the settings frame, when one is due, and makes the tunnel
 // ready for calls.
 func (t *tunnelClient) handshake() error {
-	if !t.agreed.negotiated {
-		return nil
+	if t.agreed.negotiated {
+		if err := t.readSettings(); err != nil {
+			return err
+		}
 	}
-	return t.readSettings()
+	if t.agreed.keepalive {
+		t.mu.Lock()
+		if !t.closed {
+			t.ka = startKeepalive(t.opts.keepaliveInterval, t.opts.keepaliveTimeout, func(v uint32) {
+				t.out.Queue(&tunnelpb.ClientToServer{StreamId: settingsStreamID, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: v}})
+			}, t.shutdown)
+		}
+		t.mu.Unlock()
+	}
+	return nil
 }
 
 // readFrames dispatches frames until the outer stream ends.
@@ -164,6 +178,7 @@ func (t *tunnelClient) readFrames() error {
 		if err != nil {
 			return tunnelFailure(err)
 		}
+		t.ka.received()
 		if err := t.dispatch(f); err != nil {
 			if errors.Is(err, errPeerClosed) {
 				return nil
@@ -205,6 +220,12 @@ func (t *tunnelClient) dispatch(f *tunnelpb.ServerToClient) error {
 	}
 	if f.GetFrame() == nil {
 		return protocolErrorf("frame of unknown type for stream %d", id)
+	}
+	if v, ok := f.GetFrame().(*tunnelpb.ServerToClient_WindowUpdate); ok && id == settingsStreamID && t.agreed.keepalive {
+		if v.WindowUpdate&pingBit != 0 {
+			t.out.Queue(&tunnelpb.ClientToServer{StreamId: settingsStreamID, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: v.WindowUpdate &^ pingBit}})
+		}
+		return nil
 	}
 	t.mu.Lock()
 	st := t.streams[id]
@@ -319,7 +340,9 @@ func (t *tunnelClient) shutdown(err error) {
 		t.err = err
 		streams := t.streams
 		t.streams = map[int64]*clientStream{}
+		ka := t.ka
 		t.mu.Unlock()
+		ka.stop()
 		t.cancel()
 		if t.askPeerToClose {
 			t.out.Queue(&tunnelpb.ClientToServer{StreamId: settingsStreamID, Frame: &tunnelpb.ClientToServer_Cancel{Cancel: emptyFrame}})

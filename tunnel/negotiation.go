@@ -42,6 +42,10 @@ const (
 	// server needs a reader goroutine of its own just to be able to end a
 	// tunnel; with it, the handler's goroutine does the reading.
 	extTunnelClose = "tunnel-close"
+
+	// extKeepalive lets either end ping the other with a window_update on
+	// stream -1, to find a tunnel whose peer went silent (see keepalive).
+	extKeepalive = "keepalive"
 )
 
 // settingsStreamID marks the settings frame, which concerns the whole tunnel.
@@ -65,11 +69,13 @@ type agreement struct {
 	maxChunk int
 	// tunnelClose is the tunnel-close extension.
 	tunnelClose bool
+	// keepalive is the keepalive extension.
+	keepalive bool
 }
 
 // extensions is the value of the extensions header this end sends.
 func (o *options) extensions() string {
-	return fmt.Sprintf("%s, %s=%d, %s", extBinaryMetadata, extMaxChunk, o.maxChunk, extTunnelClose)
+	return fmt.Sprintf("%s, %s=%d, %s, %s", extBinaryMetadata, extMaxChunk, o.maxChunk, extTunnelClose, extKeepalive)
 }
 
 // openingHeaders is the metadata the network client adds when it opens a
@@ -120,6 +126,7 @@ func (o *options) agree(peer metadata.MD) agreement {
 	}
 	a.binaryMetadata = hasValue(peer, extensionsHeader, extBinaryMetadata)
 	a.tunnelClose = hasValue(peer, extensionsHeader, extTunnelClose)
+	a.keepalive = hasValue(peer, extensionsHeader, extKeepalive)
 	if v, ok := extensionValue(peer, extMaxChunk); ok {
 		if n, err := strconv.ParseUint(v, 10, 32); err == nil && n > flowcontrol.MaxChunk {
 			a.maxChunk = int(min(n, uint64(o.maxChunk)))

@@ -27,6 +27,10 @@ const (
 	// defaultMaxBufferedBytes bounds what a tunnel holds for its readers:
 	// four streams' worth of fully grown windows.
 	defaultMaxBufferedBytes = 64 << 20
+	// defaultKeepaliveInterval and defaultKeepaliveTimeout: a silent tunnel
+	// is pinged after a minute and given up 20 seconds later.
+	defaultKeepaliveInterval = time.Minute
+	defaultKeepaliveTimeout  = 20 * time.Second
 	// windowIdle is how long a stream may go without consuming before its
 	// grown window falls back to the initial size.
 	windowIdle = time.Second
@@ -54,6 +58,8 @@ type options struct {
 	maxStreams         int
 	maxHeaderListSize  int
 	maxBuffered        int64
+	keepaliveInterval  time.Duration
+	keepaliveTimeout   time.Duration
 	// plain turns off every extension so that this end behaves exactly as
 	// a peer that implements only the published protocol. Tests use it to
 	// prove compatibility.
@@ -70,6 +76,8 @@ func newOptions(opts []TunnelOption) *options {
 		maxStreams:        defaultMaxConcurrentStreams,
 		maxHeaderListSize: defaultMaxHeaderListSize,
 		maxBuffered:       defaultMaxBufferedBytes,
+		keepaliveInterval: defaultKeepaliveInterval,
+		keepaliveTimeout:  defaultKeepaliveTimeout,
 	}
 	for _, opt := range opts {
 		if opt != nil {
@@ -162,6 +170,23 @@ func WithMaxHeaderListSize(n int) TunnelOption {
 // call's resources.
 func WithMaxBufferedBytes(n int64) TunnelOption {
 	return optionFunc(func(o *options) { o.maxBuffered = max(n, flowcontrol.DefaultWindow) })
+}
+
+// WithKeepalive makes this end ping the peer after interval without hearing
+// from it, and give the tunnel up as dead when timeout passes after that with
+// still nothing: calls on it fail with Unavailable and a reverse tunnel
+// leaves its handler's pool. It finds what TCP alone may not for a long
+// time: a half-open connection, a peer whose tunnel is stuck. The default is
+// a minute and 20 seconds; an interval of 0 turns pinging off (this end
+// still answers the peer's pings). It needs a peer of this package (the
+// keepalive extension); with a plain peer use gRPC's own keepalive on the
+// connection (grpc.WithKeepaliveParams, grpc.KeepaliveParams). On a network
+// server, pair it with gRPC keepalive anyway: a tunnel given up there still
+// holds its handler's goroutine until the connection under it closes.
+func WithKeepalive(interval, timeout time.Duration) TunnelOption {
+	return optionFunc(func(o *options) {
+		o.keepaliveInterval, o.keepaliveTimeout = max(interval, 0), max(timeout, 0)
+	})
 }
 
 // WithMaxRecvMsgSize sets the largest message this end accepts on a tunneled

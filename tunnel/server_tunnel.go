@@ -51,6 +51,8 @@ type tunnelServer struct {
 	hint flowcontrol.Hint
 	// buffered bounds the unread data of all streams together.
 	buffered budget
+	// ka watches for a silent peer; set before reading starts, under mu.
+	ka *keepalive
 
 	// Reader-owned.
 	lastID int64
@@ -103,6 +105,15 @@ func (t *tunnelServer) serve(inline bool) error {
 			t.shutdown(tunnelFailure(err))
 		}
 	}
+	if t.agreed.keepalive {
+		t.mu.Lock()
+		if !t.closed {
+			t.ka = startKeepalive(t.opts.keepaliveInterval, t.opts.keepaliveTimeout, func(v uint32) {
+				t.out.Queue(&tunnelpb.ServerToClient{StreamId: settingsStreamID, Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: v}})
+			}, t.shutdown)
+		}
+		t.mu.Unlock()
+	}
 	if inline {
 		t.shutdown(t.read())
 	} else {
@@ -124,6 +135,7 @@ func (t *tunnelServer) read() error {
 		if err != nil {
 			return tunnelFailure(err)
 		}
+		t.ka.received()
 		if err := t.dispatch(f); err != nil {
 			if errors.Is(err, errPeerClosed) {
 				return nil
@@ -143,6 +155,13 @@ func (t *tunnelServer) dispatch(f *tunnelpb.ClientToServer) error {
 	case *tunnelpb.ClientToServer_Cancel:
 		if id == settingsStreamID && t.agreed.tunnelClose && t.reverse {
 			return errPeerClosed
+		}
+	case *tunnelpb.ClientToServer_WindowUpdate:
+		if id == settingsStreamID && t.agreed.keepalive {
+			if fr.WindowUpdate&pingBit != 0 {
+				t.out.Queue(&tunnelpb.ServerToClient{StreamId: settingsStreamID, Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: fr.WindowUpdate &^ pingBit}})
+			}
+			return nil
 		}
 	}
 	t.mu.Lock()
@@ -330,7 +349,9 @@ func (t *tunnelServer) shutdown(err error) {
 		t.mu.Lock()
 		t.closed = true
 		t.err = err
+		ka := t.ka
 		t.mu.Unlock()
+		ka.stop()
 		t.cancel()
 		if t.abort != nil {
 			t.abort()
