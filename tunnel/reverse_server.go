@@ -27,6 +27,7 @@ type ReverseTunnelServer struct {
 
 	mu       sync.Mutex
 	calls    map[*serveCall]struct{}
+	stopping chan struct{} // closed by Stop or GracefulStop
 	stopped  bool
 	graceful bool
 	serving  sync.WaitGroup
@@ -36,10 +37,11 @@ type ReverseTunnelServer struct {
 // stub.
 func NewReverseTunnelServer(stub tunnelpb.TunnelServiceClient, opts ...TunnelOption) *ReverseTunnelServer {
 	return &ReverseTunnelServer{
-		stub:  stub,
-		opts:  newOptions(opts),
-		svc:   newServices(),
-		calls: map[*serveCall]struct{}{},
+		stub:     stub,
+		opts:     newOptions(opts),
+		svc:      newServices(),
+		calls:    map[*serveCall]struct{}{},
+		stopping: make(chan struct{}),
 	}
 }
 
@@ -70,6 +72,11 @@ func (s *ReverseTunnelServer) GetServiceInfo() map[string]grpc.ServiceInfo {
 // ctx's outgoing metadata and opts go with the opening RPC; use them for
 // credentials. The server reads that metadata from the tunnel's Context.
 func (s *ReverseTunnelServer) Serve(ctx context.Context, opts ...grpc.CallOption) (started bool, err error) {
+	return s.serve(ctx, nil, opts)
+}
+
+// serve is Serve, calling opened (if not nil) once the tunnel is open.
+func (s *ReverseTunnelServer) serve(ctx context.Context, opened func(), opts []grpc.CallOption) (started bool, err error) {
 	openedMD, _ := metadata.FromOutgoingContext(ctx)
 	openedMD = openedMD.Copy()
 	streamCtx, cancel := context.WithCancel(ctx)
@@ -114,6 +121,9 @@ func (s *ReverseTunnelServer) Serve(ctx context.Context, opts ...grpc.CallOption
 	if drain {
 		t.drain()
 	}
+	if opened != nil {
+		opened()
+	}
 
 	err = t.serve(true)
 	s.mu.Lock()
@@ -133,7 +143,7 @@ func (s *ReverseTunnelServer) Serve(ctx context.Context, opts ...grpc.CallOption
 // every Serve call has returned; later calls to Serve fail at once.
 func (s *ReverseTunnelServer) GracefulStop() {
 	s.mu.Lock()
-	s.stopped = true
+	s.markStopped()
 	s.graceful = true
 	calls := s.snapshot()
 	s.mu.Unlock()
@@ -152,7 +162,7 @@ func (s *ReverseTunnelServer) GracefulStop() {
 // once.
 func (s *ReverseTunnelServer) Stop() {
 	s.mu.Lock()
-	s.stopped = true
+	s.markStopped()
 	s.graceful = false
 	calls := s.snapshot()
 	s.mu.Unlock()
@@ -160,6 +170,14 @@ func (s *ReverseTunnelServer) Stop() {
 		c.cancel()
 	}
 	s.serving.Wait()
+}
+
+// markStopped records the stop; s.mu must be held.
+func (s *ReverseTunnelServer) markStopped() {
+	if !s.stopped {
+		s.stopped = true
+		close(s.stopping)
+	}
 }
 
 // serveCall is one Serve in progress.
