@@ -63,7 +63,11 @@ func run(ctx context.Context, w io.Writer) error {
 	handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{
 		// The tunnel's Context carries the metadata of the RPC that opened
 		// it: that is where the device said who it is. Tunnels with the
-		// same key form a group that KeyAsChannel addresses.
+		// same key form a group that KeyAsChannel addresses. A header is
+		// only a claim, fine for a demo on loopback; a real server derives
+		// the key from the authenticated identity (the client certificate,
+		// or what an interceptor verified), as examples/secure shows, so
+		// that no device can pose as another.
 		AffinityKey: func(ch tunnel.TunnelChannel) any { return deviceID(ch) },
 		OnReverseTunnelOpen: func(ch tunnel.TunnelChannel) {
 			out.printf("server: %s opened a reverse tunnel\n", deviceID(ch))
