@@ -215,7 +215,7 @@ func (st *clientStream) onClose(cs *tunnelpb.CloseStream) {
 		st.abort(err, true)
 		return
 	}
-	var result error = io.EOF
+	result := error(io.EOF)
 	if s := cs.GetStatus(); s.GetCode() != int32(codes.OK) {
 		result = status.ErrorProto(s)
 	}

@@ -26,16 +26,14 @@ type serverFrames interface {
 // of a forward tunnel, the network client of a reverse one. Each call runs
 // its handler in a goroutine of its own, as in grpc.Server.
 type tunnelServer struct {
-	ctx      context.Context // parent of every handler's context
-	cancel   context.CancelFunc
-	frames   serverFrames
-	out      *sender[*tunnelpb.ServerToClient]
-	opts     *options
-	svc      *services
-	agreed   agreement
-	reverse  bool
-	peer     *peer.Peer
-	openedMD metadata.MD // metadata of the opening RPC, for handlers
+	ctx     context.Context // parent of every handler's context
+	cancel  context.CancelFunc
+	frames  serverFrames
+	out     *sender[*tunnelpb.ServerToClient]
+	opts    *options
+	svc     *services
+	agreed  agreement
+	reverse bool
 	// closeSend, set on a network client, ends the outer stream cleanly
 	// once a drained tunnel is idle; a network server just returns.
 	closeSend func() error
@@ -78,17 +76,15 @@ func newTunnelServer(ctx context.Context, frames serverFrames, o *options, svc *
 	}
 	ctx = context.WithValue(ctx, tunnelIncomingMDKey{}, openedMD)
 	t := &tunnelServer{
-		ctx:      ctx,
-		cancel:   cancel,
-		frames:   frames,
-		opts:     o,
-		svc:      svc,
-		agreed:   a,
-		reverse:  reverse,
-		peer:     p,
-		openedMD: openedMD,
-		streams:  map[int64]*serverStream{},
-		done:     make(chan struct{}),
+		ctx:     ctx,
+		cancel:  cancel,
+		frames:  frames,
+		opts:    o,
+		svc:     svc,
+		agreed:  a,
+		reverse: reverse,
+		streams: map[int64]*serverStream{},
+		done:    make(chan struct{}),
 	}
 	t.out = newSender(frames.Send, func(err error) { t.shutdown(tunnelFailure(err)) })
 	t.buffered.limit = o.maxBuffered
