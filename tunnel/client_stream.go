@@ -224,6 +224,7 @@ func (st *clientStream) onClose(cs *tunnelpb.CloseStream) {
 		st.closeErr = result
 		st.in.finish(result)
 	})
+	st.in.detach()
 	st.t.forget(st.id)
 }
 

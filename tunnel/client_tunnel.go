@@ -185,6 +185,13 @@ func (t *tunnelClient) readFrames() error {
 			}
 			return err
 		}
+		select {
+		case <-t.done:
+			// Ended from elsewhere: a reader on the handler's goroutine
+			// returns now that it has control, which ends the outer stream.
+			return t.err
+		default:
+		}
 	}
 }
 

@@ -46,6 +46,7 @@ type inbound struct {
 	msgs     []message
 	queued   int   // bytes in msgs
 	held     int   // bytes taken from the budget: queued plus the partial message
+	detached bool  // the queued messages no longer count against the budget
 	err      error // set when no more messages will be queued
 	aborted  bool  // err applies at once, queued messages are dropped
 	signal   chan struct{}
@@ -188,6 +189,21 @@ func (in *inbound) finish(err error) {
 	notify(in.signal)
 }
 
+// detach gives the queued messages' bytes back to the tunnel's budget while
+// keeping the messages for the application. It is for a call the peer has
+// closed: no more data can come on it, so what is left belongs to the call,
+// as in gRPC, and a caller that never reads it must not starve the tunnel's
+// other calls. Only the reader calls it, after finish.
+func (in *inbound) detach() {
+	in.mu.Lock()
+	if !in.detached {
+		in.detached = true
+		in.budget.release(in.held)
+		in.held = 0
+	}
+	in.mu.Unlock()
+}
+
 // abort ends the stream at once with err, dropping undelivered messages.
 func (in *inbound) abort(err error) {
 	in.mu.Lock()
@@ -219,8 +235,10 @@ func (in *inbound) recv(done <-chan struct{}) (m message, update uint32, err err
 			in.msgs[0] = message{}
 			in.msgs = in.msgs[1:]
 			in.queued -= m.size
-			in.held -= m.size
-			in.budget.release(m.size)
+			if !in.detached {
+				in.held -= m.size
+				in.budget.release(m.size)
+			}
 		case in.err != nil:
 			err = in.err
 		}

@@ -2,6 +2,9 @@ package tunnel
 
 import (
 	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // sender owns the sending half of the outer stream. gRPC allows one sender
@@ -62,12 +65,28 @@ func (s *sender[F]) Do(fn func(send func(F) error) error) error {
 	return err
 }
 
+// maxQueued bounds the control frames waiting for the outer stream. They pile
+// up only when the peer makes this end answer (refusals, window updates,
+// pings) while it does not read the answers; past the bound the peer has lost
+// its tunnel. Go's HTTP/2 server draws the same line against the same attack.
+const maxQueued = 10000
+
+var errQueueFull = status.Error(codes.ResourceExhausted, "grpctunnel: the peer does not read the frames it makes this end send")
+
 // Queue schedules f to be sent soon, without blocking. Frames queued by one
-// goroutine go out in the order queued.
+// goroutine go out in the order queued. A peer that lets maxQueued frames
+// pile up fails the tunnel.
 func (s *sender[F]) Queue(f F) {
 	s.qmu.Lock()
 	if s.closed {
 		s.qmu.Unlock()
+		return
+	}
+	if len(s.queue) >= maxQueued {
+		s.closed = true
+		s.queue = nil
+		s.qmu.Unlock()
+		s.fail(errQueueFull)
 		return
 	}
 	s.queue = append(s.queue, f)

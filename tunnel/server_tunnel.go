@@ -138,6 +138,20 @@ func (t *tunnelServer) read() error {
 			}
 			return err
 		}
+		if t.isDone() {
+			// Ended from elsewhere: a reader on the handler's goroutine
+			// returns now that it has control, which ends the outer stream.
+			return t.err
+		}
+	}
+}
+
+func (t *tunnelServer) isDone() bool {
+	select {
+	case <-t.done:
+		return true
+	default:
+		return false
 	}
 }
 
