@@ -186,3 +186,43 @@ func TestDirectorRefuses(t *testing.T) {
 		t.Fatalf("got %v; want the director's Unavailable", err)
 	}
 }
+
+// TestTunnelServerForwards puts the proxy behind tunnels as their unknown
+// service handler: a reverse tunnel server (the shape of an agent behind
+// NAT) and a forward tunnel handler both forward every call to a local
+// gRPC backend they know nothing about.
+func TestTunnelServerForwards(t *testing.T) {
+	backend := serve(t, testService)
+	proxying := []tunnel.TunnelOption{
+		tunnel.WithUnknownServiceHandler(proxy.Handler(to(backend))),
+		tunnel.WithCodec(proxy.Codec()),
+	}
+	t.Run("reverse", func(t *testing.T) {
+		handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{})
+		conn := serve(t, func(s *grpc.Server) { tunnelpb.RegisterTunnelServiceServer(s, handler.Service()) })
+		agent := tunnel.NewReverseTunnelServer(tunnelpb.NewTunnelServiceClient(conn), proxying...)
+		served := make(chan struct{})
+		go func() {
+			defer close(served)
+			_, _ = agent.Serve(context.Background())
+		}()
+		defer func() {
+			agent.Stop()
+			<-served
+		}()
+		if err := handler.AsChannel().WaitForReady(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		grpchantesting.RunChannelTestCases(t, handler.AsChannel(), true)
+	})
+	t.Run("forward", func(t *testing.T) {
+		handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{TunnelOptions: proxying})
+		conn := serve(t, func(s *grpc.Server) { tunnelpb.RegisterTunnelServiceServer(s, handler.Service()) })
+		ch, err := tunnel.NewChannel(tunnelpb.NewTunnelServiceClient(conn)).Start(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ch.Close()
+		grpchantesting.RunChannelTestCases(t, ch, true)
+	})
+}

@@ -24,3 +24,11 @@ func (c codecV1) Marshal(v any) (mem.BufferSlice, error) {
 func (c codecV1) Unmarshal(data mem.BufferSlice, v any) error {
 	return c.Codec.Unmarshal(data.Materialize(), v)
 }
+
+// serverCodec is the codec of the end that handles calls.
+func (o *options) serverCodec() encoding.CodecV2 {
+	if o.codec != nil {
+		return o.codec
+	}
+	return defaultCodec()
+}

@@ -173,7 +173,7 @@ func (h *TunnelServiceHandler) isStopping() bool {
 var errShuttingDown = status.Error(codes.Unavailable, "grpctunnel: server is shutting down")
 
 func (h *TunnelServiceHandler) openTunnel(stream tunnelpb.TunnelService_OpenTunnelServer) error {
-	if h.svc.empty() {
+	if h.svc.empty() && h.opts.unknownHandler == nil {
 		return status.Error(codes.Unimplemented, "grpctunnel: this server has no services for forward tunnels")
 	}
 	if h.isStopping() {

@@ -3,6 +3,9 @@ package tunnel
 import (
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/encoding"
+
 	"github.com/grpctunnel/grpctunnel/flowcontrol"
 )
 
@@ -60,6 +63,8 @@ type options struct {
 	maxBuffered        int64
 	keepaliveInterval  time.Duration
 	keepaliveTimeout   time.Duration
+	unknownHandler     grpc.StreamHandler
+	codec              encoding.CodecV2
 	// plain turns off every extension so that this end behaves exactly as
 	// a peer that implements only the published protocol. Tests use it to
 	// prove compatibility.
@@ -187,6 +192,24 @@ func WithKeepalive(interval, timeout time.Duration) TunnelOption {
 	return optionFunc(func(o *options) {
 		o.keepaliveInterval, o.keepaliveTimeout = max(interval, 0), max(timeout, 0)
 	})
+}
+
+// WithUnknownServiceHandler makes the end that handles calls pass every call
+// for a service it has not registered to h, as grpc.UnknownServiceHandler
+// does for a *grpc.Server; a proxy (see package proxy) is the usual h. For a
+// TunnelServiceHandler, give it in TunnelServiceHandlerOptions.TunnelOptions;
+// forward tunnels are then accepted even with no service registered.
+func WithUnknownServiceHandler(h grpc.StreamHandler) TunnelOption {
+	return optionFunc(func(o *options) { o.unknownHandler = h })
+}
+
+// WithCodec sets the codec the end that handles calls decodes requests and
+// encodes responses with (gRPC's proto codec by default), as
+// grpc.ForceServerCodecV2 does for a *grpc.Server. A proxy needs its own
+// (proxy.Codec), which passes messages through as bytes. Callers choose
+// their codec per call, with grpc.ForceCodecV2.
+func WithCodec(c encoding.CodecV2) TunnelOption {
+	return optionFunc(func(o *options) { o.codec = c })
 }
 
 // WithMaxRecvMsgSize sets the largest message this end accepts on a tunneled

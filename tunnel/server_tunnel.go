@@ -263,7 +263,7 @@ func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream,
 	default:
 		return nil, status.Errorf(codes.Unimplemented, "grpctunnel: protocol revision %v is not supported on this tunnel", rev)
 	}
-	handler, kind, err := t.svc.lookup(ns.GetMethodName())
+	handler, kind, err := t.svc.lookup(ns.GetMethodName(), t.opts.unknownHandler)
 	if err != nil {
 		return nil, err
 	}
@@ -289,7 +289,7 @@ func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream,
 		method:  "/" + trimSlash(ns.GetMethodName()),
 		kind:    kind,
 		handler: handler,
-		codec:   defaultCodec(),
+		codec:   t.opts.serverCodec(),
 	}
 	ctx = metadata.NewIncomingContext(ctx, md)
 	st.ctx = grpcServerTransportContext(ctx, st)

@@ -42,7 +42,7 @@ type methodKind struct{ clientStreams, serverStreams bool }
 
 // lookup resolves a full method name to its handler, or a status error to
 // close the stream with.
-func (s *services) lookup(fullMethod string) (callHandler, methodKind, error) {
+func (s *services) lookup(fullMethod string, unknown grpc.StreamHandler) (callHandler, methodKind, error) {
 	name := strings.TrimPrefix(fullMethod, "/")
 	slash := strings.LastIndex(name, "/")
 	if slash <= 0 || slash == len(name)-1 {
@@ -51,6 +51,11 @@ func (s *services) lookup(fullMethod string) (callHandler, methodKind, error) {
 	service, method := name[:slash], name[slash+1:]
 	desc, impl := s.handlers.QueryService(service)
 	if desc == nil {
+		if unknown != nil {
+			return func(st *serverStream) (any, error) {
+				return nil, unknown(nil, st)
+			}, methodKind{clientStreams: true, serverStreams: true}, nil
+		}
 		return nil, methodKind{}, status.Errorf(codes.Unimplemented, "unknown service %s", service)
 	}
 	for i := range desc.Methods {
