@@ -223,8 +223,10 @@ func (st *clientStream) onClose(cs *tunnelpb.CloseStream) {
 		st.trailer = trailer
 		st.closeErr = result
 		st.in.finish(result)
+		// Whatever is left now belongs to the call; released before the
+		// end is visible, so that no one sees a closed call still charged.
+		st.in.detach()
 	})
-	st.in.detach()
 	st.t.forget(st.id)
 }
 
