@@ -173,26 +173,7 @@ func (t *tunnelClient) handshake() error {
 
 // readFrames dispatches frames until the outer stream ends.
 func (t *tunnelClient) readFrames() error {
-	for {
-		f, err := t.frames.Recv()
-		if err != nil {
-			return tunnelFailure(err)
-		}
-		t.ka.received()
-		if err := t.dispatch(f); err != nil {
-			if errors.Is(err, errPeerClosed) {
-				return nil
-			}
-			return err
-		}
-		select {
-		case <-t.done:
-			// Ended from elsewhere: a reader on the handler's goroutine
-			// returns now that it has control, which ends the outer stream.
-			return t.err
-		default:
-		}
-	}
+	return receiveFrames(t.frames.Recv, t.ka, t.dispatch, t.done, func() error { return t.err })
 }
 
 func (t *tunnelClient) readSettings() error {

@@ -126,33 +126,7 @@ func (t *tunnelServer) serve(inline bool) error {
 var errTunnelClosed = errors.New("grpctunnel: tunnel closed")
 
 func (t *tunnelServer) read() error {
-	for {
-		f, err := t.frames.Recv()
-		if err != nil {
-			return tunnelFailure(err)
-		}
-		t.ka.received()
-		if err := t.dispatch(f); err != nil {
-			if errors.Is(err, errPeerClosed) {
-				return nil
-			}
-			return err
-		}
-		if t.isDone() {
-			// Ended from elsewhere: a reader on the handler's goroutine
-			// returns now that it has control, which ends the outer stream.
-			return t.err
-		}
-	}
-}
-
-func (t *tunnelServer) isDone() bool {
-	select {
-	case <-t.done:
-		return true
-	default:
-		return false
-	}
+	return receiveFrames(t.frames.Recv, t.ka, t.dispatch, t.done, func() error { return t.err })
 }
 
 func (t *tunnelServer) dispatch(f *tunnelpb.ClientToServer) error {
