@@ -45,7 +45,8 @@ type TunnelServiceHandlerOptions struct {
 	MaxReverseTunnels int
 	// MaxReverseTunnelsPerKey bounds the reverse tunnels with one affinity
 	// key (100 if zero), so that one client cannot crowd out the others;
-	// more are closed with ResourceExhausted once their key is known.
+	// more are closed with ResourceExhausted once their key is known. It
+	// applies only with an AffinityKey function.
 	MaxReverseTunnelsPerKey int
 }
 
@@ -55,6 +56,11 @@ const (
 )
 
 func (h *TunnelServiceHandler) maxPerKey() int {
+	if h.cfg.AffinityKey == nil {
+		// Without keys every tunnel shares the nil key; only the total
+		// applies.
+		return h.maxReverse()
+	}
 	if h.cfg.MaxReverseTunnelsPerKey > 0 {
 		return h.cfg.MaxReverseTunnelsPerKey
 	}
