@@ -107,39 +107,16 @@ func (st *serverStream) cancelled() {
 	st.t.forget(st.id)
 }
 
-// close sends the call's status and trailers, once: after resp, if the
-// handler returned one, so that a unary call's response, status and trailers
-// leave in one hold of the sender. The reader queues its frames (it must not
-// block); the handler's goroutine sends them itself.
+// close ends the call with err, or, when the handler returned a unary
+// response resp, with that response followed by an OK status, so that
+// response, status and trailers leave in one hold of the sender.
 func (st *serverStream) close(err error, fromReader bool, resp any) {
 	if resp != nil {
 		if err = st.sendLast(resp); err == nil {
 			return
 		}
 	}
-	st.mu.Lock()
-	if st.closed {
-		st.mu.Unlock()
-		st.cancel()
-		return
-	}
-	st.closed = true
-	frames := st.pendingHeaderLocked()
-	trailer := st.trailer
-	st.mu.Unlock()
-	frames = append(frames, st.closeFrame(err, trailer))
-	// Requests the handler left unread are dropped, and their bytes
-	// returned to the tunnel's budget.
-	st.in.abort(errStreamClosed)
-	if fromReader {
-		for _, f := range frames {
-			st.t.out.Queue(f)
-		}
-	} else {
-		_ = st.t.out.Do(sendAll(frames))
-	}
-	st.cancel()
-	st.t.forget(st.id)
+	st.end(err, fromReader, nil)
 }
 
 // sendLast sends a unary call's response followed at once by its status. It
@@ -156,27 +133,44 @@ func (st *serverStream) sendLast(resp any) error {
 		if err := st.sendMessage(data); err != nil {
 			return err
 		}
-		st.close(nil, false, nil)
+		st.end(nil, false, nil)
 		return nil
 	}
+	st.end(nil, false, serverFramer(st.id).message(uint32(size), contiguous(data)))
+	return nil
+}
+
+// end finishes the call, once: it sends any headers still due, then last
+// (a final response, if not nil), then the status and trailers. The reader
+// queues these frames (it must not block); the handler's goroutine sends
+// them itself, in one hold of the sender.
+func (st *serverStream) end(err error, fromReader bool, last *tunnelpb.ServerToClient) {
 	st.mu.Lock()
 	if st.closed {
 		st.mu.Unlock()
-		return nil
+		st.cancel()
+		return
 	}
 	st.closed = true
-	st.sent++
 	frames := st.pendingHeaderLocked()
 	trailer := st.trailer
 	st.mu.Unlock()
-	frames = append(frames,
-		serverFramer(st.id).message(uint32(size), contiguous(data)),
-		st.closeFrame(nil, trailer))
-	_ = st.t.out.Do(sendAll(frames))
+	if last != nil {
+		frames = append(frames, last)
+	}
+	frames = append(frames, st.closeFrame(err, trailer))
+	// Requests the handler left unread are dropped, and their bytes
+	// returned to the tunnel's budget.
 	st.in.abort(errStreamClosed)
+	if fromReader {
+		for _, f := range frames {
+			st.t.out.Queue(f)
+		}
+	} else {
+		_ = st.t.out.Do(sendAll(frames))
+	}
 	st.cancel()
 	st.t.forget(st.id)
-	return nil
 }
 
 // errStreamClosed is what a handler's RecvMsg returns once its call is over.
