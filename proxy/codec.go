@@ -21,6 +21,15 @@ func (f *Frame) Bytes() []byte { return f.data.Materialize() }
 // Len is the message's length in bytes.
 func (f *Frame) Len() int { return f.data.Len() }
 
+// view returns the message's bytes without copying when they are in one
+// buffer, and copies them into one slice otherwise.
+func (f *Frame) view() []byte {
+	if len(f.data) == 1 {
+		return f.data[0].ReadOnlyData()
+	}
+	return f.data.Materialize()
+}
+
 // free releases the frame's buffers.
 func (f *Frame) free() {
 	f.data.Free()

@@ -11,12 +11,109 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Director picks the backend for a call. It gets the call's context (with
-// the incoming metadata and peer) and full method name, and returns the
-// channel to forward to and the outgoing metadata to send with the call
-// (typically a filtered copy of the incoming metadata). An error, ideally a
-// gRPC status, fails the call without contacting any backend.
-type Director func(ctx context.Context, fullMethod string) (backend grpc.ClientConnInterface, md metadata.MD, err error)
+// Director picks the backends for a call. It gets the call's context (with
+// the incoming metadata and peer) and the call itself, and returns where the
+// call goes and the metadata to send with it (typically a filtered copy of
+// the incoming metadata). An error, ideally a gRPC status, fails the call
+// without contacting any backend.
+//
+// The director runs before the first request message is read, so a client
+// that waits for response headers before it sends does not deadlock, unless
+// the director chooses to wait for that message with [Call.Peek].
+type Director func(ctx context.Context, call *Call) (Route, error)
+
+// Route is a director's decision: the backends that receive the call and
+// the metadata sent to each of them.
+type Route struct {
+	// Backends receive the call. With one backend the call is forwarded
+	// transparently; with several it fans out and every response is
+	// labelled with its backend (see the package documentation). A route
+	// with no backends fails the call with Unavailable.
+	Backends []Backend
+	// Metadata is sent to every backend as the call's outgoing metadata.
+	Metadata metadata.MD
+}
+
+// Backend is one destination of a call.
+type Backend struct {
+	// Name labels the backend's responses and errors when a call fans out
+	// to several backends; it is not sent to the backend.
+	Name string
+	// Conn carries the call: a *grpc.ClientConn, a tunnel.TunnelChannel, a
+	// reverse channel from tunnel.TunnelServiceHandler.KeyAsChannel, or any
+	// other grpc.ClientConnInterface.
+	Conn grpc.ClientConnInterface
+}
+
+// To routes a call to the one backend conn with the outgoing metadata md:
+// the whole of a one-to-one director is often
+//
+//	return proxy.To(conn, md), nil
+func To(conn grpc.ClientConnInterface, md metadata.MD) Route {
+	return Route{Backends: []Backend{{Conn: conn}}, Metadata: md}
+}
+
+// Call is the call a Director routes.
+type Call struct {
+	method string
+	stream grpc.ServerStream
+
+	peeked  bool
+	first   *Frame // the message Peek read, forwarded before any other
+	peekErr error  // what reading it returned instead
+}
+
+// Method is the call's full method name, as "/package.Service/Method".
+func (c *Call) Method() string { return c.method }
+
+// Peek returns the call's first request message without consuming it: the
+// message is still forwarded to the backends, first. It blocks until the
+// message arrives, so only a director that needs the message's content
+// should call it. It returns io.EOF if the client half-closed without
+// sending a message, or the call's status if the call ended. The returned
+// bytes belong to the proxy: read them, but neither change them nor keep
+// them after the director returns.
+func (c *Call) Peek() ([]byte, error) {
+	if !c.peeked {
+		c.peeked = true
+		f := new(Frame)
+		if err := c.stream.RecvMsg(f); err != nil {
+			c.peekErr = err
+		} else {
+			c.first = f
+		}
+	}
+	if c.peekErr != nil {
+		return nil, c.peekErr
+	}
+	return c.first.view(), nil
+}
+
+// release frees a peeked message that was never forwarded.
+func (c *Call) release() {
+	if c.first != nil {
+		c.first.free()
+		c.first = nil
+	}
+}
+
+// recv reads the next request message, starting with the peeked one.
+func (c *Call) recv() (*Frame, error) {
+	if c.peeked {
+		c.peeked = false
+		if c.peekErr != nil {
+			return nil, c.peekErr
+		}
+		f := c.first
+		c.first = nil
+		return f, nil
+	}
+	f := new(Frame)
+	if err := c.stream.RecvMsg(f); err != nil {
+		return nil, err
+	}
+	return f, nil
+}
 
 // ServerOptions returns the options that make a *grpc.Server forward every
 // call to a service it does not implement itself through director.
@@ -35,21 +132,34 @@ func Handler(director Director) grpc.StreamHandler {
 		if !ok {
 			return status.Error(codes.Internal, "proxy: no method name for the call")
 		}
-		backend, md, err := director(ss.Context(), method)
+		call := &Call{method: method, stream: ss}
+		defer call.release()
+		route, err := director(ss.Context(), call)
 		if err != nil {
 			return statusOf(err)
 		}
-		return forward(ss, backend, method, md)
+		switch len(route.Backends) {
+		case 0:
+			return status.Errorf(codes.Unavailable, "proxy: no backend for %s", method)
+		case 1:
+			return forward(call, route.Backends[0].Conn, route.Metadata)
+		default:
+			return status.Errorf(codes.Unimplemented, "proxy: calls to several backends are not supported yet")
+		}
 	}
 }
 
 // forward runs one call through backend.
-func forward(ss grpc.ServerStream, backend grpc.ClientConnInterface, method string, md metadata.MD) error {
+func forward(call *Call, backend grpc.ClientConnInterface, md metadata.MD) error {
+	if backend == nil {
+		return status.Errorf(codes.Unavailable, "proxy: no backend for %s", call.method)
+	}
+	ss := call.stream
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
 	ctx = metadata.NewOutgoingContext(ctx, md)
 	desc := &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
-	cs, err := backend.NewStream(ctx, desc, method, grpc.ForceCodecV2(Codec()))
+	cs, err := backend.NewStream(ctx, desc, call.method, grpc.ForceCodecV2(Codec()))
 	if err != nil {
 		return statusOf(err)
 	}
@@ -58,24 +168,25 @@ func forward(ss grpc.ServerStream, backend grpc.ClientConnInterface, method stri
 	// backend's response side, whatever the request side is doing. That
 	// goroutine may be blocked reading the client, which only returning
 	// from the handler can end, so it is not waited for: it returns as soon
-	// as gRPC ends the call.
-	go pumpRequests(ss, cs)
+	// as gRPC ends the call. It owns call from here on.
+	go pumpRequests(call, cs)
 	return pumpResponses(ss, cs)
 }
 
 // pumpRequests copies the client's messages to the backend, then
 // half-closes. It returns once the client half-closes, the call ends, or the
 // backend's side is over (its status comes on the response side).
-func pumpRequests(ss grpc.ServerStream, cs grpc.ClientStream) {
+func pumpRequests(call *Call, cs grpc.ClientStream) {
+	defer call.release()
 	for {
-		f := new(Frame)
-		if err := ss.RecvMsg(f); err != nil {
+		f, err := call.recv()
+		if err != nil {
 			if errors.Is(err, io.EOF) {
 				_ = cs.CloseSend()
 			}
 			return
 		}
-		err := cs.SendMsg(f)
+		err = cs.SendMsg(f)
 		f.free()
 		if err != nil {
 			return

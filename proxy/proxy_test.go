@@ -52,9 +52,9 @@ func serve(t *testing.T, register func(*grpc.Server), opts ...grpc.ServerOption)
 
 // to forwards every call to backend with the incoming metadata.
 func to(backend grpc.ClientConnInterface) proxy.Director {
-	return func(ctx context.Context, _ string) (grpc.ClientConnInterface, metadata.MD, error) {
+	return func(ctx context.Context, _ *proxy.Call) (proxy.Route, error) {
 		md, _ := metadata.FromIncomingContext(ctx)
-		return backend, md.Copy(), nil
+		return proxy.To(backend, md.Copy()), nil
 	}
 }
 
@@ -178,8 +178,8 @@ func TestHeadersGoThroughAtOnce(t *testing.T) {
 }
 
 func TestDirectorRefuses(t *testing.T) {
-	front := serve(t, nil, proxy.ServerOptions(func(context.Context, string) (grpc.ClientConnInterface, metadata.MD, error) {
-		return nil, nil, status.Error(codes.Unavailable, "no backend for that")
+	front := serve(t, nil, proxy.ServerOptions(func(context.Context, *proxy.Call) (proxy.Route, error) {
+		return proxy.Route{}, status.Error(codes.Unavailable, "no backend for that")
 	})...)
 	err := front.Invoke(context.Background(), "/any.Service/Method", wrapperspb.String("x"), new(wrapperspb.StringValue))
 	if status.Code(err) != codes.Unavailable {
