@@ -1,0 +1,129 @@
+// Package agent makes a gRPC service that sits behind NAT reachable
+// through a gateway (see package gateway), without changing the service.
+//
+// An Agent dials out to the gateway, keeps reverse tunnels open to it
+// (opening them again with backoff whenever they fail), and announces its
+// key on each. Every call the gateway sends through a tunnel is forwarded,
+// schema-free, to the local target: messages, metadata, deadlines,
+// cancellation and status pass unchanged, so reflection, health and
+// streaming calls work as they do when the target is called directly.
+package agent
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/grpctunnel/grpctunnel/proxy"
+	"github.com/grpctunnel/grpctunnel/tunnel"
+	"github.com/grpctunnel/grpctunnel/tunnelpb"
+)
+
+// DefaultKeyHeader is the header the key is announced in unless
+// Options.KeyHeader says otherwise; it is the gateway's default too.
+const DefaultKeyHeader = "tunnel-key"
+
+// Options configure an Agent.
+type Options struct {
+	// Key is what callers name to reach this agent through the gateway.
+	// Agents that share a key share its calls, round-robin.
+	Key string
+	// KeyHeader is the header the key is announced in (DefaultKeyHeader
+	// if empty); it must match the gateway's.
+	KeyHeader string
+	// Reconnect says how many tunnels to keep (more than one lets calls
+	// continue while one reconnects, and spreads a busy agent's calls),
+	// how to back off, and which call options (credentials) go with every
+	// opening RPC. Its OnStateChange, if set, is called after the agent
+	// logs the change.
+	Reconnect tunnel.ReconnectOptions
+	// TunnelOptions configure the agent's end of every tunnel: limits,
+	// keepalive, flow control.
+	TunnelOptions []tunnel.TunnelOption
+	// Logger receives a line whenever a tunnel opens, fails or stops
+	// (slog.Default() if nil).
+	Logger *slog.Logger
+}
+
+// Agent forwards calls that arrive through reverse tunnels to a local
+// target.
+type Agent struct {
+	key       string
+	keyHeader string
+	reconnect tunnel.ReconnectOptions
+	log       *slog.Logger
+	server    *tunnel.ReverseTunnelServer
+}
+
+// New returns an agent that opens its tunnels on gateway (a connection to
+// the gateway's address) and forwards every call to target (a connection
+// to the local service). The agent does not close either connection.
+func New(gateway, target grpc.ClientConnInterface, opts Options) (*Agent, error) {
+	if opts.Key == "" {
+		return nil, errors.New("agent: a key is required")
+	}
+	a := &Agent{
+		key:       opts.Key,
+		keyHeader: opts.KeyHeader,
+		reconnect: opts.Reconnect,
+		log:       opts.Logger,
+	}
+	if a.keyHeader == "" {
+		a.keyHeader = DefaultKeyHeader
+	}
+	if a.log == nil {
+		a.log = slog.Default()
+	}
+	topts := append([]tunnel.TunnelOption{
+		tunnel.WithUnknownServiceHandler(proxy.Handler(func(ctx context.Context, _ *proxy.Call) (proxy.Route, error) {
+			md, _ := metadata.FromIncomingContext(ctx)
+			return proxy.To(target, md.Copy()), nil
+		})),
+		tunnel.WithCodec(proxy.Codec()),
+	}, opts.TunnelOptions...)
+	a.server = tunnel.NewReverseTunnelServer(tunnelpb.NewTunnelServiceClient(gateway), topts...)
+	return a, nil
+}
+
+// Run keeps the agent's tunnels open until ctx is done or the agent is
+// stopped. It returns nil after GracefulStop or Stop, and ctx's error if
+// ctx ended it. An unreachable gateway is not an error: the agent logs it
+// and keeps trying, since a gateway may come back.
+func (a *Agent) Run(ctx context.Context) error {
+	opts := a.reconnect
+	report := opts.OnStateChange
+	opts.OnStateChange = func(c tunnel.StateChange) {
+		a.logState(c)
+		if report != nil {
+			report(c)
+		}
+	}
+	ctx = metadata.AppendToOutgoingContext(ctx, a.keyHeader, a.key)
+	return a.server.ServeWithReconnect(ctx, opts)
+}
+
+func (a *Agent) logState(c tunnel.StateChange) {
+	switch c.State {
+	case tunnel.TunnelOpen:
+		a.log.Info("tunnel open", "tunnel", c.Tunnel, "key", a.key)
+	case tunnel.TunnelWaiting:
+		if c.Err != nil {
+			a.log.Warn("tunnel failed; retrying", "tunnel", c.Tunnel, "key", a.key, "err", c.Err, "retry_in", c.Delay)
+		} else {
+			a.log.Info("tunnel closed by the gateway; reopening", "tunnel", c.Tunnel, "key", a.key, "retry_in", c.Delay)
+		}
+	case tunnel.TunnelStopped:
+		a.log.Info("tunnel stopped", "tunnel", c.Tunnel, "key", a.key)
+	}
+}
+
+// GracefulStop stops opening tunnels, lets the calls in progress finish,
+// and then closes the tunnels; Run returns after that.
+func (a *Agent) GracefulStop() { a.server.GracefulStop() }
+
+// Stop closes the tunnels at once; calls in progress fail with
+// Unavailable.
+func (a *Agent) Stop() { a.server.Stop() }

@@ -1,0 +1,212 @@
+package gateway
+
+import (
+	"context"
+	"log/slog"
+	"strings"
+
+	"github.com/fullstorydev/grpchan/inprocgrpc"
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+
+	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
+	"github.com/grpctunnel/grpctunnel/proxy"
+	"github.com/grpctunnel/grpctunnel/tunnel"
+	"github.com/grpctunnel/grpctunnel/tunnelpb"
+)
+
+// DefaultKeyHeader is the request header that names an agent, both on the
+// agent's tunnels and on the calls routed to it, unless
+// Options.KeyHeader says otherwise.
+const DefaultKeyHeader = "tunnel-key"
+
+// maxKeyLen bounds an agent's key, which also becomes a metric label.
+const maxKeyLen = 256
+
+// Director routes a call that the gateway does not answer itself. It gets
+// the gateway so that it can reach agents (Gateway.Agent) or fall back to
+// the default routing (Gateway.RouteByKey). A route's metadata is what the
+// backend receives; start from the incoming metadata and leave out what
+// the backend must not see.
+type Director func(ctx context.Context, call *proxy.Call, g *Gateway) (proxy.Route, error)
+
+// Options configure a Gateway. The zero value is a working gateway that
+// routes by the tunnel-key header and accepts any agent.
+type Options struct {
+	// KeyHeader is the header that names agents (DefaultKeyHeader if
+	// empty). Agents announce their key in it when they open a tunnel, and
+	// callers name the agent in it; it is removed before a call is
+	// forwarded. Header names are lower case in gRPC; it is lowered.
+	KeyHeader string
+	// Director, if set, routes every call that names no local service,
+	// instead of RouteByKey.
+	Director Director
+	// AuthorizeAgent, if set, decides whether an agent may open a tunnel
+	// with key. ctx is the opening RPC's: it carries the agent's peer (with
+	// its TLS client certificate, if any) and metadata. A non-nil error,
+	// ideally a status with code Unauthenticated or PermissionDenied,
+	// refuses the tunnel with that status.
+	AuthorizeAgent func(ctx context.Context, key string) error
+	// Logger receives a line for each agent tunnel that opens or closes
+	// (slog.Default() if nil).
+	Logger *slog.Logger
+	// Registerer, if set, receives the gateway's Prometheus metrics.
+	Registerer prometheus.Registerer
+	// MaxMetricKeys bounds how many agent keys get label values of their
+	// own in the metrics (100 if zero); later keys share the label "_other",
+	// so that keys cannot grow the metrics without bound.
+	MaxMetricKeys int
+	// Tunnel configures the handler that accepts the agents' tunnels:
+	// limits, keepalive, flow control. Its AffinityKey is set by the
+	// gateway; OnReverseTunnelOpen and OnReverseTunnelClose, if set, are
+	// still called.
+	Tunnel tunnel.TunnelServiceHandlerOptions
+}
+
+// Gateway routes gRPC calls to agents connected through reverse tunnels.
+// Create one with New, then build the server with its ServerOptions and
+// Register.
+type Gateway struct {
+	keyHeader string
+	director  Director
+	authorize func(context.Context, string) error
+	log       *slog.Logger
+	handler   *tunnel.TunnelServiceHandler
+	agents    *agentSet
+	local     *inprocgrpc.Channel
+	health    *health.Server
+	metrics   *metrics // nil without a Registerer
+}
+
+// New returns a gateway configured by opts. It fails only if the metrics
+// cannot be registered.
+func New(opts Options) (*Gateway, error) {
+	g := &Gateway{
+		keyHeader: strings.ToLower(opts.KeyHeader),
+		director:  opts.Director,
+		authorize: opts.AuthorizeAgent,
+		log:       opts.Logger,
+		health:    health.NewServer(),
+	}
+	if g.keyHeader == "" {
+		g.keyHeader = DefaultKeyHeader
+	}
+	if g.director == nil {
+		g.director = func(ctx context.Context, call *proxy.Call, g *Gateway) (proxy.Route, error) {
+			return g.RouteByKey(ctx, call)
+		}
+	}
+	if g.log == nil {
+		g.log = slog.Default()
+	}
+	if opts.Registerer != nil {
+		m, err := newMetrics(opts.Registerer, opts.MaxMetricKeys)
+		if err != nil {
+			return nil, err
+		}
+		g.metrics = m
+	}
+	g.agents = newAgentSet()
+
+	hopts := opts.Tunnel
+	onOpen, onClose := hopts.OnReverseTunnelOpen, hopts.OnReverseTunnelClose
+	hopts.AffinityKey = func(t tunnel.TunnelChannel) any { return g.keyOf(t.Context()) }
+	hopts.OnReverseTunnelOpen = func(t tunnel.TunnelChannel) {
+		g.opened(t)
+		if onOpen != nil {
+			onOpen(t)
+		}
+	}
+	hopts.OnReverseTunnelClose = func(t tunnel.TunnelChannel) {
+		g.closed(t)
+		if onClose != nil {
+			onClose(t)
+		}
+	}
+	g.handler = tunnel.NewTunnelServiceHandler(hopts)
+
+	g.local = new(inprocgrpc.Channel).WithCloner(inprocgrpc.CopyFunc(copyMessage))
+	healthpb.RegisterHealthServer(g.local, g.health)
+	adminpb.RegisterAdminServiceServer(g.local, adminService{agents: g.agents})
+	reflection.Register(g.local)
+	return g, nil
+}
+
+// ServerOptions returns what a *grpc.Server needs to be this gateway: the
+// raw codec and unknown-service handler of package proxy, the check of
+// agents' tunnels, and the metrics. Pass them to grpc.NewServer together
+// with the server's own options (credentials, interceptors, keepalive);
+// interceptors given elsewhere are chained, not replaced.
+func (g *Gateway) ServerOptions() []grpc.ServerOption {
+	opts := proxy.ServerOptions(g.route)
+	opts = append(opts, grpc.ChainStreamInterceptor(g.checkTunnel))
+	if g.metrics != nil {
+		opts = append(opts, grpc.StatsHandler(g.metrics.statsHandler(g.keyHeader)))
+	}
+	return opts
+}
+
+// Register adds the tunnel service that agents open their tunnels on to s.
+// Everything else a client calls reaches the gateway's unknown-service
+// handler, so that even a service the gateway also offers (health) goes to
+// the agent when the call names one.
+func (g *Gateway) Register(s grpc.ServiceRegistrar) {
+	tunnelpb.RegisterTunnelServiceServer(s, g.handler.Service())
+}
+
+// Agent returns a channel to the agents connected with key: calls on it go
+// round-robin over their tunnels, which is how code in the gateway's own
+// process pushes calls to an agent.
+func (g *Gateway) Agent(key string) tunnel.ReverseClientConnInterface {
+	return g.handler.KeyAsChannel(key)
+}
+
+// Agents returns the connected agents, sorted by key, with their tunnels.
+func (g *Gateway) Agents() []*adminpb.Agent {
+	return g.agents.list("")
+}
+
+// Shutdown starts draining the gateway: health reports NOT_SERVING, agents
+// may not open new tunnels, and each tunnel ends once its calls are done
+// (agents then reconnect, to another gateway if there is one). It returns
+// at once; grpc.Server.GracefulStop waits for the rest.
+func (g *Gateway) Shutdown() {
+	g.health.Shutdown()
+	g.handler.InitiateShutdown()
+}
+
+// route is the proxy's director: local services for calls that name no
+// agent, the configured director for the rest.
+func (g *Gateway) route(ctx context.Context, call *proxy.Call) (proxy.Route, error) {
+	if len(g.keys(ctx)) == 0 && g.isLocal(call.Method()) {
+		return proxy.To(g.local, incoming(ctx, g.keyHeader)), nil
+	}
+	return g.director(ctx, call, g)
+}
+
+// isLocal reports whether the gateway itself serves method.
+func (g *Gateway) isLocal(method string) bool {
+	service, _, ok := strings.Cut(strings.TrimPrefix(method, "/"), "/")
+	if !ok {
+		return false
+	}
+	_, ok = g.local.GetServiceInfo()[service]
+	return ok
+}
+
+// copyMessage hands a message between the proxy and the gateway's local
+// services, which the in-process channel runs with their own types: the
+// proxy's codec turns a frame into bytes and bytes into a frame, and lets
+// the proto codec do the rest.
+func copyMessage(out, in any) error {
+	codec := proxy.Codec()
+	data, err := codec.Marshal(in)
+	if err != nil {
+		return err
+	}
+	defer data.Free()
+	return codec.Unmarshal(data, out)
+}

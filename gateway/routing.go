@@ -1,0 +1,143 @@
+package gateway
+
+import (
+	"context"
+	"strings"
+	"unicode"
+	"unicode/utf8"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/grpctunnel/grpctunnel/proxy"
+	"github.com/grpctunnel/grpctunnel/tunnelpb"
+)
+
+// RouteByKey is the default routing: the call goes to the agent its key
+// header names, or fans out to every agent it names when it names several
+// (repeated headers or a comma-separated list), without the key header. A
+// call that names no agent fails with InvalidArgument, and one that names an
+// agent that is not connected with Unavailable, both saying so, so that a
+// caller can tell a typo from an outage.
+func (g *Gateway) RouteByKey(ctx context.Context, call *proxy.Call) (proxy.Route, error) {
+	keys := g.keys(ctx)
+	if len(keys) == 0 {
+		return proxy.Route{}, status.Errorf(codes.InvalidArgument,
+			"grpctunnel gateway: %s is not served here; name the agent to call in the %q header", call.Method(), g.keyHeader)
+	}
+	route := proxy.Route{Metadata: incoming(ctx, g.keyHeader)}
+	for _, key := range keys {
+		ch := g.Agent(key)
+		if len(keys) == 1 && !ch.Ready() {
+			return proxy.Route{}, status.Errorf(codes.Unavailable, "grpctunnel gateway: no agent is connected with %s %q", g.keyHeader, key)
+		}
+		// When fanning out, a missing agent is one labelled error among
+		// the results; the tunnel library reports it as Unavailable.
+		route.Backends = append(route.Backends, proxy.Backend{Name: key, Conn: ch})
+	}
+	return route, nil
+}
+
+// keys returns the agent keys a call names, in order, without duplicates.
+func (g *Gateway) keys(ctx context.Context) []string {
+	md, _ := metadata.FromIncomingContext(ctx)
+	return keysIn(md, g.keyHeader)
+}
+
+// keysIn returns the keys named by the values of header in md.
+func keysIn(md metadata.MD, header string) []string {
+	var keys []string
+	for _, v := range md.Get(header) {
+		for k := range strings.SplitSeq(v, ",") {
+			k = strings.TrimSpace(k)
+			if k != "" && !contains(keys, k) {
+				keys = append(keys, k)
+			}
+		}
+	}
+	return keys
+}
+
+func contains(keys []string, k string) bool {
+	for _, x := range keys {
+		if x == k {
+			return true
+		}
+	}
+	return false
+}
+
+// incoming returns a copy of the call's incoming metadata without the key
+// header, to send on to the backend.
+func incoming(ctx context.Context, keyHeader string) metadata.MD {
+	md, _ := metadata.FromIncomingContext(ctx)
+	md = md.Copy()
+	delete(md, keyHeader)
+	return md
+}
+
+// checkTunnel vets the tunnels agents open before the tunnel library
+// accepts them: only reverse tunnels, each with exactly one valid key,
+// which AuthorizeAgent allows.
+func (g *Gateway) checkTunnel(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	switch info.FullMethod {
+	case tunnelpb.TunnelService_OpenReverseTunnel_FullMethodName:
+	case tunnelpb.TunnelService_OpenTunnel_FullMethodName:
+		return status.Error(codes.Unimplemented, "grpctunnel gateway: only agents' reverse tunnels are accepted here")
+	default:
+		return handler(srv, ss)
+	}
+	md, _ := metadata.FromIncomingContext(ss.Context())
+	keys := md.Get(g.keyHeader)
+	if len(keys) != 1 {
+		return status.Errorf(codes.InvalidArgument, "grpctunnel gateway: an agent must announce exactly one key in the %q header", g.keyHeader)
+	}
+	if err := validKey(keys[0]); err != nil {
+		return err
+	}
+	if g.authorize != nil {
+		if err := g.authorize(ss.Context(), keys[0]); err != nil {
+			if _, ok := status.FromError(err); !ok {
+				err = status.Error(codes.PermissionDenied, err.Error())
+			}
+			return err
+		}
+	}
+	return handler(srv, ss)
+}
+
+// validKey accepts keys a caller can name in a header and an operator can
+// read in a log: printable, without commas (which separate keys in a call)
+// or surrounding spaces, and not too long.
+func validKey(key string) error {
+	bad := func(why string) error {
+		return status.Errorf(codes.InvalidArgument, "grpctunnel gateway: agent key %q %s", key, why)
+	}
+	switch {
+	case key == "":
+		return bad("is empty")
+	case len(key) > maxKeyLen:
+		return bad("is too long")
+	case !utf8.ValidString(key):
+		return bad("is not UTF-8")
+	case strings.TrimSpace(key) != key:
+		return bad("has surrounding spaces")
+	case strings.ContainsRune(key, ','):
+		return bad("contains a comma")
+	case strings.IndexFunc(key, func(r rune) bool { return !unicode.IsPrint(r) }) >= 0:
+		return bad("has characters that are not printable")
+	}
+	return nil
+}
+
+// keyOf is the key an agent announced on the RPC that opened its tunnel,
+// already checked by checkTunnel.
+func (g *Gateway) keyOf(ctx context.Context) string {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if keys := md.Get(g.keyHeader); len(keys) == 1 {
+		return keys[0]
+	}
+	return ""
+}
