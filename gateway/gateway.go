@@ -5,7 +5,7 @@ import (
 	"log/slog"
 	"strings"
 
-	"github.com/fullstorydev/grpchan/inprocgrpc"
+	"github.com/fullstorydev/grpchan"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
@@ -76,7 +76,8 @@ type Gateway struct {
 	log       *slog.Logger
 	handler   *tunnel.TunnelServiceHandler
 	agents    *agentSet
-	local     *inprocgrpc.Channel
+	local     localServices
+	forward   grpc.StreamHandler
 	health    *health.Server
 	metrics   *metrics // nil without a Registerer
 }
@@ -127,8 +128,11 @@ func New(opts Options) (*Gateway, error) {
 		}
 	}
 	g.handler = tunnel.NewTunnelServiceHandler(hopts)
+	g.forward = proxy.Handler(func(ctx context.Context, call *proxy.Call) (proxy.Route, error) {
+		return g.director(ctx, call, g)
+	})
 
-	g.local = new(inprocgrpc.Channel).WithCloner(inprocgrpc.CopyFunc(copyMessage))
+	g.local = localServices{grpchan.HandlerMap{}}
 	healthpb.RegisterHealthServer(g.local, g.health)
 	adminpb.RegisterAdminServiceServer(g.local, adminService{agents: g.agents})
 	reflection.Register(g.local)
@@ -141,8 +145,11 @@ func New(opts Options) (*Gateway, error) {
 // with the server's own options (credentials, interceptors, keepalive);
 // interceptors given elsewhere are chained, not replaced.
 func (g *Gateway) ServerOptions() []grpc.ServerOption {
-	opts := proxy.ServerOptions(g.route)
-	opts = append(opts, grpc.ChainStreamInterceptor(g.checkTunnel))
+	opts := []grpc.ServerOption{
+		grpc.ForceServerCodecV2(proxy.Codec()),
+		grpc.UnknownServiceHandler(g.handle),
+		grpc.ChainStreamInterceptor(g.checkTunnel),
+	}
 	if g.metrics != nil {
 		opts = append(opts, grpc.StatsHandler(g.metrics.statsHandler(g.keyHeader)))
 	}
@@ -178,35 +185,14 @@ func (g *Gateway) Shutdown() {
 	g.handler.InitiateShutdown()
 }
 
-// route is the proxy's director: local services for calls that name no
-// agent, the configured director for the rest.
-func (g *Gateway) route(ctx context.Context, call *proxy.Call) (proxy.Route, error) {
-	if len(g.keys(ctx)) == 0 && g.isLocal(call.Method()) {
-		return proxy.To(g.local, incoming(ctx, g.keyHeader)), nil
+// handle serves every call but the agents' tunnels: the gateway's own
+// services for a call that names no agent, the director for the rest.
+func (g *Gateway) handle(srv any, ss grpc.ServerStream) error {
+	method, _ := grpc.MethodFromServerStream(ss)
+	if len(g.keys(ss.Context())) == 0 {
+		if h := g.local.lookup(method); h != nil {
+			return h(ss)
+		}
 	}
-	return g.director(ctx, call, g)
-}
-
-// isLocal reports whether the gateway itself serves method.
-func (g *Gateway) isLocal(method string) bool {
-	service, _, ok := strings.Cut(strings.TrimPrefix(method, "/"), "/")
-	if !ok {
-		return false
-	}
-	_, ok = g.local.GetServiceInfo()[service]
-	return ok
-}
-
-// copyMessage hands a message between the proxy and the gateway's local
-// services, which the in-process channel runs with their own types: the
-// proxy's codec turns a frame into bytes and bytes into a frame, and lets
-// the proto codec do the rest.
-func copyMessage(out, in any) error {
-	codec := proxy.Codec()
-	data, err := codec.Marshal(in)
-	if err != nil {
-		return err
-	}
-	defer data.Free()
-	return codec.Unmarshal(data, out)
+	return g.forward(srv, ss)
 }
