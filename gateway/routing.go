@@ -15,17 +15,24 @@ import (
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
 
+// maxFanout bounds how many agents one call may name, so that a caller
+// cannot make the gateway start an unbounded number of calls at once.
+const maxFanout = 100
+
 // RouteByKey is the default routing: the call goes to the agent its key
 // header names, or fans out to every agent it names when it names several
-// (repeated headers or a comma-separated list), without the key header. A
-// call that names no agent fails with InvalidArgument, and one that names an
-// agent that is not connected with Unavailable, both saying so, so that a
-// caller can tell a typo from an outage.
+// (repeated headers or a comma-separated list; at most 100), without the
+// key header. A call that names no agent fails with InvalidArgument, and
+// one that names an agent that is not connected with Unavailable, both
+// saying so, so that a caller can tell a typo from an outage.
 func (g *Gateway) RouteByKey(ctx context.Context, call *proxy.Call) (proxy.Route, error) {
 	keys := g.keys(ctx)
 	if len(keys) == 0 {
 		return proxy.Route{}, status.Errorf(codes.InvalidArgument,
 			"grpctunnel gateway: %s is not served here; name the agent to call in the %q header", call.Method(), g.keyHeader)
+	}
+	if len(keys) > maxFanout {
+		return proxy.Route{}, status.Errorf(codes.InvalidArgument, "grpctunnel gateway: a call may name at most %d agents, not %d", maxFanout, len(keys))
 	}
 	route := proxy.Route{Metadata: incoming(ctx, g.keyHeader)}
 	for _, key := range keys {
