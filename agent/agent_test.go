@@ -7,6 +7,7 @@ import (
 	"net"
 	"runtime"
 	"testing"
+	"time"
 
 	"github.com/fullstorydev/grpchan/grpchantesting"
 	"go.uber.org/goleak"
@@ -113,7 +114,11 @@ func TestForwardsAndStops(t *testing.T) {
 			}
 			// The next agent must not find this one's tunnel still
 			// being taken down on the server's side.
+			deadline := time.Now().Add(10 * time.Second)
 			for len(handler.AllReverseTunnels()) > 0 {
+				if time.Now().After(deadline) {
+					t.Fatal("the agent's tunnel outlived Run")
+				}
 				runtime.Gosched()
 			}
 		})
