@@ -8,11 +8,75 @@
 // forwarding; install it as the unknown-service handler of a *grpc.Server
 // with [ServerOptions], or of a tunnel server.
 //
-// Forwarding is one to one and transparent: every message, the response
-// headers (as soon as the backend sends them, before any message and on
-// errors too), the trailers, the status with its details, half-close and
-// cancellation pass unchanged. The call is routed before the first client
-// message arrives, so a client that waits for headers first does not
-// deadlock, and the proxied call ends when the backend's does, whether or
-// not the client has half-closed.
+// # One to one
+//
+// When the director returns one backend, forwarding is transparent: every
+// message, the response headers (as soon as the backend sends them, before
+// any message and on errors too), the trailers, the status with its
+// details, half-close and cancellation pass unchanged. The call is routed
+// before the first client message arrives, so a client that waits for
+// headers first does not deadlock, and the proxied call ends when the
+// backend's does, whether or not the client has half-closed.
+//
+// # One to many
+//
+// When the director returns several backends, the call fans out: it runs on
+// every backend at once, and the client receives every backend's responses,
+// each labelled with the backend it came from.
+//
+//   - Requests: every request message goes to every backend, in the order
+//     the client sent them, and the client's half-close half-closes every
+//     backend. Messages are shared between backends, not copied. Requests
+//     go at the pace of the slowest backend still running: the proxy reads
+//     the client only while every running backend has room for a few more
+//     messages, so nothing is buffered without bound. A backend whose call
+//     has ended gets no more requests and holds up no one.
+//   - Headers and trailers: once every backend's call is started (or has
+//     failed to start), the proxy sends the client its own, empty, response
+//     headers, so a client that waits for headers before it sends does not
+//     deadlock. The backends' own headers and trailers are not forwarded:
+//     the client has one set of each, and the backends have one apiece.
+//   - Responses: each backend's messages reach the client as they arrive,
+//     interleaved with the other backends' and in order for each backend.
+//     Each one is the backend's message followed by one more field: the
+//     label field (number [DefaultLabelField] unless [WithLabelField] says
+//     otherwise, wire type bytes) holding a serialized
+//     grpctunnel.proxy.v1.Label (package proxypb) whose backend is the
+//     [Backend]'s Name. Names are the director's business: they may be
+//     empty, and two backends may share one.
+//   - Errors: a backend whose call ends with an error, including one that
+//     could not be started, a Backend with a nil Conn and a backend that
+//     timed out, adds one last message to the results: nothing but the label
+//     field, with the Label's status set to the backend's status (code,
+//     message and details). A backend that ends successfully adds nothing.
+//   - End: the fanned-out call ends with OK once every backend's call has
+//     ended, whatever their statuses; the client learns of failures from
+//     the labels. If the client cancels or its deadline passes, every
+//     backend's call is cancelled and the call ends with the client's
+//     status.
+//
+// Appending a field leaves a message valid: a protobuf parser keeps a field
+// it does not know as an unknown field, and merges a repeated occurrence of
+// one it knows. So the labels need no schema at all. Other one-to-many gRPC
+// proxies label responses under a schema convention instead. Talos's
+// grpc-proxy (siderolabs/grpc-proxy) requires every response message to be
+// a repeated field 1 of replies whose own field 1 is a metadata message; a
+// per-backend hook splices the backend's metadata, or its error, into each
+// reply's bytes, and a unary call's replies are merged into one response. A
+// service must be designed for that proxy; here any method of any service
+// fans out unchanged, and the label lives in a field number no schema is likely to use.
+//
+// A client calls a fanned-out method as a server-streaming one
+// (grpc.StreamDesc with ServerStreams set), even if the backends' method is
+// unary, since it gets one message per backend and one per failure. A Go
+// client that has no schema for the method reads each result with
+// [SplitLabel]. A client that has the schema can declare a "fan-out view"
+// of the method in its own .proto file: the same package, service and method
+// names, with `returns (stream XView)`, where XView copies the fields of the
+// response message X and adds
+//
+//	grpctunnel.proxy.v1.Label label = 536870911;
+//
+// Its generated stubs then call the fanned-out method and decode each
+// result, label included, as an ordinary message.
 package proxy

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
 )
 
 // Director picks the backends for a call. It gets the call's context (with
@@ -28,7 +29,8 @@ type Route struct {
 	// Backends receive the call. With one backend the call is forwarded
 	// transparently; with several it fans out and every response is
 	// labelled with its backend (see the package documentation). A route
-	// with no backends fails the call with Unavailable.
+	// with no backends fails the call with Unavailable, and so does a
+	// backend with a nil Conn (in a fan-out, as that backend's result).
 	Backends []Backend
 	// Metadata is sent to every backend as the call's outgoing metadata.
 	Metadata metadata.MD
@@ -115,36 +117,58 @@ func (c *Call) recv() (*Frame, error) {
 	return f, nil
 }
 
+// Option adjusts how [Handler] and [ServerOptions] forward calls, for a
+// deployment whose needs differ from the defaults; see [WithLabelField].
+type Option func(*options)
+
+type options struct {
+	labelField protowire.Number
+}
+
+func newOptions(opts []Option) *options {
+	o := &options{labelField: DefaultLabelField}
+	for _, opt := range opts {
+		opt(o)
+	}
+	return o
+}
+
 // ServerOptions returns the options that make a *grpc.Server forward every
 // call to a service it does not implement itself through director.
-func ServerOptions(director Director) []grpc.ServerOption {
+func ServerOptions(director Director, opts ...Option) []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.ForceServerCodecV2(Codec()),
-		grpc.UnknownServiceHandler(Handler(director)),
+		grpc.UnknownServiceHandler(Handler(director, opts...)),
 	}
 }
 
 // Handler returns a stream handler that forwards each call as director
-// decides. The server running it must use Codec (see ServerOptions).
-func Handler(director Director) grpc.StreamHandler {
+// decides: to one backend transparently, or fanned out to several (see the
+// package documentation). The server running it must use Codec (see
+// ServerOptions).
+func Handler(director Director, opts ...Option) grpc.StreamHandler {
+	o := newOptions(opts)
 	return func(_ any, ss grpc.ServerStream) error {
 		method, ok := grpc.MethodFromServerStream(ss)
 		if !ok {
 			return status.Error(codes.Internal, "proxy: no method name for the call")
 		}
 		call := &Call{method: method, stream: ss}
-		defer call.release()
 		route, err := director(ss.Context(), call)
 		if err != nil {
+			call.release()
 			return statusOf(err)
 		}
+		// From here on, forward and fanOut own call: they hand it to the
+		// goroutine that reads requests, which may outlive the handler.
 		switch len(route.Backends) {
 		case 0:
+			call.release()
 			return status.Errorf(codes.Unavailable, "proxy: no backend for %s", method)
 		case 1:
 			return forward(call, route.Backends[0].Conn, route.Metadata)
 		default:
-			return status.Errorf(codes.Unimplemented, "proxy: calls to several backends are not supported yet")
+			return fanOut(call, route, o)
 		}
 	}
 }
@@ -152,6 +176,7 @@ func Handler(director Director) grpc.StreamHandler {
 // forward runs one call through backend.
 func forward(call *Call, backend grpc.ClientConnInterface, md metadata.MD) error {
 	if backend == nil {
+		call.release()
 		return status.Errorf(codes.Unavailable, "proxy: no backend for %s", call.method)
 	}
 	ss := call.stream
@@ -161,6 +186,7 @@ func forward(call *Call, backend grpc.ClientConnInterface, md metadata.MD) error
 	desc := &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
 	cs, err := backend.NewStream(ctx, desc, call.method, grpc.ForceCodecV2(Codec()))
 	if err != nil {
+		call.release()
 		return statusOf(err)
 	}
 
