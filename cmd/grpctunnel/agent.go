@@ -1,0 +1,238 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/grpctunnel/grpctunnel/agent"
+	"github.com/grpctunnel/grpctunnel/tunnel"
+)
+
+// agentConfig is the agent's command line.
+type agentConfig struct {
+	gateway       string
+	key           string
+	target        string
+	tls           bool
+	ca            string
+	tlsCert       string
+	tlsKey        string
+	serverName    string
+	tokenFile     string
+	insecureToken bool
+	targetTLS     bool
+	tunnels       int
+	keyHeader     string
+	drainTimeout  time.Duration
+}
+
+// gatewayTLS reports whether the agent dials the gateway with TLS: asked
+// for, or implied by a flag that only makes sense with it.
+func (c *agentConfig) gatewayTLS() bool {
+	return c.tls || c.ca != "" || c.tlsCert != ""
+}
+
+func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	var cfg agentConfig
+	c := newCLI("agent", "grpctunnel agent --gateway ADDR --key KEY --target ADDR [flags]",
+		"Dials the gateway, keeps reverse tunnels open to it under KEY (reopening them\n"+
+			"with backoff whenever they fail) and forwards every call that arrives\n"+
+			"through them to the gRPC service at --target.",
+		stdout, stderr)
+	fs := c.fs
+	fs.StringVar(&cfg.gateway, "gateway", "", "the gateway's `addr`ess host:port (required)")
+	fs.StringVar(&cfg.key, "key", "", "the agent `key` callers name in the key header to reach this agent (required)")
+	fs.StringVar(&cfg.target, "target", "", "the local gRPC service's `addr`ess, host:port (required)")
+	fs.BoolVar(&cfg.tls, "tls", false, "dial the gateway with TLS, trusting the system's CAs (implied by --ca and --tls-cert)")
+	fs.StringVar(&cfg.ca, "ca", "", "trust only the CAs in this PEM `file` for the gateway's certificate")
+	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "present the PEM client certificate in `file` to the gateway (mutual TLS); needs --tls-key")
+	fs.StringVar(&cfg.tlsKey, "tls-key", "", "PEM private key `file` of --tls-cert")
+	fs.StringVar(&cfg.serverName, "server-name", "", "expect the gateway's certificate to be for `name` rather than the host of --gateway")
+	fs.StringVar(&cfg.tokenFile, "token-file", "", "send the token in `file` (its first line that is not blank or a # comment)\nas authorization: Bearer on every tunnel; needs TLS")
+	fs.BoolVar(&cfg.insecureToken, "insecure-token", false, "send --token-file's token even without TLS, where anyone on the path can read it")
+	fs.BoolVar(&cfg.targetTLS, "target-tls", false, "dial the target with TLS, trusting the system's CAs (plaintext otherwise)")
+	fs.IntVar(&cfg.tunnels, "tunnels", 2, "keep `n` tunnels open; more than one keeps calls flowing while one reopens")
+	fs.StringVar(&cfg.keyHeader, "key-header", agent.DefaultKeyHeader, "`header` the key is announced in; must match the gateway's")
+	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
+	logs := addLogFlags(fs, slog.LevelInfo)
+	if code, ok := c.parse(args); !ok {
+		return code
+	}
+	if code, ok := c.requireFlags("gateway", "key", "target"); !ok {
+		return code
+	}
+	switch {
+	case (cfg.tlsCert == "") != (cfg.tlsKey == ""):
+		return c.fail("--tls-cert and --tls-key go together")
+	case cfg.serverName != "" && !cfg.gatewayTLS():
+		return c.fail("--server-name needs TLS: give --tls or --ca")
+	case cfg.tokenFile != "" && !cfg.gatewayTLS() && !cfg.insecureToken:
+		return c.fail("--token-file needs TLS (--tls or --ca): a token sent in plaintext can be read and reused by anyone on the path; --insecure-token sends it anyway")
+	case cfg.tunnels < 1:
+		return c.fail("--tunnels must be at least 1")
+	case cfg.drainTimeout <= 0:
+		return c.fail("--drain-timeout must be positive")
+	}
+	log := logs.logger(stderr)
+
+	a, err := startAgent(cfg, log)
+	if err != nil {
+		log.Error("agent failed to start", "err", err)
+		return 1
+	}
+	select {
+	case <-ctx.Done():
+		log.Info("stopping: finishing calls in progress", "timeout", cfg.drainTimeout)
+	case err := <-a.done:
+		// Run ends only when stopped, and nothing has stopped it.
+		log.Error("agent stopped unexpectedly", "err", err)
+		a.close()
+		return 1
+	}
+	if !a.stop(ctx, cfg.drainTimeout) {
+		log.Warn("drain cut short: closed the calls still in progress")
+	}
+	log.Info("stopped")
+	return 0
+}
+
+// runningAgent is an agent whose Run is in progress, with its connections.
+type runningAgent struct {
+	a       *agent.Agent
+	gateway *grpc.ClientConn
+	target  *grpc.ClientConn
+	done    chan error // Run's result
+	// cancel ends Run's context: only close uses it, since a signal
+	// should drain the agent, not cut its tunnels.
+	cancel context.CancelFunc
+}
+
+// startAgent dials the gateway and the target and starts the agent.
+func startAgent(cfg agentConfig, log *slog.Logger) (*runningAgent, error) {
+	gwCreds := insecure.NewCredentials()
+	if cfg.gatewayTLS() {
+		tlsCfg, err := clientTLS(cfg.ca, cfg.tlsCert, cfg.tlsKey, cfg.serverName)
+		if err != nil {
+			return nil, err
+		}
+		gwCreds = credentials.NewTLS(tlsCfg)
+	}
+	var callOpts []grpc.CallOption
+	if cfg.tokenFile != "" {
+		token, err := readAgentToken(cfg.tokenFile)
+		if err != nil {
+			return nil, err
+		}
+		callOpts = append(callOpts, grpc.PerRPCCredentials(bearerToken{token: token, insecure: cfg.insecureToken}))
+	}
+	targetCreds := insecure.NewCredentials()
+	if cfg.targetTLS {
+		targetCreds = credentials.NewTLS(nil)
+	}
+
+	gwConn, err := grpc.NewClient(cfg.gateway, grpc.WithTransportCredentials(gwCreds), grpc.WithKeepaliveParams(agentKeepalive))
+	if err != nil {
+		return nil, fmt.Errorf("gateway address: %w", err)
+	}
+	targetConn, err := grpc.NewClient(cfg.target, grpc.WithTransportCredentials(targetCreds))
+	if err != nil {
+		gwConn.Close()
+		return nil, fmt.Errorf("target address: %w", err)
+	}
+	reach := &reachability{log: log, gateway: cfg.gateway}
+	a, err := agent.New(gwConn, targetConn, agent.Options{
+		Key:       cfg.key,
+		KeyHeader: cfg.keyHeader,
+		Reconnect: tunnel.ReconnectOptions{
+			Tunnels:       cfg.tunnels,
+			CallOptions:   callOpts,
+			OnStateChange: reach.changed,
+		},
+		TunnelOptions: []tunnel.TunnelOption{tunnel.WithKeepalive(tunnelKeepaliveInterval, tunnelKeepaliveTimeout)},
+		Logger:        log,
+	})
+	if err != nil {
+		gwConn.Close()
+		targetConn.Close()
+		return nil, err
+	}
+	log.Info("agent starting", "gateway", cfg.gateway, "key", cfg.key, "target", cfg.target, "tunnels", cfg.tunnels,
+		"tls", cfg.gatewayTLS(), "client_cert", cfg.tlsCert != "", "token", cfg.tokenFile != "")
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &runningAgent{a: a, gateway: gwConn, target: targetConn, done: make(chan error, 1), cancel: cancel}
+	go func() { r.done <- a.Run(ctx) }()
+	return r, nil
+}
+
+// stop lets calls in progress finish, for at most drain or until a second
+// signal, then closes the tunnels and the connections. It reports whether
+// the calls finished in time.
+func (r *runningAgent) stop(ctx context.Context, drain time.Duration) bool {
+	graceful := waitBounded(ctx, drain, r.a.GracefulStop, r.a.Stop)
+	r.close()
+	return graceful
+}
+
+// close stops the agent at once and closes its connections.
+func (r *runningAgent) close() {
+	r.cancel()
+	r.a.Stop()
+	<-r.done
+	r.gateway.Close()
+	r.target.Close()
+}
+
+// reachability turns the agent's tunnel states into a clear account of
+// whether the gateway can be reached: the agent logs every failure as a
+// warning and retries, but an operator needs to see the first failure of a
+// streak, and its cause, as an error.
+type reachability struct {
+	log     *slog.Logger
+	gateway string
+
+	mu      sync.Mutex
+	failing bool // since the last tunnel opened
+}
+
+func (r *reachability) changed(c tunnel.StateChange) {
+	switch {
+	case c.State == tunnel.TunnelOpen:
+		r.mu.Lock()
+		recovered := r.failing
+		r.failing = false
+		r.mu.Unlock()
+		if recovered {
+			r.log.Info("reached the gateway at " + r.gateway)
+		}
+	case c.State == tunnel.TunnelWaiting && c.Err != nil:
+		r.mu.Lock()
+		first := !r.failing
+		r.failing = true
+		r.mu.Unlock()
+		if first {
+			r.log.Error(r.explain(c.Err)+"; retrying, later failures are logged as warnings", "err", c.Err)
+		}
+	}
+}
+
+// explain tells a gateway that cannot be reached from one that refuses the
+// agent, which need different fixes.
+func (r *reachability) explain(err error) string {
+	switch status.Code(err) {
+	case codes.Unauthenticated, codes.PermissionDenied:
+		return "the gateway at " + r.gateway + " does not admit this agent (check --token-file, the client certificate and --key)"
+	case codes.InvalidArgument, codes.Unimplemented, codes.ResourceExhausted:
+		return "the gateway at " + r.gateway + " refused the agent's tunnel"
+	}
+	return "cannot reach the gateway at " + r.gateway
+}

@@ -1,0 +1,229 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	"google.golang.org/grpc/status"
+
+	"github.com/grpctunnel/grpctunnel/gateway"
+	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
+	"github.com/grpctunnel/grpctunnel/internal/demo"
+	"github.com/grpctunnel/grpctunnel/internal/demopb"
+)
+
+// demoKey is the demo agent's key.
+const demoKey = "demo"
+
+// demoStepTimeout bounds each wait of the demo, so that a broken tunnel
+// fails it instead of hanging it.
+const demoStepTimeout = 10 * time.Second
+
+func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	var keep bool
+	c := newCLI("demo", "grpctunnel demo [--keep]",
+		"Runs a gateway, a sample DeviceService and an agent with key \""+demoKey+"\" for it,\n"+
+			"all in this process on loopback, then calls the service through the\n"+
+			"gateway as any gRPC client would and shuts everything down. With --keep\n"+
+			"it prints grpcurl commands to try instead, and runs until interrupted.",
+		stdout, stderr)
+	c.fs.BoolVar(&keep, "keep", false, "keep running and print grpcurl commands instead of calling through the gateway itself")
+	// The gateway warns that it serves without TLS, which on loopback is
+	// noise in the middle of the demo's own account.
+	logs := addLogFlags(c.fs, slog.LevelError)
+	if code, ok := c.parse(args); !ok {
+		return code
+	}
+	if err := demoRun(ctx, keep, stdout, logs.logger(stderr)); err != nil {
+		fmt.Fprintln(stderr, "grpctunnel demo:", err)
+		return 1
+	}
+	fmt.Fprintln(stdout, "stopped the agent, the gateway and the device service")
+	return 0
+}
+
+// demoRun starts the three parts, then calls through them or, with keep,
+// waits for ctx; it stops everything it started before it returns.
+func demoRun(ctx context.Context, keep bool, out io.Writer, log *slog.Logger) (err error) {
+	// The sample service: only the agent dials it.
+	devLis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	devSrv := grpc.NewServer()
+	devHealth := demo.Register(devSrv, demo.NewDeviceService("demo-device"))
+	devServed := make(chan struct{})
+	go func() {
+		defer close(devServed)
+		_ = devSrv.Serve(devLis)
+	}()
+	defer func() {
+		devHealth.Shutdown()
+		devSrv.GracefulStop()
+		<-devServed
+	}()
+	fmt.Fprintf(out, "device service listening on %s (only the agent calls it)\n", devLis.Addr())
+
+	gw, err := startGateway(gatewayConfig{listen: "127.0.0.1:0", keyHeader: gateway.DefaultKeyHeader}, log)
+	if err != nil {
+		return fmt.Errorf("gateway: %w", err)
+	}
+	defer gw.stop(ctx, demoStepTimeout)
+	gwAddr := gw.addr.String()
+	fmt.Fprintf(out, "gateway listening on %s (agents and callers both dial it)\n", gwAddr)
+
+	ag, err := startAgent(agentConfig{
+		gateway:   gwAddr,
+		key:       demoKey,
+		target:    devLis.Addr().String(),
+		tunnels:   1,
+		keyHeader: gateway.DefaultKeyHeader,
+	}, log)
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	// Deferred calls run last first: the agent stops before the gateway,
+	// so that the gateway's drain finds no tunnel left to wait for.
+	defer ag.stop(ctx, demoStepTimeout)
+	waitCtx, cancel := context.WithTimeout(ctx, demoStepTimeout)
+	defer cancel()
+	if err := gw.g.Agent(demoKey).WaitForReady(waitCtx); err != nil {
+		return fmt.Errorf("waiting for agent %q to open its tunnel: %w", demoKey, err)
+	}
+	fmt.Fprintf(out, "agent %q opened a tunnel to the gateway: calls with the header %s: %s now reach the device service\n",
+		demoKey, gateway.DefaultKeyHeader, demoKey)
+
+	if keep {
+		printGrpcurl(out, gwAddr)
+		<-ctx.Done()
+		fmt.Fprintln(out, "stopping")
+		return nil
+	}
+
+	conn, err := grpc.NewClient(gwAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	callCtx, cancel := context.WithTimeout(ctx, demoStepTimeout)
+	defer cancel()
+	return demoCalls(callCtx, conn, out)
+}
+
+// demoCalls calls through the gateway as an ordinary client would.
+func demoCalls(ctx context.Context, conn *grpc.ClientConn, out io.Writer) error {
+	toAgent := metadata.AppendToOutgoingContext(ctx, gateway.DefaultKeyHeader, demoKey)
+
+	services, err := listServices(toAgent, conn)
+	if err != nil {
+		return fmt.Errorf("listing services by reflection: %w", err)
+	}
+	fmt.Fprintf(out, "reflection through the gateway with %s: %s lists: %s\n", gateway.DefaultKeyHeader, demoKey, strings.Join(services, ", "))
+
+	device := demopb.NewDeviceServiceClient(conn)
+	st, err := device.GetStatus(toAgent, &demopb.GetStatusRequest{})
+	if err != nil {
+		return fmt.Errorf("calling GetStatus: %w", err)
+	}
+	fmt.Fprintf(out, "GetStatus (unary): served_by=%s state=%s calls_served=%d\n", st.GetServedBy(), st.GetState(), st.GetCallsServed())
+
+	stream, err := device.Tail(toAgent, &demopb.TailRequest{Lines: 3})
+	if err != nil {
+		return fmt.Errorf("calling Tail: %w", err)
+	}
+	fmt.Fprintln(out, "Tail lines=3 (server streaming):")
+	for {
+		msg, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("calling Tail: %w", err)
+		}
+		fmt.Fprintf(out, "  %s\n", msg.GetLine())
+	}
+
+	resp, err := adminpb.NewAdminServiceClient(conn).ListAgents(ctx, &adminpb.ListAgentsRequest{})
+	if err != nil {
+		return fmt.Errorf("calling AdminService.ListAgents: %w", err)
+	}
+	var agents []string
+	for _, a := range resp.GetAgents() {
+		agents = append(agents, fmt.Sprintf("%q with %d tunnel(s)", a.GetKey(), len(a.GetTunnels())))
+	}
+	fmt.Fprintf(out, "AdminService.ListAgents (no %s header, so the gateway answers itself): %s\n", gateway.DefaultKeyHeader, strings.Join(agents, ", "))
+
+	// A key no agent holds fails at once, and says so.
+	_, err = device.GetStatus(metadata.AppendToOutgoingContext(ctx, gateway.DefaultKeyHeader, "nobody"), &demopb.GetStatusRequest{})
+	if status.Code(err) != codes.Unavailable {
+		return fmt.Errorf("GetStatus for an agent that is not connected: got %v, want Unavailable", err)
+	}
+	fmt.Fprintf(out, "GetStatus with %s: nobody: %s: %s\n", gateway.DefaultKeyHeader, status.Code(err), status.Convert(err).Message())
+	return nil
+}
+
+// listServices asks the server reflection (v1) behind conn for its
+// services.
+func listServices(ctx context.Context, conn grpc.ClientConnInterface) ([]string, error) {
+	stream, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := stream.Send(&reflectionpb.ServerReflectionRequest{
+		MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{},
+	}); err != nil {
+		return nil, err
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		return nil, err
+	}
+	if err := stream.CloseSend(); err != nil {
+		return nil, err
+	}
+	// The server ends the stream once the requests have; reading to the
+	// end lets the call finish rather than be cancelled.
+	if _, err := stream.Recv(); !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("after the list: %v", err)
+	}
+	if e := resp.GetErrorResponse(); e != nil {
+		return nil, status.Error(codes.Code(e.GetErrorCode()), e.GetErrorMessage())
+	}
+	var names []string
+	for _, s := range resp.GetListServicesResponse().GetService() {
+		names = append(names, s.GetName())
+	}
+	return names, nil
+}
+
+// printGrpcurl prints commands that call through the gateway at addr.
+func printGrpcurl(out io.Writer, addr string) {
+	h := fmt.Sprintf("-H '%s: %s'", gateway.DefaultKeyHeader, demoKey)
+	fmt.Fprintf(out, `
+Try, while this runs (Ctrl-C stops it):
+
+  # the device's services, listed by its reflection through the tunnel
+  grpcurl -plaintext %[1]s %[2]s list
+
+  # a unary call
+  grpcurl -plaintext %[1]s %[2]s grpctunnel.demo.v1.DeviceService/GetStatus
+
+  # a server-streaming call
+  grpcurl -plaintext %[1]s -d '{"lines": 3}' %[2]s grpctunnel.demo.v1.DeviceService/Tail
+
+  # without the header the gateway answers itself: its agents
+  grpcurl -plaintext %[2]s grpctunnel.admin.v1.AdminService/ListAgents
+
+`, h, addr)
+}

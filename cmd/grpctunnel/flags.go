@@ -1,0 +1,95 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+)
+
+// cli is one subcommand's command line: its flags and how to explain them.
+type cli struct {
+	fs       *flag.FlagSet
+	synopsis string // after "Usage: "
+	about    string // a paragraph under the synopsis
+	stdout   io.Writer
+	stderr   io.Writer
+}
+
+// newCLI returns an empty command line for the subcommand name.
+func newCLI(name, synopsis, about string, stdout, stderr io.Writer) *cli {
+	fs := flag.NewFlagSet("grpctunnel "+name, flag.ContinueOnError)
+	// The flag package would print its error and the usage to its output
+	// in its own format; parse prints them instead, in ours.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	return &cli{fs: fs, synopsis: synopsis, about: about, stdout: stdout, stderr: stderr}
+}
+
+// parse reads args. When it returns false the command must exit with the
+// status it returns: 0 after -h, 2 after a bad command line, either way
+// with the usage printed.
+func (c *cli) parse(args []string) (int, bool) {
+	err := c.fs.Parse(args)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		c.usage(c.stdout)
+		return 0, false
+	case err != nil:
+		return c.fail("%v", err), false
+	case c.fs.NArg() > 0:
+		return c.fail("unexpected argument %q", c.fs.Arg(0)), false
+	}
+	return 0, true
+}
+
+// fail prints a one-line complaint about the command line and the usage to
+// stderr, and returns the exit status for a bad command line.
+func (c *cli) fail(format string, args ...any) int {
+	fmt.Fprintf(c.stderr, "%s: %s\n\n", c.fs.Name(), fmt.Sprintf(format, args...))
+	c.usage(c.stderr)
+	return 2
+}
+
+// usage lists every flag with its default, written --name as the synopsis
+// writes them (the flag package accepts one dash or two).
+func (c *cli) usage(w io.Writer) {
+	fmt.Fprintf(w, "Usage: %s\n\n", c.synopsis)
+	if c.about != "" {
+		fmt.Fprintf(w, "%s\n\n", c.about)
+	}
+	fmt.Fprintln(w, "Flags:")
+	c.fs.VisitAll(func(f *flag.Flag) {
+		name, text := flag.UnquoteUsage(f)
+		line := "  --" + f.Name
+		if name != "" {
+			line += " " + name
+		}
+		fmt.Fprintln(w, line)
+		if !isZeroDefault(f) {
+			text += fmt.Sprintf(" (default %s)", f.DefValue)
+		}
+		fmt.Fprintf(w, "    \t%s\n", strings.ReplaceAll(text, "\n", "\n    \t"))
+	})
+}
+
+// isZeroDefault reports whether f's default says nothing worth printing.
+func isZeroDefault(f *flag.Flag) bool {
+	switch f.DefValue {
+	case "", "false", "0":
+		return true
+	}
+	return false
+}
+
+// requireFlags returns the exit status of a failed command line if one of
+// the named flags is empty.
+func (c *cli) requireFlags(flags ...string) (int, bool) {
+	for _, name := range flags {
+		if c.fs.Lookup(name).Value.String() == "" {
+			return c.fail("--%s is required", name), false
+		}
+	}
+	return 0, true
+}

@@ -1,0 +1,246 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+
+	"github.com/grpctunnel/grpctunnel/gateway"
+	"github.com/grpctunnel/grpctunnel/tunnel"
+)
+
+// Keepalive, paired on the two ends of an agent's connection. The tunnel's
+// own keepalive notices a tunnel that has gone silent and frees its calls;
+// gRPC's, on the connection under it, closes a connection whose peer has
+// vanished, which is what finally releases the gateway's handler of a
+// tunnel given up that way. The gateway tolerates pings as often as
+// agents send them (agentKeepalive) and from callers that ping no more
+// often than every 10 seconds.
+const (
+	tunnelKeepaliveInterval = time.Minute
+	tunnelKeepaliveTimeout  = 20 * time.Second
+)
+
+var (
+	gatewayKeepalive = keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}
+	gatewayPingLimit = keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}
+	agentKeepalive   = keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 20 * time.Second, PermitWithoutStream: true}
+)
+
+// defaultDrainTimeout bounds how long a stop waits for calls in progress.
+const defaultDrainTimeout = 30 * time.Second
+
+// gatewayConfig is the gateway's command line.
+type gatewayConfig struct {
+	listen       string
+	tlsCert      string
+	tlsKey       string
+	clientCA     string
+	tokenFile    string
+	metrics      string
+	keyHeader    string
+	drainTimeout time.Duration
+}
+
+func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	var cfg gatewayConfig
+	c := newCLI("gateway", "grpctunnel gateway --listen ADDR [flags]",
+		"Accepts reverse tunnels from agents and routes gRPC calls to them: a caller\n"+
+			"names the agent in the key header, and the call goes through that agent's\n"+
+			"tunnel to the service beside it. Calls without the header reach the\n"+
+			"gateway's own health, reflection and grpctunnel.admin.v1.AdminService.",
+		stdout, stderr)
+	fs := c.fs
+	fs.StringVar(&cfg.listen, "listen", "", "serve agents and callers on `addr`ess host:port; port 0 picks one (required)")
+	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "serve TLS with the PEM certificate (chain) in `file`; needs --tls-key")
+	fs.StringVar(&cfg.tlsKey, "tls-key", "", "PEM private key `file` of --tls-cert")
+	fs.StringVar(&cfg.clientCA, "client-ca", "", "require client certificates issued by a CA in this PEM `file`, from agents\nand callers alike; needs --tls-cert")
+	fs.StringVar(&cfg.tokenFile, "token-file", "", "admit only agents that present a token of this `file`: one token a line,\noptionally followed by the one agent key it may open tunnels for;\nblank lines and # comments are skipped")
+	fs.StringVar(&cfg.metrics, "metrics", "", "serve Prometheus metrics over HTTP at `addr`ess/metrics")
+	fs.StringVar(&cfg.keyHeader, "key-header", gateway.DefaultKeyHeader, "`header` that names the agent, on agents' tunnels and callers' calls")
+	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
+	logs := addLogFlags(fs, slog.LevelInfo)
+	if code, ok := c.parse(args); !ok {
+		return code
+	}
+	if code, ok := c.requireFlags("listen"); !ok {
+		return code
+	}
+	switch {
+	case (cfg.tlsCert == "") != (cfg.tlsKey == ""):
+		return c.fail("--tls-cert and --tls-key go together")
+	case cfg.clientCA != "" && cfg.tlsCert == "":
+		return c.fail("--client-ca needs TLS: give --tls-cert and --tls-key too")
+	case cfg.drainTimeout <= 0:
+		return c.fail("--drain-timeout must be positive")
+	}
+	log := logs.logger(stderr)
+
+	gw, err := startGateway(cfg, log)
+	if err != nil {
+		log.Error("gateway failed to start", "err", err)
+		return 1
+	}
+	select {
+	case <-ctx.Done():
+		log.Info("stopping: draining agents' tunnels and calls", "timeout", cfg.drainTimeout)
+	case err := <-gw.failed:
+		log.Error("gateway failed", "err", err)
+		gw.stop(ctx, 0)
+		return 1
+	}
+	gw.stop(ctx, cfg.drainTimeout)
+	log.Info("stopped")
+	return 0
+}
+
+// gatewayServer is a gateway serving on its listener, with its metrics
+// server if it has one.
+type gatewayServer struct {
+	g       *gateway.Gateway
+	srv     *grpc.Server
+	addr    net.Addr
+	metrics *http.Server // nil without --metrics
+	log     *slog.Logger
+	failed  chan error    // a server that stopped on its own
+	done    chan struct{} // closed when both servers have returned
+}
+
+// startGateway builds the gateway from cfg, binds its listeners and starts
+// serving. It logs "listening" with the bound address, which is how a
+// caller of --listen host:0 learns the port.
+func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
+	var opts gateway.Options
+	opts.KeyHeader = cfg.keyHeader
+	opts.Logger = log
+	opts.Tunnel.TunnelOptions = []tunnel.TunnelOption{tunnel.WithKeepalive(tunnelKeepaliveInterval, tunnelKeepaliveTimeout)}
+	if cfg.tokenFile != "" {
+		tokens, err := loadTokens(cfg.tokenFile)
+		if err != nil {
+			return nil, err
+		}
+		opts.AuthorizeAgent = tokens.authorize
+	}
+	var reg *prometheus.Registry
+	if cfg.metrics != "" {
+		reg = prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		opts.Registerer = reg
+	}
+	g, err := gateway.New(opts)
+	if err != nil {
+		return nil, err
+	}
+
+	serverOpts := append(g.ServerOptions(), grpc.KeepaliveParams(gatewayKeepalive), grpc.KeepaliveEnforcementPolicy(gatewayPingLimit))
+	if cfg.tlsCert != "" {
+		tlsCfg, err := serverTLS(cfg.tlsCert, cfg.tlsKey, cfg.clientCA)
+		if err != nil {
+			return nil, err
+		}
+		serverOpts = append(serverOpts, grpc.Creds(credentials.NewTLS(tlsCfg)))
+	}
+	srv := grpc.NewServer(serverOpts...)
+	g.Register(srv)
+
+	lis, err := net.Listen("tcp", cfg.listen)
+	if err != nil {
+		return nil, err
+	}
+	var metricsLis net.Listener
+	if cfg.metrics != "" {
+		if metricsLis, err = net.Listen("tcp", cfg.metrics); err != nil {
+			lis.Close()
+			return nil, fmt.Errorf("metrics: %w", err)
+		}
+	}
+
+	s := &gatewayServer{g: g, srv: srv, addr: lis.Addr(), log: log, failed: make(chan error, 2), done: make(chan struct{})}
+	served := make(chan struct{}, 2)
+	go func() {
+		defer func() { served <- struct{}{} }()
+		if err := srv.Serve(lis); err != nil {
+			s.failed <- err
+		}
+	}()
+	log.Info("listening", "addr", lis.Addr().String(), "tls", cfg.tlsCert != "", "client_certs", cfg.clientCA != "", "tokens", cfg.tokenFile != "")
+	if cfg.tlsCert == "" {
+		log.Warn("serving without TLS: agents' tokens and every call travel in plaintext; give --tls-cert and --tls-key unless a TLS proxy stands in front")
+	}
+	if metricsLis != nil {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		s.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			defer func() { served <- struct{}{} }()
+			if err := s.metrics.Serve(metricsLis); !errors.Is(err, http.ErrServerClosed) {
+				s.failed <- fmt.Errorf("metrics: %w", err)
+			}
+		}()
+		log.Info("metrics listening", "addr", metricsLis.Addr().String())
+	} else {
+		served <- struct{}{}
+	}
+	go func() {
+		<-served
+		<-served
+		close(s.done)
+	}()
+	return s, nil
+}
+
+// stop drains the gateway: health turns NOT_SERVING, agents may open no new
+// tunnels, and the server waits for calls in progress, for at most drain or
+// until a second signal, before it closes what is left. A drain of 0 closes
+// everything at once.
+func (s *gatewayServer) stop(ctx context.Context, drain time.Duration) {
+	s.g.Shutdown()
+	if !waitBounded(ctx, drain, s.srv.GracefulStop, s.srv.Stop) {
+		s.log.Warn("drain cut short: closed the calls still in progress")
+	}
+	if s.metrics != nil {
+		// Scrapes take milliseconds; one that has not finished by now is
+		// not worth holding the exit for.
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		if err := s.metrics.Shutdown(sctx); err != nil {
+			s.metrics.Close()
+		}
+		cancel()
+	}
+	<-s.done
+}
+
+// waitBounded runs graceful and waits for it, for at most timeout or until
+// a second signal (see forced); then it runs hard, which must make graceful
+// return, and waits for graceful still. It reports whether graceful was
+// enough.
+func waitBounded(ctx context.Context, timeout time.Duration, graceful, hard func()) bool {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		graceful()
+	}()
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	select {
+	case <-done:
+		return true
+	case <-timer.C:
+	case <-forced(ctx):
+	}
+	hard()
+	<-done
+	return false
+}
