@@ -226,3 +226,41 @@ func TestTunnelServerForwards(t *testing.T) {
 		grpchantesting.RunChannelTestCases(t, ch, true)
 	})
 }
+
+// TestTunnelsThroughProxy opens tunnels through the proxy itself: the
+// proxy knows nothing of TunnelService, and forwards its long-lived
+// bidirectional calls one to one to the tunnel handler behind it.
+func TestTunnelsThroughProxy(t *testing.T) {
+	t.Run("reverse", func(t *testing.T) {
+		handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{})
+		backend := serve(t, func(s *grpc.Server) { tunnelpb.RegisterTunnelServiceServer(s, handler.Service()) })
+		front := serve(t, nil, proxy.ServerOptions(to(backend))...)
+		rs := tunnel.NewReverseTunnelServer(tunnelpb.NewTunnelServiceClient(front))
+		grpchantesting.RegisterTestServiceServer(rs, &grpchantesting.TestServer{})
+		served := make(chan struct{})
+		go func() {
+			defer close(served)
+			_, _ = rs.Serve(context.Background())
+		}()
+		defer func() {
+			rs.Stop()
+			<-served
+		}()
+		if err := handler.AsChannel().WaitForReady(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		grpchantesting.RunChannelTestCases(t, handler.AsChannel(), true)
+	})
+	t.Run("forward", func(t *testing.T) {
+		handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{})
+		grpchantesting.RegisterTestServiceServer(handler, &grpchantesting.TestServer{})
+		backend := serve(t, func(s *grpc.Server) { tunnelpb.RegisterTunnelServiceServer(s, handler.Service()) })
+		front := serve(t, nil, proxy.ServerOptions(to(backend))...)
+		ch, err := tunnel.NewChannel(tunnelpb.NewTunnelServiceClient(front)).Start(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ch.Close()
+		grpchantesting.RunChannelTestCases(t, ch, true)
+	})
+}
