@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"slices"
 	"strings"
@@ -566,6 +567,8 @@ func TestFanOutUnreachableBackends(t *testing.T) {
 		{Name: "ok", Conn: serve(t, func(s *grpc.Server) { grpchantesting.RegisterTestServiceServer(s, ok) })},
 		{Name: "nil", Conn: nil},
 		{Name: "refused", Conn: refused},
+		{Name: "timeout", Conn: errConn{context.DeadlineExceeded}},
+		{Name: "broken", Conn: errConn{errors.New("broken")}},
 	}
 	front := serve(t, nil, proxy.ServerOptions(fanTo(backends...))...)
 	results, err := fanCall(context.Background(), t, front, unaryMethod, proxy.DefaultLabelField, msg("x"))
@@ -576,22 +579,27 @@ func TestFanOutUnreachableBackends(t *testing.T) {
 	for _, r := range results {
 		seen[r.label.GetBackend()] = status.FromProto(r.label.GetStatus()).Code()
 	}
-	want := map[string]codes.Code{"ok": codes.OK, "nil": codes.Unavailable, "refused": codes.Unavailable}
-	if len(results) != 3 || !mapsEqual(seen, want) {
+	want := map[string]codes.Code{
+		"ok":      codes.OK,
+		"nil":     codes.Unavailable,
+		"refused": codes.Unavailable,
+		"timeout": codes.DeadlineExceeded,
+		"broken":  codes.Internal,
+	}
+	if len(results) != len(want) || !maps.Equal(seen, want) {
 		t.Errorf("results %v; want %v", seen, want)
 	}
 }
 
-func mapsEqual[K comparable, V comparable](a, b map[K]V) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
+// errConn is a connection whose calls fail to start with err.
+type errConn struct{ err error }
+
+func (c errConn) Invoke(context.Context, string, any, any, ...grpc.CallOption) error {
+	return c.err
+}
+
+func (c errConn) NewStream(context.Context, *grpc.StreamDesc, string, ...grpc.CallOption) (grpc.ClientStream, error) {
+	return nil, c.err
 }
 
 // TestFanOutClientGoesAway: when the client cancels or its deadline passes,
