@@ -92,7 +92,7 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	}
 	select {
 	case <-ctx.Done():
-		log.Info("stopping: finishing calls in progress", "timeout", cfg.drainTimeout)
+		log.Info("stopping: finishing calls in progress", "timeout", cfg.drainTimeout.String())
 	case err := <-a.done:
 		// Run ends only when stopped, and nothing has stopped it.
 		log.Error("agent stopped unexpectedly", "err", err)

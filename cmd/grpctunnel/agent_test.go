@@ -74,7 +74,7 @@ func TestDrainTimeout(t *testing.T) {
 			gw, addr := startGatewayCmd(t, gwArgs...)
 			ag := startAgentCmd(t, append([]string{"--gateway", addr, "--key", "k", "--target", target}, agArgs...)...)
 			conn := dial(t, addr, insecure.NewCredentials())
-			waitAgent(t, ctx, conn, "k")
+			waitAgent(t, ctx, conn, "k", 1)
 
 			// A health Watch lasts until the caller ends it: a call in
 			// progress, through the gateway and the agent, that no drain

@@ -95,7 +95,7 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	}
 	select {
 	case <-ctx.Done():
-		log.Info("stopping: draining agents' tunnels and calls", "timeout", cfg.drainTimeout)
+		log.Info("stopping: draining agents' tunnels and calls", "timeout", cfg.drainTimeout.String())
 	case err := <-gw.failed:
 		log.Error("gateway failed", "err", err)
 		gw.stop(ctx, 0)

@@ -80,10 +80,10 @@ func startAgentCmd(t *testing.T, args ...string) *inProcess {
 	return startInProcess(t, runAgent, append([]string{"--log-format", "json", "--tunnels", "1"}, args...)...)
 }
 
-// waitAgent polls the admin service behind conn until it lists an agent
-// with key and a tunnel. ListAgents has no way to watch for a change, so
+// waitAgent polls the admin service behind conn until it lists the agent
+// with key with at least tunnels tunnels. ListAgents has no way to watch for a change, so
 // this asks again every few milliseconds, until ctx ends the test.
-func waitAgent(t *testing.T, ctx context.Context, conn grpc.ClientConnInterface, key string) *adminpb.Agent {
+func waitAgent(t *testing.T, ctx context.Context, conn grpc.ClientConnInterface, key string, tunnels int) *adminpb.Agent {
 	t.Helper()
 	admin := adminpb.NewAdminServiceClient(conn)
 	tick := time.NewTicker(10 * time.Millisecond)
@@ -93,13 +93,13 @@ func waitAgent(t *testing.T, ctx context.Context, conn grpc.ClientConnInterface,
 		if err != nil {
 			t.Fatalf("ListAgents: %v", err)
 		}
-		if agents := resp.GetAgents(); len(agents) == 1 && len(agents[0].GetTunnels()) > 0 {
+		if agents := resp.GetAgents(); len(agents) == 1 && len(agents[0].GetTunnels()) >= tunnels {
 			return agents[0]
 		}
 		select {
 		case <-tick.C:
 		case <-ctx.Done():
-			t.Fatalf("agent %q not listed before %v", key, ctx.Err())
+			t.Fatalf("agent %q not listed with %d tunnels before %v", key, tunnels, ctx.Err())
 		}
 	}
 }
@@ -130,7 +130,7 @@ func TestTokens(t *testing.T) {
 	ag := startAgentCmd(t, "--gateway", addr, "--key", "sensor-1", "--target", startTarget(t, "sensor-1"),
 		"--ca", ca.pemFile, "--token-file", writeFile(t, dir, "agent-token", []byte("sensor-token\n")))
 	conn := dialTLS(t, addr, ca, "", "")
-	waitAgent(t, ctx, conn, "sensor-1")
+	waitAgent(t, ctx, conn, "sensor-1", 1)
 	st, err := demopb.NewDeviceServiceClient(conn).GetStatus(metadata.AppendToOutgoingContext(ctx, "tunnel-key", "sensor-1"), &demopb.GetStatusRequest{})
 	if err != nil || st.GetServedBy() != "sensor-1" {
 		t.Fatalf("GetStatus through the admitted agent: %v, %v", st, err)
@@ -186,7 +186,7 @@ func TestMutualTLS(t *testing.T) {
 
 	callerCert, callerKey := ca.clientCert(t, "operator")
 	conn := dialTLS(t, addr, ca, callerCert, callerKey)
-	got := waitAgent(t, ctx, conn, "sensor-7")
+	got := waitAgent(t, ctx, conn, "sensor-7", 1)
 	if id := got.GetTunnels()[0].GetIdentity(); id != "CN=sensor-7" {
 		t.Errorf("the agent's identity is listed as %q, want CN=sensor-7", id)
 	}
