@@ -55,7 +55,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 
 // demoRun starts the three parts, then calls through them or, with keep,
 // waits for ctx; it stops everything it started before it returns.
-func demoRun(ctx context.Context, keep bool, out io.Writer, log *slog.Logger) (err error) {
+func demoRun(ctx context.Context, keep bool, out io.Writer, log *slog.Logger) error {
 	// The sample service: only the agent dials it.
 	devLis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -24,6 +24,8 @@ import (
 	"time"
 
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/grpctunnel/grpctunnel/internal/demo"
 )
@@ -346,4 +348,44 @@ func metricValue(body, series string) float64 {
 		return -1
 	}
 	return v
+}
+
+// TestSecondSignal: a second SIGTERM cuts the drain short, however long
+// --drain-timeout is, and the gateway still exits 0. It runs the built
+// command because only main wires the signals.
+func TestSecondSignal(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("the test stops the processes with SIGTERM")
+	}
+	bin := buildCommand(t)
+	ctx := testContext(t)
+	gw := startProcess(t, "gateway", bin, "gateway", "--listen", "127.0.0.1:0", "--log-format", "json", "--drain-timeout", "1h")
+	addr, _ := gw.log.waitMsg(t, ctx, "listening")["addr"].(string)
+	ag := startProcess(t, "agent", bin, "agent", "--gateway", addr, "--key", "k", "--target", startTarget(t, "sensor"), "--log-format", "json")
+	conn := dial(t, addr, insecure.NewCredentials())
+	waitAgent(t, ctx, conn, "k", 1)
+
+	// A health Watch lasts until the caller ends it, so the drain cannot
+	// finish on its own.
+	watchCtx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(ctx, "tunnel-key", "k"))
+	defer cancel()
+	watch, err := healthpb.NewHealthClient(conn).Watch(watchCtx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := watch.Recv(); err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("Watch: %v, %v", resp, err)
+	}
+
+	if err := gw.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	gw.log.waitMsg(t, ctx, "stopping: draining agents' tunnels and calls")
+	gw.terminate(t)
+	gw.log.waitMsg(t, ctx, "drain cut short: closed the calls still in progress")
+	if _, err := watch.Recv(); err == nil {
+		t.Error("the Watch went on after the gateway stopped")
+	}
+	cancel()
+	ag.terminate(t)
 }
