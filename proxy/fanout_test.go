@@ -720,3 +720,58 @@ func TestWithLabelField(t *testing.T) {
 		}()
 	}
 }
+
+// TestFanOutBehindTunnelServer: the fan-out handler installed in a reverse
+// tunnel server (an agent fanning calls out to the services next to it)
+// behaves as in a gRPC server, headers first included.
+func TestFanOutBehindTunnelServer(t *testing.T) {
+	recs := []*recorder{newRecorder(), newRecorder()}
+	backends := []proxy.Backend{
+		{Name: "one", Conn: serve(t, func(s *grpc.Server) { grpchantesting.RegisterTestServiceServer(s, recs[0]) })},
+		{Name: "two", Conn: serve(t, func(s *grpc.Server) { grpchantesting.RegisterTestServiceServer(s, recs[1]) })},
+	}
+	handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{})
+	conn := serve(t, func(s *grpc.Server) { tunnelpb.RegisterTunnelServiceServer(s, handler.Service()) })
+	agent := tunnel.NewReverseTunnelServer(tunnelpb.NewTunnelServiceClient(conn),
+		tunnel.WithUnknownServiceHandler(proxy.Handler(fanTo(backends...))),
+		tunnel.WithCodec(proxy.Codec()),
+	)
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_, _ = agent.Serve(context.Background())
+	}()
+	defer func() {
+		agent.Stop()
+		<-served
+	}()
+	ch := handler.AsChannel()
+	if err := ch.WaitForReady(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	results, err := fanCall(context.Background(), t, ch, bidiMethod, proxy.DefaultLabelField, msg("a"), msg("b"))
+	if err != nil {
+		t.Fatalf("call ended with %v; want OK", err)
+	}
+	got := byBackend(results)
+	for _, name := range []string{"one", "two"} {
+		if !slices.Equal(got[name], []string{"a", "b"}) {
+			t.Errorf("backend %s: echoes %q; want a, b", name, got[name])
+		}
+	}
+
+	desc := &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
+	cs, err := ch.NewStream(context.Background(), desc, bidiMethod, grpc.ForceCodecV2(rawCodec{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cs.Header(); err != nil {
+		t.Fatalf("headers before any message: %v", err)
+	}
+	_ = cs.CloseSend()
+	var raw []byte
+	if err := cs.RecvMsg(&raw); !errors.Is(err, io.EOF) {
+		t.Errorf("end of call: %v; want OK", err)
+	}
+}
