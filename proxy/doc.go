@@ -69,14 +69,30 @@
 // A client calls a fanned-out method as a server-streaming one
 // (grpc.StreamDesc with ServerStreams set), even if the backends' method is
 // unary, since it gets one message per backend and one per failure. A Go
-// client that has no schema for the method reads each result with
-// [SplitLabel]. A client that has the schema can declare a "fan-out view"
-// of the method in its own .proto file: the same package, service and method
-// names, with `returns (stream XView)`, where XView copies the fields of the
-// response message X and adds
+// client reads each result with [SplitLabel], on the raw message or on the
+// unknown fields of the message decoded with the response's own type.
 //
-//	grpctunnel.proxy.v1.Label label = 536870911;
+// A client in any language can instead declare a "fan-out view" of the
+// method in its own .proto file: the same package, service and method
+// names, returning a stream of a message that copies the response's fields
+// and adds the label. For a backend's
 //
-// Its generated stubs then call the fanned-out method and decode each
-// result, label included, as an ordinary message.
+//	package shop.v1;
+//	service Stock { rpc Count(CountRequest) returns (CountReply); }
+//	message CountReply { int64 items = 1; }
+//
+// the view is
+//
+//	package shop.v1;
+//	import "grpctunnel/proxy/v1/label.proto";
+//	service Stock { rpc Count(CountRequest) returns (stream CountReplyView); }
+//	message CountRequest { ... } // as the backend's
+//	message CountReplyView {
+//	  int64 items = 1;
+//	  grpctunnel.proxy.v1.Label label = 536870911;
+//	}
+//
+// (a streaming request stays streaming), and its generated stubs call the fanned-out method and decode each
+// result, label included, as an ordinary message. Since the view declares
+// the backend's service name again, a program should not link both.
 package proxy
