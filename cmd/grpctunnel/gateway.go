@@ -25,9 +25,9 @@ import (
 // own keepalive notices a tunnel that has gone silent and frees its calls;
 // gRPC's, on the connection under it, closes a connection whose peer has
 // vanished, which is what finally releases the gateway's handler of a
-// tunnel given up that way. The gateway tolerates pings as often as
-// agents send them (agentKeepalive) and from callers that ping no more
-// often than every 10 seconds.
+// tunnel given up that way. The gateway accepts a ping every 10 seconds at
+// most, from agents (which ping after 30 idle seconds) and callers alike;
+// gRPC disconnects a client that pings more often.
 const (
 	tunnelKeepaliveInterval = time.Minute
 	tunnelKeepaliveTimeout  = 20 * time.Second

@@ -35,8 +35,10 @@ func (l *logFlags) logger(w io.Writer) *slog.Logger {
 // that a typo fails on the command line rather than silently logging text.
 type logFormat string
 
+// String implements flag.Value.
 func (f *logFormat) String() string { return string(*f) }
 
+// Set implements flag.Value.
 func (f *logFormat) Set(s string) error {
 	switch s {
 	case "text", "json":
@@ -49,8 +51,10 @@ func (f *logFormat) Set(s string) error {
 // logLevel is a flag.Value for the four levels by name.
 type logLevel slog.Level
 
+// String implements flag.Value, with the names Set accepts.
 func (l *logLevel) String() string { return strings.ToLower(slog.Level(*l).String()) }
 
+// Set implements flag.Value.
 func (l *logLevel) Set(s string) error {
 	switch s {
 	case "debug":
