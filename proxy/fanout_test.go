@@ -775,3 +775,21 @@ func TestFanOutBehindTunnelServer(t *testing.T) {
 		t.Errorf("end of call: %v; want OK", err)
 	}
 }
+
+// TestFanOutRequestTooLarge: a request the front server refuses ends the
+// fanned-out call with that server's status, and every backend's call.
+func TestFanOutRequestTooLarge(t *testing.T) {
+	recs := []*recorder{newRecorder(), newRecorder()}
+	backends := []proxy.Backend{
+		{Name: "a", Conn: serve(t, func(s *grpc.Server) { grpchantesting.RegisterTestServiceServer(s, recs[0]) })},
+		{Name: "b", Conn: forwardBackend(t, recs[1])},
+	}
+	front := serve(t, nil, append(proxy.ServerOptions(fanTo(backends...)), grpc.MaxRecvMsgSize(100))...)
+	// The bound only turns a hang into a failure.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := fanCall(ctx, t, front, bidiMethod, proxy.DefaultLabelField, msg("small"), msg(strings.Repeat("x", 1000)))
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("call ended with %v; want ResourceExhausted", err)
+	}
+}
