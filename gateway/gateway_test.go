@@ -2,6 +2,7 @@ package gateway_test
 
 import (
 	"context"
+	"io"
 	"net"
 	"strings"
 	"sync"
@@ -20,10 +21,12 @@ import (
 	"google.golang.org/grpc/reflection"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/grpctunnel/grpctunnel/agent"
 	"github.com/grpctunnel/grpctunnel/gateway"
 	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
+	"github.com/grpctunnel/grpctunnel/proxy"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -408,5 +411,59 @@ func TestShutdownDrainsAgents(t *testing.T) {
 	srv.GracefulStop()
 	if n := tunnelsOf(g, "site-a"); n != 0 {
 		t.Errorf("%d tunnels left after the drain", n)
+	}
+}
+
+func TestFanOutToSeveralAgents(t *testing.T) {
+	g, gw := startGateway(t, gateway.Options{})
+	backend := startBackend(t)
+	startAgent(t, g, gw, backend, "a", 1)
+	startAgent(t, g, gw, backend, "b", 1)
+
+	// A unary method called as server-streaming: one labelled result per
+	// agent named, including the one that is not connected.
+	ctx := metadata.AppendToOutgoingContext(context.Background(), gateway.DefaultKeyHeader, "a, b", gateway.DefaultKeyHeader, "gone")
+	desc := &grpc.StreamDesc{ServerStreams: true}
+	cs, err := gw.NewStream(ctx, desc, "/grpchantesting.TestService/Unary", grpc.ForceCodecV2(proxy.Codec()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The proxy's codec sends typed messages with the proto codec and
+	// receives frames as raw bytes.
+	if err := cs.SendMsg(&grpchantesting.Message{Payload: []byte("ping")}); err != nil {
+		t.Fatal(err)
+	}
+	_ = cs.CloseSend()
+	got := make(map[string]string)
+	for {
+		f := new(proxy.Frame)
+		if err := cs.RecvMsg(f); err != nil {
+			if status.Code(err) != codes.OK && err != io.EOF {
+				t.Fatalf("the call failed as a whole: %v", err)
+			}
+			break
+		}
+		payload, label, err := proxy.SplitLabel(f.Bytes(), proxy.DefaultLabelField)
+		if err != nil || label == nil {
+			t.Fatalf("result without a label: %v %v", label, err)
+		}
+		if label.GetStatus() != nil {
+			got[label.GetBackend()] = codes.Code(label.GetStatus().GetCode()).String()
+			continue
+		}
+		var m grpchantesting.Message
+		if err := proto.Unmarshal(payload, &m); err != nil {
+			t.Fatal(err)
+		}
+		got[label.GetBackend()] = string(m.GetPayload())
+	}
+	want := map[string]string{"a": "ping", "b": "ping", "gone": "Unavailable"}
+	if len(got) != len(want) {
+		t.Fatalf("results %v, want %v", got, want)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("result of %s: %q, want %q", k, got[k], v)
+		}
 	}
 }
