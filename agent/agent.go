@@ -13,6 +13,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
@@ -111,9 +112,9 @@ func (a *Agent) logState(c tunnel.StateChange) {
 		a.log.Info("tunnel open", "tunnel", c.Tunnel, "key", a.key)
 	case tunnel.TunnelWaiting:
 		if c.Err != nil {
-			a.log.Warn("tunnel failed; retrying", "tunnel", c.Tunnel, "key", a.key, "err", c.Err, "retry_in", c.Delay)
+			a.log.Warn("tunnel failed; retrying", "tunnel", c.Tunnel, "key", a.key, "err", c.Err, "retry_in", c.Delay.Round(time.Millisecond).String())
 		} else {
-			a.log.Info("tunnel closed by the gateway; reopening", "tunnel", c.Tunnel, "key", a.key, "retry_in", c.Delay)
+			a.log.Info("tunnel closed by the gateway; reopening", "tunnel", c.Tunnel, "key", a.key, "retry_in", c.Delay.Round(time.Millisecond).String())
 		}
 	case tunnel.TunnelStopped:
 		a.log.Info("tunnel stopped", "tunnel", c.Tunnel, "key", a.key)

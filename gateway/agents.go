@@ -111,7 +111,7 @@ func (g *Gateway) closed(ch tunnel.TunnelChannel) {
 	if g.metrics != nil {
 		g.metrics.tunnelClosed(t.key)
 	}
-	attrs := []any{"key", t.key, "peer", t.peer, "tunnels", n, "lasted", time.Since(t.opened).Round(time.Millisecond)}
+	attrs := []any{"key", t.key, "peer", t.peer, "tunnels", n, "lasted", time.Since(t.opened).Round(time.Millisecond).String()}
 	if err := ch.Err(); err != nil {
 		attrs = append(attrs, "err", err)
 	}
@@ -120,11 +120,10 @@ func (g *Gateway) closed(ch tunnel.TunnelChannel) {
 
 // identity is the subject of a verified TLS client certificate, or "".
 func identity(info credentials.AuthInfo) string {
-	tlsInfo, ok := info.(credentials.TLSInfo)
-	if !ok || len(tlsInfo.State.VerifiedChains) == 0 || len(tlsInfo.State.VerifiedChains[0]) == 0 {
-		return ""
+	if cert := leaf(info); cert != nil {
+		return cert.Subject.String()
 	}
-	return tlsInfo.State.VerifiedChains[0][0].Subject.String()
+	return ""
 }
 
 // adminService answers the gateway's AdminService.

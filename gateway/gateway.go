@@ -50,6 +50,18 @@ type Options struct {
 	// ideally a status with code Unauthenticated or PermissionDenied,
 	// refuses the tunnel with that status.
 	AuthorizeAgent func(ctx context.Context, key string) error
+	// AuthorizeCall, if set, decides whether a caller may make a call,
+	// before it is routed or answered: ctx is the call's (its peer and
+	// metadata), method its full name, and keys the agents it names (none
+	// for a call to the gateway's own services). A non-nil error, ideally a
+	// status with code Unauthenticated or PermissionDenied, fails the call
+	// with that status. Without it, anyone who can reach the gateway may
+	// call any agent.
+	AuthorizeCall func(ctx context.Context, method string, keys []string) error
+	// DropHeaders are removed from a call before it is forwarded, besides
+	// the key header: credentials meant for the gateway, for example. Names
+	// are lowered.
+	DropHeaders []string
 	// Logger receives a line for each agent tunnel that opens or closes
 	// (slog.Default() if nil).
 	Logger *slog.Logger
@@ -73,6 +85,8 @@ type Gateway struct {
 	keyHeader string
 	director  Director
 	authorize func(context.Context, string) error
+	allowCall func(context.Context, string, []string) error
+	drop      []string // headers never forwarded, the key header first
 	log       *slog.Logger
 	handler   *tunnel.TunnelServiceHandler
 	agents    *agentSet
@@ -89,11 +103,16 @@ func New(opts Options) (*Gateway, error) {
 		keyHeader: strings.ToLower(opts.KeyHeader),
 		director:  opts.Director,
 		authorize: opts.AuthorizeAgent,
+		allowCall: opts.AuthorizeCall,
 		log:       opts.Logger,
 		health:    health.NewServer(),
 	}
 	if g.keyHeader == "" {
 		g.keyHeader = DefaultKeyHeader
+	}
+	g.drop = []string{g.keyHeader}
+	for _, h := range opts.DropHeaders {
+		g.drop = append(g.drop, strings.ToLower(h))
 	}
 	if g.director == nil {
 		g.director = func(ctx context.Context, call *proxy.Call, g *Gateway) (proxy.Route, error) {
@@ -189,7 +208,13 @@ func (g *Gateway) Shutdown() {
 // services for a call that names no agent, the director for the rest.
 func (g *Gateway) handle(srv any, ss grpc.ServerStream) error {
 	method, _ := grpc.MethodFromServerStream(ss)
-	if len(g.keys(ss.Context())) == 0 {
+	keys := g.keys(ss.Context())
+	if g.allowCall != nil {
+		if err := g.allowCall(ss.Context(), method, keys); err != nil {
+			return refusal(err)
+		}
+	}
+	if len(keys) == 0 {
 		if h := g.local.lookup(method); h != nil {
 			return h(ss)
 		}

@@ -34,7 +34,7 @@ func (g *Gateway) RouteByKey(ctx context.Context, call *proxy.Call) (proxy.Route
 	if len(keys) > maxFanout {
 		return proxy.Route{}, status.Errorf(codes.InvalidArgument, "grpctunnel gateway: a call may name at most %d agents, not %d", maxFanout, len(keys))
 	}
-	route := proxy.Route{Metadata: incoming(ctx, g.keyHeader)}
+	route := proxy.Route{Metadata: g.outgoing(ctx)}
 	for _, key := range keys {
 		ch := g.Agent(key)
 		if len(keys) == 1 && !ch.Ready() {
@@ -76,13 +76,24 @@ func contains(keys []string, k string) bool {
 	return false
 }
 
-// incoming returns a copy of the call's incoming metadata without the key
-// header, to send on to the backend.
-func incoming(ctx context.Context, keyHeader string) metadata.MD {
+// outgoing returns a copy of the call's incoming metadata without the key
+// header and the dropped headers, to send on to the backend.
+func (g *Gateway) outgoing(ctx context.Context) metadata.MD {
 	md, _ := metadata.FromIncomingContext(ctx)
 	md = md.Copy()
-	delete(md, keyHeader)
+	for _, h := range g.drop {
+		delete(md, h)
+	}
 	return md
+}
+
+// refusal is the status of a call or tunnel an authorization function
+// refused: its own status, or PermissionDenied.
+func refusal(err error) error {
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	return status.Error(codes.PermissionDenied, err.Error())
 }
 
 // checkTunnel vets the tunnels agents open before the tunnel library
@@ -106,10 +117,7 @@ func (g *Gateway) checkTunnel(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 	}
 	if g.authorize != nil {
 		if err := g.authorize(ss.Context(), keys[0]); err != nil {
-			if _, ok := status.FromError(err); !ok {
-				err = status.Error(codes.PermissionDenied, err.Error())
-			}
-			return err
+			return refusal(err)
 		}
 	}
 	return handler(srv, ss)
