@@ -83,6 +83,7 @@ func TestBadCommandLines(t *testing.T) {
 		{[]string{"gateway", "--listen", ":0", "--tls-cert", "c.pem"}, "grpctunnel gateway: --tls-cert and --tls-key go together"},
 		{[]string{"gateway", "--listen", ":0", "--tls-key", "k.pem"}, "grpctunnel gateway: --tls-cert and --tls-key go together"},
 		{[]string{"gateway", "--listen", ":0", "--client-ca", "ca.pem"}, "grpctunnel gateway: --client-ca needs TLS"},
+		{[]string{"gateway", "--listen", ":0", "--tls-cert", "c.pem", "--tls-key", "k.pem", "--agent-key-from-cert"}, "grpctunnel gateway: --agent-key-from-cert needs client certificates"},
 		{[]string{"gateway", "--listen", ":0", "--drain-timeout", "0s"}, "grpctunnel gateway: --drain-timeout must be positive"},
 		{[]string{"gateway", "--listen", ":0", "--drain-timeout", "soon"}, "grpctunnel gateway: invalid value \"soon\" for flag -drain-timeout"},
 		{[]string{"gateway", "--listen", ":0", "--log-format", "xml"}, "grpctunnel gateway: invalid value \"xml\" for flag -log-format: want text or json"},

@@ -49,6 +49,8 @@ type gatewayConfig struct {
 	tlsKey       string
 	clientCA     string
 	tokenFile    string
+	keyFromCert  bool
+	callerTokens string
 	metrics      string
 	keyHeader    string
 	drainTimeout time.Duration
@@ -68,6 +70,8 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	fs.StringVar(&cfg.tlsKey, "tls-key", "", "PEM private key `file` of --tls-cert")
 	fs.StringVar(&cfg.clientCA, "client-ca", "", "require client certificates issued by a CA in this PEM `file`, from agents\nand callers alike; needs --tls-cert")
 	fs.StringVar(&cfg.tokenFile, "token-file", "", "admit only agents that present a token of this `file`: one token a line,\noptionally followed by the one agent key it may open tunnels for;\nblank lines and # comments are skipped")
+	fs.BoolVar(&cfg.keyFromCert, "agent-key-from-cert", false, "admit an agent only for a key its client certificate names, as common name\nor DNS name, so that no agent can take a share of another's calls;\nneeds --client-ca")
+	fs.StringVar(&cfg.callerTokens, "caller-token-file", "", "admit only callers that present a token of this `file` in the\n"+callerTokenHeader+" header (Bearer <token>), which is not forwarded:\none token a line, optionally followed by the one agent key it may call;\nhealth checks need no token")
 	fs.StringVar(&cfg.metrics, "metrics", "", "serve Prometheus metrics over HTTP at `addr`ess/metrics")
 	fs.StringVar(&cfg.keyHeader, "key-header", gateway.DefaultKeyHeader, "`header` that names the agent, on agents' tunnels and callers' calls")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
@@ -83,6 +87,8 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		return c.fail("--tls-cert and --tls-key go together")
 	case cfg.clientCA != "" && cfg.tlsCert == "":
 		return c.fail("--client-ca needs TLS: give --tls-cert and --tls-key too")
+	case cfg.keyFromCert && cfg.clientCA == "":
+		return c.fail("--agent-key-from-cert needs client certificates: give --client-ca too")
 	case cfg.drainTimeout <= 0:
 		return c.fail("--drain-timeout must be positive")
 	}
@@ -126,12 +132,34 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 	opts.KeyHeader = cfg.keyHeader
 	opts.Logger = log
 	opts.Tunnel.TunnelOptions = []tunnel.TunnelOption{tunnel.WithKeepalive(tunnelKeepaliveInterval, tunnelKeepaliveTimeout)}
+	var admit []func(context.Context, string) error
 	if cfg.tokenFile != "" {
 		tokens, err := loadTokens(cfg.tokenFile)
 		if err != nil {
 			return nil, err
 		}
-		opts.AuthorizeAgent = tokens.authorize
+		admit = append(admit, tokens.authorize)
+	}
+	if cfg.keyFromCert {
+		admit = append(admit, gateway.CertificateNamesKey)
+	}
+	if len(admit) > 0 {
+		opts.AuthorizeAgent = func(ctx context.Context, key string) error {
+			for _, check := range admit {
+				if err := check(ctx, key); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
+	}
+	if cfg.callerTokens != "" {
+		tokens, err := loadTokens(cfg.callerTokens)
+		if err != nil {
+			return nil, err
+		}
+		opts.AuthorizeCall = tokens.authorizeCall
+		opts.DropHeaders = []string{callerTokenHeader}
 	}
 	var reg *prometheus.Registry
 	if cfg.metrics != "" {
@@ -175,7 +203,7 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 			s.failed <- err
 		}
 	}()
-	log.Info("listening", "addr", lis.Addr().String(), "tls", cfg.tlsCert != "", "client_certs", cfg.clientCA != "", "tokens", cfg.tokenFile != "")
+	log.Info("listening", "addr", lis.Addr().String(), "tls", cfg.tlsCert != "", "client_certs", cfg.clientCA != "", "tokens", cfg.tokenFile != "", "caller_tokens", cfg.callerTokens != "", "agent_key_from_cert", cfg.keyFromCert)
 	if cfg.tlsCert == "" {
 		log.Warn("serving without TLS: agents' tokens and every call travel in plaintext; give --tls-cert and --tls-key unless a TLS proxy stands in front")
 	}

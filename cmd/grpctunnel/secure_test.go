@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -201,6 +204,62 @@ func TestMutualTLS(t *testing.T) {
 	_, err = adminpb.NewAdminServiceClient(dial(t, addr, insecure.NewCredentials())).ListAgents(ctx, &adminpb.ListAgentsRequest{})
 	if status.Code(err) != codes.Unavailable {
 		t.Errorf("ListAgents in plaintext: %v, want Unavailable", err)
+	}
+
+	stopAll(t, ag, gw)
+}
+
+// TestAgentKeyFromCert: with --agent-key-from-cert an agent may announce
+// only a key its certificate names.
+func TestAgentKeyFromCert(t *testing.T) {
+	ca := newTestCA(t, "keys")
+	cert, key := ca.serverCert(t)
+	gw, addr := startGatewayCmd(t, "--tls-cert", cert, "--tls-key", key, "--client-ca", ca.pemFile, "--agent-key-from-cert")
+	ctx := testContext(t)
+
+	agentCert, agentKey := ca.clientCert(t, "sensor-7")
+	tlsArgs := []string{"--ca", ca.pemFile, "--tls-cert", agentCert, "--tls-key", agentKey, "--server-name", "localhost"}
+	own := startAgentCmd(t, append([]string{"--gateway", addr, "--key", "sensor-7", "--target", startTarget(t, "sensor-7")}, tlsArgs...)...)
+	other := startAgentCmd(t, append([]string{"--gateway", addr, "--key", "sensor-8", "--target", startTarget(t, "sensor-8")}, tlsArgs...)...)
+
+	callerCert, callerKey := ca.clientCert(t, "operator")
+	waitAgent(t, ctx, dialTLS(t, addr, ca, callerCert, callerKey), "sensor-7", 1)
+	other.stderr.waitMsg(t, ctx, "the gateway at "+addr+" does not admit this agent (check --token-file, the client certificate and --key); retrying, later failures are logged as warnings")
+
+	stopAll(t, own, other, gw)
+}
+
+// TestCallerTokens: with --caller-token-file a caller needs a token in the
+// tunnel-authorization header, except for the gateway's health, and a token
+// bound to a key reaches that agent only.
+func TestCallerTokens(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "callers")
+	if err := os.WriteFile(file, []byte("admin-secret\ncaller-secret sensor-1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	gw, addr := startGatewayCmd(t, "--caller-token-file", file)
+	ag := startAgentCmd(t, "--gateway", addr, "--key", "sensor-1", "--target", startTarget(t, "sensor-1"))
+	ctx := testContext(t)
+	conn := dial(t, addr, insecure.NewCredentials())
+	waitAgent(t, metadata.AppendToOutgoingContext(ctx, callerTokenHeader, "Bearer admin-secret"), conn, "sensor-1", 1)
+
+	device := demopb.NewDeviceServiceClient(conn)
+	call := func(md ...string) error {
+		_, err := device.GetStatus(metadata.AppendToOutgoingContext(ctx, md...), &demopb.GetStatusRequest{})
+		return err
+	}
+	if err := call("tunnel-key", "sensor-1", callerTokenHeader, "Bearer caller-secret"); err != nil {
+		t.Errorf("with its token: %v", err)
+	}
+	if err := call("tunnel-key", "sensor-1"); status.Code(err) != codes.Unauthenticated {
+		t.Errorf("without a token: %v, want Unauthenticated", err)
+	}
+	if err := call("tunnel-key", "sensor-2", callerTokenHeader, "Bearer caller-secret"); status.Code(err) != codes.PermissionDenied {
+		t.Errorf("another agent: %v, want PermissionDenied", err)
+	}
+	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Errorf("health without a token: %v, %v", resp, err)
 	}
 
 	stopAll(t, ag, gw)

@@ -92,19 +92,63 @@ func tokenLine(line string) (fields []string, ok bool) {
 	return strings.Fields(line), true
 }
 
+// callerTokenHeader carries callers' tokens (--caller-token-file). It is
+// not "authorization", which belongs to the service behind the agent and
+// passes through unchanged.
+const callerTokenHeader = "tunnel-authorization"
+
 // authorize is the gateway's AuthorizeAgent: the opening RPC must carry
 // "authorization: Bearer <token>" with a token of the set that is not bound
 // to another key.
 func (s *tokenSet) authorize(ctx context.Context, key string) error {
+	match, err := s.match(ctx, "authorization", "an agent")
+	if err != nil {
+		return err
+	}
+	if match.key != "" && match.key != key {
+		return status.Errorf(codes.PermissionDenied, "grpctunnel gateway: this token may not open tunnels for agent key %q", key)
+	}
+	return nil
+}
+
+// authorizeCall is the gateway's AuthorizeCall: a call must carry
+// "tunnel-authorization: Bearer <token>" with a token of the set, and a
+// token bound to a key may call that agent only, not the gateway's own
+// services, which list every agent. Health checks need no token, so that
+// load balancers can probe the gateway.
+func (s *tokenSet) authorizeCall(ctx context.Context, method string, keys []string) error {
+	if len(keys) == 0 && strings.HasPrefix(method, "/grpc.health.v1.Health/") {
+		return nil
+	}
+	match, err := s.match(ctx, callerTokenHeader, "a caller")
+	if err != nil {
+		return err
+	}
+	if match.key == "" {
+		return nil
+	}
+	if len(keys) == 0 {
+		return status.Errorf(codes.PermissionDenied, "grpctunnel gateway: this token may call agent %q only", match.key)
+	}
+	for _, k := range keys {
+		if k != match.key {
+			return status.Errorf(codes.PermissionDenied, "grpctunnel gateway: this token may not call agent %q", k)
+		}
+	}
+	return nil
+}
+
+// match finds the token that header presents, for who.
+func (s *tokenSet) match(ctx context.Context, header, who string) (*token, error) {
 	md, _ := metadata.FromIncomingContext(ctx)
-	values := md.Get("authorization")
+	values := md.Get(header)
 	if len(values) == 0 {
-		return status.Error(codes.Unauthenticated, "grpctunnel gateway: an agent must present a token (authorization: Bearer <token>)")
+		return nil, status.Errorf(codes.Unauthenticated, "grpctunnel gateway: %s must present a token (%s: Bearer <token>)", who, header)
 	}
 	scheme, presented, ok := strings.Cut(values[0], " ")
 	presented = strings.TrimSpace(presented)
 	if len(values) > 1 || !ok || !strings.EqualFold(scheme, "Bearer") || presented == "" {
-		return status.Error(codes.Unauthenticated, "grpctunnel gateway: the authorization header must be one \"Bearer <token>\"")
+		return nil, status.Errorf(codes.Unauthenticated, "grpctunnel gateway: the %s header must be one \"Bearer <token>\"", header)
 	}
 	sum := sha256.Sum256([]byte(presented))
 	var match *token
@@ -115,13 +159,10 @@ func (s *tokenSet) authorize(ctx context.Context, key string) error {
 			match = &s.tokens[i]
 		}
 	}
-	switch {
-	case match == nil:
-		return status.Error(codes.Unauthenticated, "grpctunnel gateway: unknown token")
-	case match.key != "" && match.key != key:
-		return status.Errorf(codes.PermissionDenied, "grpctunnel gateway: this token may not open tunnels for agent key %q", key)
+	if match == nil {
+		return nil, status.Error(codes.Unauthenticated, "grpctunnel gateway: unknown token")
 	}
-	return nil
+	return match, nil
 }
 
 // readAgentToken reads the agent's --token-file: its first line that is

@@ -110,3 +110,39 @@ func TestReadAgentToken(t *testing.T) {
 		}
 	}
 }
+
+func TestAuthorizeCall(t *testing.T) {
+	s, err := parseTokens(strings.NewReader(tokenFileText))
+	if err != nil {
+		t.Fatal(err)
+	}
+	with := func(value string) context.Context {
+		return metadata.NewIncomingContext(context.Background(), metadata.Pairs(callerTokenHeader, value))
+	}
+	const call, health, admin = "/demo.v1.Service/Call", "/grpc.health.v1.Health/Check", "/grpctunnel.admin.v1.AdminService/ListAgents"
+	for _, tc := range []struct {
+		name   string
+		ctx    context.Context
+		method string
+		keys   []string
+		want   codes.Code
+	}{
+		{"unbound token, any agent", with("Bearer any-key-token"), call, []string{"x"}, codes.OK},
+		{"unbound token, several agents", with("Bearer any-key-token"), call, []string{"x", "y"}, codes.OK},
+		{"unbound token, the gateway's services", with("Bearer any-key-token"), admin, nil, codes.OK},
+		{"bound token, its agent", with("Bearer bound-token"), call, []string{"sensor-1"}, codes.OK},
+		{"bound token, another agent", with("Bearer bound-token"), call, []string{"sensor-2"}, codes.PermissionDenied},
+		{"bound token, its agent and another", with("Bearer bound-token"), call, []string{"sensor-1", "sensor-2"}, codes.PermissionDenied},
+		{"bound token, the agent list", with("Bearer bound-token"), admin, nil, codes.PermissionDenied},
+		{"no token, the gateway's health", context.Background(), health, nil, codes.OK},
+		{"no token, an agent's health", context.Background(), health, []string{"sensor-1"}, codes.Unauthenticated},
+		{"no token, an agent", context.Background(), call, []string{"sensor-1"}, codes.Unauthenticated},
+		{"the agents' header instead", metadata.NewIncomingContext(context.Background(), metadata.Pairs("authorization", "Bearer any-key-token")), call, []string{"x"}, codes.Unauthenticated},
+		{"unknown token", with("Bearer guess"), call, []string{"sensor-1"}, codes.Unauthenticated},
+	} {
+		err := s.authorizeCall(tc.ctx, tc.method, tc.keys)
+		if got := status.Code(err); got != tc.want {
+			t.Errorf("%s: authorizeCall = %v, want %v", tc.name, err, tc.want)
+		}
+	}
+}
