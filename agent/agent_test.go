@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"net"
 	"runtime"
 	"testing"
 	"time"
@@ -12,11 +11,11 @@ import (
 	"github.com/fullstorydev/grpchan/grpchantesting"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 
 	"github.com/grpctunnel/grpctunnel/agent"
 	"github.com/grpctunnel/grpctunnel/gateway"
+	"github.com/grpctunnel/grpctunnel/internal/loopback"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -24,29 +23,6 @@ import (
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 var quiet = slog.New(slog.DiscardHandler)
-
-func listen(t *testing.T, srv *grpc.Server) *grpc.ClientConn {
-	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = srv.Serve(lis)
-	}()
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = conn.Close()
-		srv.Stop()
-		<-done
-	})
-	return conn
-}
 
 func TestKeyHeaderMatchesTheGateways(t *testing.T) {
 	if agent.DefaultKeyHeader != gateway.DefaultKeyHeader {
@@ -67,7 +43,7 @@ func TestNeedsAKey(t *testing.T) {
 func TestForwardsAndStops(t *testing.T) {
 	target := grpc.NewServer()
 	grpchantesting.RegisterTestServiceServer(target, &grpchantesting.TestServer{})
-	targetConn := listen(t, target)
+	targetConn := loopback.Serve(t, target)
 
 	keys := make(chan string, 4)
 	handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{
@@ -79,7 +55,7 @@ func TestForwardsAndStops(t *testing.T) {
 	})
 	srv := grpc.NewServer()
 	tunnelpb.RegisterTunnelServiceServer(srv, handler.Service())
-	gw := listen(t, srv)
+	gw := loopback.Serve(t, srv)
 
 	for _, stop := range []string{"context", "GracefulStop", "Stop"} {
 		t.Run(stop, func(t *testing.T) {

@@ -3,7 +3,6 @@ package gateway_test
 import (
 	"context"
 	"io"
-	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -14,7 +13,6 @@ import (
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
@@ -26,37 +24,13 @@ import (
 	"github.com/grpctunnel/grpctunnel/agent"
 	"github.com/grpctunnel/grpctunnel/gateway"
 	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
+	"github.com/grpctunnel/grpctunnel/internal/loopback"
 	"github.com/grpctunnel/grpctunnel/proxy"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
-
-// listen serves srv on a loopback port until the test ends and returns a
-// client connection to it.
-func listen(t *testing.T, srv *grpc.Server) *grpc.ClientConn {
-	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = srv.Serve(lis)
-	}()
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = conn.Close()
-		srv.Stop()
-		<-done
-	})
-	return conn
-}
 
 // startGateway serves a gateway configured by opts and returns it with a
 // client connection to its port.
@@ -68,7 +42,7 @@ func startGateway(t *testing.T, opts gateway.Options) (*gateway.Gateway, *grpc.C
 	}
 	srv := grpc.NewServer(g.ServerOptions()...)
 	g.Register(srv)
-	return g, listen(t, srv)
+	return g, loopback.Serve(t, srv)
 }
 
 // backendHealth is the health service of every test backend; it reports a
@@ -85,7 +59,7 @@ func startBackend(t *testing.T) *grpc.ClientConn {
 	h.SetServingStatus(backendHealth, healthpb.HealthCheckResponse_SERVING)
 	healthpb.RegisterHealthServer(srv, h)
 	reflection.Register(srv)
-	return listen(t, srv)
+	return loopback.Serve(t, srv)
 }
 
 // startAgent runs an agent with key and n tunnels until the test ends, and
@@ -398,7 +372,7 @@ func TestShutdownDrainsAgents(t *testing.T) {
 	}
 	srv := grpc.NewServer(g.ServerOptions()...)
 	g.Register(srv)
-	gw := listen(t, srv)
+	gw := loopback.Serve(t, srv)
 	startAgent(t, g, gw, startBackend(t), "site-a", 2)
 
 	g.Shutdown()

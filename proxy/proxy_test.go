@@ -2,18 +2,17 @@ package proxy_test
 
 import (
 	"context"
-	"net"
 	"testing"
 
 	"github.com/fullstorydev/grpchan/grpchantesting"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/grpctunnel/grpctunnel/internal/loopback"
 	"github.com/grpctunnel/grpctunnel/proxy"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
@@ -25,29 +24,11 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // returns a client connection to it; both are closed at cleanup.
 func serve(t *testing.T, register func(*grpc.Server), opts ...grpc.ServerOption) *grpc.ClientConn {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	srv := grpc.NewServer(opts...)
 	if register != nil {
 		register(srv)
 	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = srv.Serve(lis)
-	}()
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = conn.Close()
-		srv.Stop()
-		<-done
-	})
-	return conn
+	return loopback.Serve(t, srv)
 }
 
 // to forwards every call to backend with the incoming metadata.

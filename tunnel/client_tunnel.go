@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -40,6 +41,10 @@ type TunnelChannel interface {
 	// Err reports why the tunnel ended: nil while it is open, and nil if it
 	// was closed on purpose (Close, a clean end from the peer, or a drain).
 	Err() error
+	// Info describes the tunnel now: its peer, affinity key, calls in
+	// progress, bytes carried each way and the protocol revision and
+	// extensions in use. See TunnelInfo.
+	Info() TunnelInfo
 }
 
 // clientFrames is the outer stream as the tunnel client sees it, whichever
@@ -69,6 +74,8 @@ type tunnelClient struct {
 	// ka watches for a silent peer; set by the reader once the tunnel is
 	// ready, under mu.
 	ka *keepalive
+	// counters feed Info.
+	counters tunnelCounters
 
 	// Fixed once ready is closed.
 	flowControl bool
@@ -80,6 +87,8 @@ type tunnelClient struct {
 	closed   bool
 	draining bool
 	onClose  func() // runs once as the tunnel ends, before done closes
+	// affinityKey is a handler's key for a reverse tunnel, for Info.
+	affinityKey any
 	// askPeerToClose is set on a network server that reads on its handler
 	// goroutine: ending the tunnel then means asking the network client to
 	// end the outer stream (tunnel-close extension).
@@ -106,6 +115,7 @@ func newTunnelClient(ctx context.Context, cancel context.CancelFunc, frames clie
 	}
 	t.out = newSender(frames.Send, func(err error) { t.shutdown(tunnelFailure(err)) })
 	t.buffered.limit = o.maxBuffered
+	t.counters.openedAt = time.Now()
 	if !a.negotiated {
 		close(t.ready)
 	}
@@ -173,7 +183,7 @@ func (t *tunnelClient) handshake() error {
 
 // readFrames dispatches frames until the outer stream ends.
 func (t *tunnelClient) readFrames() error {
-	return receiveFrames(t.frames.Recv, t.ka, t.dispatch, t.done, func() error { return t.err })
+	return receiveFrames(t.frames.Recv, t.ka, t.dispatch, t.done, func() error { return t.err }, &t.counters.received)
 }
 
 func (t *tunnelClient) readSettings() error {
@@ -258,6 +268,7 @@ func (t *tunnelClient) register(st *clientStream, first func(id int64) []*tunnel
 		t.lastID++
 		st.id = t.lastID
 		t.streams[st.id] = st
+		t.counters.started++
 		t.mu.Unlock()
 		if err := sendAll(first(st.id))(send); err != nil {
 			t.forget(st.id)

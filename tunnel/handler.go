@@ -251,6 +251,9 @@ func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_O
 			t.shutdown(nil)
 			return status.Errorf(codes.Internal, "grpctunnel: affinity key of type %T is not comparable", key)
 		}
+		t.mu.Lock()
+		t.affinityKey = key
+		t.mu.Unlock()
 	}
 	switch err := h.pool.add(t, key, h.maxPerKey()); {
 	case errors.Is(err, errTooManyForKey):

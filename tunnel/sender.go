@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"sync"
+	"sync/atomic"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -27,6 +28,10 @@ type sender[F any] struct {
 
 	onFail func(error) // called once, off mu, when a send fails
 	failed sync.Once
+
+	// payloadSent counts the message payload bytes written, for
+	// TunnelInfo.BytesSent.
+	payloadSent atomic.Uint64
 }
 
 func newSender[F any](send func(F) error, onFail func(error)) *sender[F] {
@@ -55,6 +60,8 @@ func (s *sender[F]) Do(fn func(send func(F) error) error) error {
 		}
 		if sendErr = s.send(f); sendErr != nil {
 			s.err = sendErr
+		} else if n := framePayload(f); n > 0 {
+			s.payloadSent.Add(uint64(n))
 		}
 		return sendErr
 	})

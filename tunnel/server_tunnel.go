@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -51,6 +52,8 @@ type tunnelServer struct {
 	buffered budget
 	// ka watches for a silent peer; set before reading starts, under mu.
 	ka *keepalive
+	// counters feed info.
+	counters tunnelCounters
 
 	// Reader-owned.
 	lastID int64
@@ -88,6 +91,7 @@ func newTunnelServer(ctx context.Context, frames serverFrames, o *options, svc *
 	}
 	t.out = newSender(frames.Send, func(err error) { t.shutdown(tunnelFailure(err)) })
 	t.buffered.limit = o.maxBuffered
+	t.counters.openedAt = time.Now()
 	return t
 }
 
@@ -126,7 +130,7 @@ func (t *tunnelServer) serve(inline bool) error {
 var errTunnelClosed = errors.New("grpctunnel: tunnel closed")
 
 func (t *tunnelServer) read() error {
-	return receiveFrames(t.frames.Recv, t.ka, t.dispatch, t.done, func() error { return t.err })
+	return receiveFrames(t.frames.Recv, t.ka, t.dispatch, t.done, func() error { return t.err }, &t.counters.received)
 }
 
 func (t *tunnelServer) dispatch(f *tunnelpb.ClientToServer) error {
@@ -214,6 +218,7 @@ func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
 		return nil
 	}
 	t.streams[id] = st
+	t.counters.started++
 	t.handlers.Add(1)
 	t.mu.Unlock()
 	if st.in.win != nil {
