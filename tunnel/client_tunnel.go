@@ -394,9 +394,10 @@ func (t *tunnelClient) authInfo() credentials.AuthInfo {
 	return t.peer.AuthInfo
 }
 
-// Invoke issues a unary call through the tunnel. A request that fits in one
-// chunk leaves in the same hold of the sender as the call's opening.
-func (t *tunnelClient) Invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
+// invoke issues a unary call through the tunnel, past any interceptors (see
+// Invoke). A request that fits in one chunk leaves in the same hold of the
+// sender as the call's opening.
+func (t *tunnelClient) invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
 	ci, err := newCallInfo(t.opts, opts)
 	if err != nil {
 		return err
@@ -421,8 +422,9 @@ func (t *tunnelClient) Invoke(ctx context.Context, method string, req, reply any
 	return st.RecvMsg(reply)
 }
 
-// NewStream issues a streaming call through the tunnel.
-func (t *tunnelClient) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+// openStream issues a streaming call through the tunnel, past any
+// interceptors (see NewStream).
+func (t *tunnelClient) openStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
 	st, err := t.newStream(ctx, desc, method, opts)
 	if err != nil {
 		return nil, err

@@ -132,7 +132,7 @@ func (h *TunnelServiceHandler) AsChannel() ReverseClientConnInterface {
 	if h.cfg.NoReverseTunnels {
 		panic("grpctunnel: AsChannel on a handler with NoReverseTunnels")
 	}
-	return reverseChannel{pool: h.pool, all: true}
+	return h.opts.intercepted(reverseChannel{pool: h.pool, all: true})
 }
 
 // KeyAsChannel returns a channel that spreads calls round-robin over the
@@ -142,7 +142,7 @@ func (h *TunnelServiceHandler) KeyAsChannel(key any) ReverseClientConnInterface 
 	if h.cfg.NoReverseTunnels {
 		panic("grpctunnel: KeyAsChannel on a handler with NoReverseTunnels")
 	}
-	return reverseChannel{pool: h.pool, key: key}
+	return h.opts.intercepted(reverseChannel{pool: h.pool, key: key})
 }
 
 // AllReverseTunnels returns the reverse tunnels open now, oldest first.

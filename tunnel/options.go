@@ -65,6 +65,7 @@ type options struct {
 	keepaliveTimeout   time.Duration
 	unknownHandler     grpc.StreamHandler
 	codec              encoding.CodecV2
+	ic                 interceptors // see interceptors.go
 	// plain turns off every extension so that this end behaves exactly as
 	// a peer that implements only the published protocol. Tests use it to
 	// prove compatibility.

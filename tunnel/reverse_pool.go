@@ -209,7 +209,7 @@ func (c reverseChannel) Invoke(ctx context.Context, method string, req, reply an
 	if err != nil {
 		return err
 	}
-	return t.Invoke(ctx, method, req, reply, opts...)
+	return t.invoke(ctx, method, req, reply, opts...)
 }
 
 func (c reverseChannel) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
@@ -217,7 +217,7 @@ func (c reverseChannel) NewStream(ctx context.Context, desc *grpc.StreamDesc, me
 	if err != nil {
 		return nil, err
 	}
-	return t.NewStream(ctx, desc, method, opts...)
+	return t.openStream(ctx, desc, method, opts...)
 }
 
 // comparable reports whether key can index a map without panicking.

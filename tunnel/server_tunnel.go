@@ -242,7 +242,7 @@ func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream,
 	default:
 		return nil, status.Errorf(codes.Unimplemented, "grpctunnel: protocol revision %v is not supported on this tunnel", rev)
 	}
-	handler, kind, err := t.svc.lookup(ns.GetMethodName(), t.opts.unknownHandler)
+	handler, kind, err := t.svc.lookup(ns.GetMethodName(), t.opts)
 	if err != nil {
 		return nil, err
 	}

@@ -41,8 +41,9 @@ type callHandler func(*serverStream) (resp any, err error)
 type methodKind struct{ clientStreams, serverStreams bool }
 
 // lookup resolves a full method name to its handler, or a status error to
-// close the stream with.
-func (s *services) lookup(fullMethod string, unknown grpc.StreamHandler) (callHandler, methodKind, error) {
+// close the stream with. The handler runs through o's server interceptors.
+func (s *services) lookup(fullMethod string, o *options) (callHandler, methodKind, error) {
+	unknown := o.unknownHandler
 	name := strings.TrimPrefix(fullMethod, "/")
 	slash := strings.LastIndex(name, "/")
 	if slash <= 0 || slash == len(name)-1 {
@@ -53,7 +54,7 @@ func (s *services) lookup(fullMethod string, unknown grpc.StreamHandler) (callHa
 	if desc == nil {
 		if unknown != nil {
 			return func(st *serverStream) (any, error) {
-				return nil, unknown(nil, st)
+				return nil, st.t.opts.ic.interceptStream(nil, unknown, st, true, true)
 			}, methodKind{clientStreams: true, serverStreams: true}, nil
 		}
 		return nil, methodKind{}, status.Errorf(codes.Unimplemented, "unknown service %s", service)
@@ -62,7 +63,7 @@ func (s *services) lookup(fullMethod string, unknown grpc.StreamHandler) (callHa
 		if desc.Methods[i].MethodName == method {
 			h := desc.Methods[i].Handler
 			return func(st *serverStream) (any, error) {
-				return h(impl, st.ctx, st.recvUnaryRequest, nil)
+				return h(impl, st.ctx, st.recvUnaryRequest, st.t.opts.ic.unaryServer)
 			}, methodKind{}, nil
 		}
 	}
@@ -70,7 +71,7 @@ func (s *services) lookup(fullMethod string, unknown grpc.StreamHandler) (callHa
 		if desc.Streams[i].StreamName == method {
 			sd := desc.Streams[i]
 			return func(st *serverStream) (any, error) {
-				return nil, sd.Handler(impl, st)
+				return nil, st.t.opts.ic.interceptStream(impl, sd.Handler, st, sd.ClientStreams, sd.ServerStreams)
 			}, methodKind{clientStreams: sd.ClientStreams, serverStreams: sd.ServerStreams}, nil
 		}
 	}
