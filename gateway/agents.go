@@ -76,10 +76,15 @@ func (s *agentSet) list(key string) []*adminpb.Agent {
 		}
 		a := &adminpb.Agent{Key: k}
 		for _, t := range ts {
+			info := t.ch.Info()
 			a.Tunnels = append(a.Tunnels, &adminpb.Tunnel{
-				Peer:     t.peer,
-				OpenedAt: timestamppb.New(t.opened),
-				Identity: t.identity,
+				Peer:           t.peer,
+				OpenedAt:       timestamppb.New(t.opened),
+				Identity:       t.identity,
+				OpenStreams:    int64(info.OpenStreams),
+				StreamsStarted: info.StreamsStarted,
+				BytesSent:      info.BytesSent,
+				BytesReceived:  info.BytesReceived,
 			})
 		}
 		agents = append(agents, a)

@@ -221,6 +221,10 @@ func TestLocalServicesWithoutKey(t *testing.T) {
 	if tun := list.GetAgents()[0].GetTunnels()[0]; !strings.HasPrefix(tun.GetPeer(), "127.0.0.1:") || tun.GetOpenedAt() == nil {
 		t.Errorf("tunnel %v", tun)
 	}
+	// The health check and the reflection stream went through the tunnel.
+	if tun := list.GetAgents()[0].GetTunnels()[0]; tun.GetStreamsStarted() < 2 || tun.GetBytesSent() == 0 || tun.GetBytesReceived() == 0 || tun.GetOpenStreams() > 1 {
+		t.Errorf("tunnel traffic %v", tun)
+	}
 	list, err = adminpb.NewAdminServiceClient(gw).ListAgents(ctx, &adminpb.ListAgentsRequest{Key: "site-b"})
 	if err != nil || len(list.GetAgents()) != 0 {
 		t.Errorf("ListAgents for a missing key: %v, %v", list, err)

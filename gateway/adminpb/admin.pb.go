@@ -184,7 +184,16 @@ type Tunnel struct {
 	OpenedAt *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=opened_at,json=openedAt,proto3" json:"opened_at,omitempty"`
 	// The subject of the agent's verified TLS client certificate, if it
 	// presented one.
-	Identity      string `protobuf:"bytes,3,opt,name=identity,proto3" json:"identity,omitempty"`
+	Identity string `protobuf:"bytes,3,opt,name=identity,proto3" json:"identity,omitempty"`
+	// Calls in progress on the tunnel now.
+	OpenStreams int64 `protobuf:"varint,4,opt,name=open_streams,json=openStreams,proto3" json:"open_streams,omitempty"`
+	// Calls started on the tunnel since it opened, those over included.
+	StreamsStarted uint64 `protobuf:"varint,5,opt,name=streams_started,json=streamsStarted,proto3" json:"streams_started,omitempty"`
+	// Message payload bytes the gateway sent to the agent through the tunnel
+	// (requests), and received from it (responses); headers, trailers and
+	// framing are not counted.
+	BytesSent     uint64 `protobuf:"varint,6,opt,name=bytes_sent,json=bytesSent,proto3" json:"bytes_sent,omitempty"`
+	BytesReceived uint64 `protobuf:"varint,7,opt,name=bytes_received,json=bytesReceived,proto3" json:"bytes_received,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -240,6 +249,34 @@ func (x *Tunnel) GetIdentity() string {
 	return ""
 }
 
+func (x *Tunnel) GetOpenStreams() int64 {
+	if x != nil {
+		return x.OpenStreams
+	}
+	return 0
+}
+
+func (x *Tunnel) GetStreamsStarted() uint64 {
+	if x != nil {
+		return x.StreamsStarted
+	}
+	return 0
+}
+
+func (x *Tunnel) GetBytesSent() uint64 {
+	if x != nil {
+		return x.BytesSent
+	}
+	return 0
+}
+
+func (x *Tunnel) GetBytesReceived() uint64 {
+	if x != nil {
+		return x.BytesReceived
+	}
+	return 0
+}
+
 var File_grpctunnel_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_grpctunnel_admin_v1_admin_proto_rawDesc = "" +
@@ -251,11 +288,16 @@ const file_grpctunnel_admin_v1_admin_proto_rawDesc = "" +
 	"\x06agents\x18\x01 \x03(\v2\x1a.grpctunnel.admin.v1.AgentR\x06agents\"P\n" +
 	"\x05Agent\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x125\n" +
-	"\atunnels\x18\x02 \x03(\v2\x1b.grpctunnel.admin.v1.TunnelR\atunnels\"q\n" +
+	"\atunnels\x18\x02 \x03(\v2\x1b.grpctunnel.admin.v1.TunnelR\atunnels\"\x83\x02\n" +
 	"\x06Tunnel\x12\x12\n" +
 	"\x04peer\x18\x01 \x01(\tR\x04peer\x127\n" +
 	"\topened_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\bopenedAt\x12\x1a\n" +
-	"\bidentity\x18\x03 \x01(\tR\bidentity2m\n" +
+	"\bidentity\x18\x03 \x01(\tR\bidentity\x12!\n" +
+	"\fopen_streams\x18\x04 \x01(\x03R\vopenStreams\x12'\n" +
+	"\x0fstreams_started\x18\x05 \x01(\x04R\x0estreamsStarted\x12\x1d\n" +
+	"\n" +
+	"bytes_sent\x18\x06 \x01(\x04R\tbytesSent\x12%\n" +
+	"\x0ebytes_received\x18\a \x01(\x04R\rbytesReceived2m\n" +
 	"\fAdminService\x12]\n" +
 	"\n" +
 	"ListAgents\x12&.grpctunnel.admin.v1.ListAgentsRequest\x1a'.grpctunnel.admin.v1.ListAgentsResponseB2Z0github.com/grpctunnel/grpctunnel/gateway/adminpbb\x06proto3"
