@@ -50,9 +50,14 @@
 //
 // # Interceptors
 //
-// Tunnel servers are grpc.ServiceRegistrars, so server interceptors wrap
-// services as they are registered; channels are grpc.ClientConnInterfaces,
-// so client interceptors wrap the channel. grpchan provides both:
+// Interceptors are tunnel options, as they are server and dial options in
+// gRPC: WithUnaryInterceptor, WithStreamInterceptor and their chain forms
+// wrap the calls a tunnel end handles; WithClientUnaryInterceptor,
+// WithClientStreamInterceptor and their chain forms the calls made on a
+// channel. Tunnel servers are also grpc.ServiceRegistrars, so server
+// interceptors can wrap services as they are registered, and channels are
+// grpc.ClientConnInterfaces, so client interceptors can wrap the channel;
+// grpchan provides both:
 //
 //	reg := grpchan.WithInterceptor(handler, unaryInterceptor, streamInterceptor)
 //	pb.RegisterFooServer(reg, impl)

@@ -7,10 +7,12 @@ import (
 	"net"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
@@ -140,4 +142,62 @@ func ExampleNewTunnelServiceHandler() {
 	// open reverse tunnels: 1
 	// reverse tunnel closed
 	// open reverse tunnels: 0
+}
+
+// Interceptors as tunnel options: the handler's chain wraps every call to
+// the services registered on it, first interceptor outermost, and the
+// channel's wraps every call made on it.
+func ExampleWithChainUnaryInterceptor() {
+	logging := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
+		fmt.Println("server: call to", info.FullMethod)
+		return next(ctx, req)
+	}
+	auth := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
+		md, _ := metadata.FromIncomingContext(ctx)
+		if len(md.Get("authorization")) == 0 {
+			return nil, status.Error(codes.Unauthenticated, "no credentials")
+		}
+		fmt.Println("server: credentials present")
+		return next(ctx, req)
+	}
+	handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{
+		TunnelOptions: []tunnel.TunnelOption{tunnel.WithChainUnaryInterceptor(logging, auth)},
+	})
+	healthpb.RegisterHealthServer(handler, health.NewServer())
+	conn, stop := serve(handler)
+	defer stop()
+
+	addCredentials := func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		fmt.Println("client: adding credentials")
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer example")
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}
+	ctx := context.Background()
+	stub := tunnelpb.NewTunnelServiceClient(conn)
+	ch, err := tunnel.NewChannel(stub, tunnel.WithChainClientUnaryInterceptor(addCredentials)).Start(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer ch.Close()
+	resp, err := healthpb.NewHealthClient(ch).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("client:", resp.GetStatus())
+
+	// A channel without the client interceptor is refused.
+	bare, err := tunnel.NewChannel(stub).Start(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer bare.Close()
+	_, err = healthpb.NewHealthClient(bare).Check(ctx, &healthpb.HealthCheckRequest{})
+	fmt.Println("client:", status.Code(err))
+	// Output:
+	// client: adding credentials
+	// server: call to /grpc.health.v1.Health/Check
+	// server: credentials present
+	// client: SERVING
+	// server: call to /grpc.health.v1.Health/Check
+	// client: Unauthenticated
 }

@@ -108,8 +108,9 @@ var _ grpc.ServiceRegistrar = (*TunnelServiceHandler)(nil)
 
 // RegisterService registers a service implementation to be served on forward
 // tunnels; generated RegisterXxxServer functions accept the handler. To
-// intercept tunneled calls, register through a wrapper such as
-// grpchan.WithInterceptor(handler, unary, stream).
+// intercept tunneled calls, give WithUnaryInterceptor and the like in
+// TunnelServiceHandlerOptions.TunnelOptions, or register through a wrapper
+// such as grpchan.WithInterceptor(handler, unary, stream).
 func (h *TunnelServiceHandler) RegisterService(desc *grpc.ServiceDesc, impl any) {
 	h.svc.RegisterService(desc, impl)
 }

@@ -49,7 +49,8 @@ var _ grpc.ServiceRegistrar = (*ReverseTunnelServer)(nil)
 
 // RegisterService registers a service implementation to serve over the
 // reverse tunnels; generated RegisterXxxServer functions accept the server.
-// Register everything before calling Serve. To intercept calls, register
+// Register everything before calling Serve. To intercept calls, give
+// WithUnaryInterceptor and the like to NewReverseTunnelServer, or register
 // through a wrapper such as grpchan.WithInterceptor(server, unary, stream).
 func (s *ReverseTunnelServer) RegisterService(desc *grpc.ServiceDesc, impl any) {
 	s.svc.RegisterService(desc, impl)
