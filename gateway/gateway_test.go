@@ -3,6 +3,7 @@ package gateway_test
 import (
 	"context"
 	"io"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -207,10 +208,10 @@ func TestLocalServicesWithoutKey(t *testing.T) {
 		t.Errorf("agent's health: %v, %v", resp, err)
 	}
 
-	if got := listServices(t, gw); !contains(got, "grpctunnel.admin.v1.AdminService") || contains(got, "grpchantesting.TestService") {
+	if got := listServices(t, gw); !slices.Contains(got, "grpctunnel.admin.v1.AdminService") || slices.Contains(got, "grpchantesting.TestService") {
 		t.Errorf("gateway's reflection lists %v", got)
 	}
-	if got := listServices(t, keyed{gw, "site-a"}); !contains(got, "grpchantesting.TestService") || contains(got, "grpctunnel.admin.v1.AdminService") {
+	if got := listServices(t, keyed{gw, "site-a"}); !slices.Contains(got, "grpchantesting.TestService") || slices.Contains(got, "grpctunnel.admin.v1.AdminService") {
 		t.Errorf("agent's reflection lists %v", got)
 	}
 
@@ -252,15 +253,6 @@ func listServices(t *testing.T, conn grpc.ClientConnInterface) []string {
 		names = append(names, s.GetName())
 	}
 	return names
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 func TestAgentsMustBeAllowed(t *testing.T) {

@@ -131,12 +131,17 @@ type callStats struct {
 
 type callStateKey struct{}
 
-// callState follows one call. Its counters are chosen when the headers
+// callState follows one call. Its labels are chosen when the headers
 // arrive, which on a server is before any payload or the end.
 type callState struct {
-	label   atomic.Pointer[string]
-	in, out atomic.Pointer[prometheus.Counter]
-	skip    bool
+	labels atomic.Pointer[callLabels]
+	skip   bool
+}
+
+// callLabels are a call's key label and the byte counters it selects.
+type callLabels struct {
+	key     string
+	in, out prometheus.Counter
 }
 
 func (h *callStats) TagRPC(ctx context.Context, info *stats.RPCTagInfo) context.Context {
@@ -152,27 +157,24 @@ func (h *callStats) HandleRPC(ctx context.Context, s stats.RPCStats) {
 	switch s := s.(type) {
 	case *stats.InHeader:
 		l := h.m.keys.callLabel(keysIn(s.Header, h.keyHeader))
-		in, out := h.m.bytes.WithLabelValues(l, "in"), h.m.bytes.WithLabelValues(l, "out")
-		st.label.Store(&l)
-		st.in.Store(&in)
-		st.out.Store(&out)
+		st.labels.Store(&callLabels{key: l, in: h.m.bytes.WithLabelValues(l, "in"), out: h.m.bytes.WithLabelValues(l, "out")})
 	case *stats.Begin:
 		h.m.inFlight.Inc()
 	case *stats.InPayload:
-		if c := st.in.Load(); c != nil {
-			(*c).Add(float64(s.WireLength))
+		if l := st.labels.Load(); l != nil {
+			l.in.Add(float64(s.WireLength))
 		}
 	case *stats.OutPayload:
-		if c := st.out.Load(); c != nil {
-			(*c).Add(float64(s.WireLength))
+		if l := st.labels.Load(); l != nil {
+			l.out.Add(float64(s.WireLength))
 		}
 	case *stats.End:
 		h.m.inFlight.Dec()
-		l := labelNone
-		if p := st.label.Load(); p != nil {
-			l = *p
+		key := labelNone
+		if l := st.labels.Load(); l != nil {
+			key = l.key
 		}
-		h.m.rpcs.WithLabelValues(l, status.Code(s.Error).String()).Inc()
+		h.m.rpcs.WithLabelValues(key, status.Code(s.Error).String()).Inc()
 	}
 }
 

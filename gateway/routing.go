@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"unicode"
 	"unicode/utf8"
@@ -59,21 +60,12 @@ func keysIn(md metadata.MD, header string) []string {
 	for _, v := range md.Get(header) {
 		for k := range strings.SplitSeq(v, ",") {
 			k = strings.TrimSpace(k)
-			if k != "" && !contains(keys, k) {
+			if k != "" && !slices.Contains(keys, k) {
 				keys = append(keys, k)
 			}
 		}
 	}
 	return keys
-}
-
-func contains(keys []string, k string) bool {
-	for _, x := range keys {
-		if x == k {
-			return true
-		}
-	}
-	return false
 }
 
 // outgoing returns a copy of the call's incoming metadata without the key
