@@ -31,6 +31,7 @@ type clientStream struct {
 	window *flowcontrol.SendWindow
 	in     *inbound
 	stop   func() bool // stops the context watch
+	stats  callStats
 
 	// Reader-owned.
 	sawHeader bool
@@ -57,7 +58,7 @@ func (t *tunnelClient) newStream(ctx context.Context, desc *grpc.StreamDesc, met
 	if err != nil {
 		return nil, err
 	}
-	st, err := t.startStream(ctx, desc, method, ci, nil)
+	st, err := t.startStream(ctx, desc, method, ci, nil, nil)
 	if err != nil {
 		ci.finish(nil, nil, t.peer, t, err)
 		return nil, err
@@ -66,10 +67,10 @@ func (t *tunnelClient) newStream(ctx context.Context, desc *grpc.StreamDesc, met
 }
 
 // startStream opens a call. If only is not nil, it is the call's one and only
-// request: when it fits in a single chunk it goes out with the new_stream
-// frame and the half-close, in one hold of the sender, and the stream comes
-// back with sentClose set.
-func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, method string, ci *callInfo, only mem.BufferSlice) (*clientStream, error) {
+// request, req encoded: when it fits in a single chunk it goes out with the
+// new_stream frame and the half-close, in one hold of the sender, and the
+// stream comes back with sentClose set.
+func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, method string, ci *callInfo, req any, only mem.BufferSlice) (_ *clientStream, err error) {
 	select {
 	case <-t.ready:
 	case <-t.done:
@@ -79,6 +80,23 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, status.FromContextError(err).Err()
+	}
+	st := &clientStream{
+		t:           t,
+		desc:        desc,
+		ci:          ci,
+		headerReady: make(chan struct{}),
+		ended:       make(chan struct{}),
+	}
+	if h := t.opts.clientStats; h != nil {
+		// Tagged first: a tracing handler puts its context in the
+		// outgoing metadata read below.
+		ctx = st.stats.beginClient(h, ctx, method, desc.ClientStreams, desc.ServerStreams, !ci.waitForReady)
+		defer func() {
+			if err != nil {
+				st.stats.end(nil, err)
+			}
+		}()
 	}
 	md, _ := metadata.FromOutgoingContext(ctx)
 	md = md.Copy()
@@ -99,13 +117,6 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 		headers.Md[timeoutHeader] = &tunnelpb.Metadata_Values{Val: []string{encodeTimeout(time.Until(dl))}}
 	}
 
-	st := &clientStream{
-		t:           t,
-		desc:        desc,
-		ci:          ci,
-		headerReady: make(chan struct{}),
-		ended:       make(chan struct{}),
-	}
 	ctx = context.WithValue(ctx, tunnelChannelKey{}, TunnelChannel(t))
 	if t.peer != nil {
 		ctx = peer.NewContext(ctx, t.peer)
@@ -135,6 +146,12 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 		ns.InitialWindowSize = t.opts.initialWindow + recvWin.Grant()
 	}
 	withRequest := only != nil && only.Len() <= t.agreed.maxChunk && st.window.TryTake(only.Len())
+	// Reported before the frames leave, so that they precede whatever the
+	// reader reports of the response; a failure is reported by End.
+	st.stats.outHeader(method, t.peer, md, "")
+	if withRequest {
+		st.stats.outPayload(req, only.Len(), only.Len())
+	}
 	err = t.register(st, func(id int64) []*tunnelpb.ClientToServer {
 		frames := []*tunnelpb.ClientToServer{{StreamId: id, Frame: &tunnelpb.ClientToServer_NewStream{NewStream: ns}}}
 		if withRequest {
@@ -149,7 +166,11 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 		return nil, err
 	}
 	st.stop = context.AfterFunc(ctx, func() {
-		st.abort(status.FromContextError(ctx.Err()).Err(), true)
+		err := status.FromContextError(ctx.Err()).Err()
+		st.abort(err, true)
+		// As in gRPC, a call whose context ends is over for stats handlers
+		// even if the caller never reads its result.
+		st.stats.end(nil, err)
 	})
 	return st, nil
 }
@@ -167,6 +188,7 @@ func (st *clientStream) onHeaders(md *tunnelpb.Metadata) {
 		st.abort(err, true)
 		return
 	}
+	st.stats.inHeader(hdr, md, "")
 	st.setHeader(hdr)
 }
 
@@ -179,7 +201,9 @@ func (st *clientStream) setHeader(md metadata.MD) {
 
 func (st *clientStream) onMessage(size uint32, data []byte) {
 	if !st.sawHeader {
+		// The peer skipped empty headers; the message ends them.
 		st.sawHeader = true
+		st.stats.inHeader(metadata.MD{}, nil, "")
 		st.setHeader(metadata.MD{})
 	}
 	update, err := st.in.startMessage(size, data)
@@ -219,6 +243,7 @@ func (st *clientStream) onClose(cs *tunnelpb.CloseStream) {
 	if s := cs.GetStatus(); s.GetCode() != int32(codes.OK) {
 		result = status.ErrorProto(s)
 	}
+	st.stats.inTrailer(trailer, cs.GetResponseTrailers())
 	st.end(func() {
 		st.trailer = trailer
 		st.closeErr = result
@@ -318,7 +343,12 @@ func (st *clientStream) SendMsg(m any) error {
 		return err
 	}
 	defer data.Free()
-	return st.sendMessage(data)
+	size := data.Len()
+	if err := st.sendMessage(data); err != nil {
+		return err
+	}
+	st.stats.outPayload(m, size, size)
+	return nil
 }
 
 // sendMessage sends an encoded request, then half-closes if the method takes
@@ -349,6 +379,7 @@ func (st *clientStream) RecvMsg(m any) error {
 		st.sendWindowUpdate(update)
 	}
 	data := msg.gathered()
+	size := data.Len()
 	err = st.ci.codec.Unmarshal(data, m)
 	data.Free()
 	if err != nil {
@@ -356,6 +387,7 @@ func (st *clientStream) RecvMsg(m any) error {
 		st.abort(err, true)
 		return st.finish(err)
 	}
+	st.stats.inPayload(m, size, size)
 	if st.desc.ServerStreams {
 		return nil
 	}
@@ -390,6 +422,7 @@ func (st *clientStream) finish(err error) error {
 			callErr = err
 		}
 		<-st.ended
+		st.stats.end(st.trailer, callErr)
 		st.ci.finish(st.header, st.trailer, st.t.peer, st.t, callErr)
 	})
 	return st.final

@@ -76,6 +76,8 @@ type tunnelClient struct {
 	ka *keepalive
 	// counters feed Info.
 	counters tunnelCounters
+	// conn reports the tunnel to the client stats handler.
+	conn tunnelStats
 
 	// Fixed once ready is closed.
 	flowControl bool
@@ -113,6 +115,7 @@ func newTunnelClient(ctx context.Context, cancel context.CancelFunc, frames clie
 		ready:   make(chan struct{}),
 		done:    make(chan struct{}),
 	}
+	t.ctx = t.conn.begin(o.clientStats, ctx, p, true)
 	t.out = newSender(frames.Send, func(err error) { t.shutdown(tunnelFailure(err)) })
 	t.buffered.limit = o.maxBuffered
 	t.counters.openedAt = time.Now()
@@ -353,6 +356,7 @@ func (t *tunnelClient) shutdown(err error) {
 		if t.onClose != nil {
 			t.onClose()
 		}
+		t.conn.end(true)
 		close(t.done)
 	})
 }
@@ -408,15 +412,19 @@ func (t *tunnelClient) invoke(ctx context.Context, method string, req, reply any
 		return err
 	}
 	defer data.Free()
-	st, err := t.startStream(ctx, unaryStreamDesc, method, ci, data)
+	st, err := t.startStream(ctx, unaryStreamDesc, method, ci, req, data)
 	if err != nil {
 		ci.finish(nil, nil, t.peer, t, err)
 		return err
 	}
 	if !st.sentClose {
-		if err := st.sendMessage(data); err != nil && !errors.Is(err, io.EOF) {
-			st.abort(err, true)
-			return st.finish(err)
+		if err := st.sendMessage(data); err != nil {
+			if !errors.Is(err, io.EOF) {
+				st.abort(err, true)
+				return st.finish(err)
+			}
+		} else {
+			st.stats.outPayload(req, data.Len(), data.Len())
 		}
 	}
 	return st.RecvMsg(reply)

@@ -193,7 +193,8 @@ func (h *TunnelServiceHandler) openTunnel(stream tunnelpb.TunnelService_OpenTunn
 	if err := stream.SendHeader(resp); err != nil {
 		return err
 	}
-	t := newTunnelServer(stream.Context(), stream, h.opts, h.svc, agreed, false, nil, md)
+	p, _ := peer.FromContext(stream.Context())
+	t := newTunnelServer(stream.Context(), stream, h.opts, h.svc, agreed, false, p, md)
 	// With tunnel-close this goroutine can read frames itself and still
 	// end the tunnel whenever it must, by asking the client to.
 	t.askPeerToClose = agreed.tunnelClose

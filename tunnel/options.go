@@ -5,6 +5,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/stats"
 
 	"github.com/grpctunnel/grpctunnel/flowcontrol"
 )
@@ -65,7 +66,9 @@ type options struct {
 	keepaliveTimeout   time.Duration
 	unknownHandler     grpc.StreamHandler
 	codec              encoding.CodecV2
-	ic                 interceptors // see interceptors.go
+	ic                 interceptors  // see interceptors.go
+	serverStats        stats.Handler // see stats.go
+	clientStats        stats.Handler
 	// plain turns off every extension so that this end behaves exactly as
 	// a peer that implements only the published protocol. Tests use it to
 	// prove compatibility.

@@ -24,7 +24,8 @@ import (
 type serverStream struct {
 	t       *tunnelServer
 	id      int64
-	ctx     context.Context
+	ctx     context.Context // the handler's
+	done    <-chan struct{} // ctx.Done(), for the reader
 	cancel  context.CancelFunc
 	method  string
 	kind    methodKind
@@ -32,6 +33,7 @@ type serverStream struct {
 	codec   encoding.CodecV2
 	window  *flowcontrol.SendWindow
 	in      *inbound
+	stats   callStats
 
 	// Reader-owned.
 	halfClosed bool
@@ -40,7 +42,8 @@ type serverStream struct {
 	header     metadata.MD
 	headerSent bool
 	trailer    metadata.MD
-	closed     bool // close_stream sent, or the client cancelled
+	closed     bool  // close_stream sent, or the client cancelled
+	result     error // the status the call ended with, once closed
 
 	// Handler-owned.
 	sent int
@@ -69,9 +72,15 @@ func (st *serverStream) run() {
 	resp, err := st.handler(st)
 	if err == nil && resp != nil {
 		st.close(nil, false, resp)
-		return
+	} else {
+		st.close(err, false, nil)
 	}
-	st.close(err, false, nil)
+	if st.stats.on() {
+		st.mu.Lock()
+		result := st.result
+		st.mu.Unlock()
+		st.stats.end(nil, result)
+	}
 }
 
 // Reader side.
@@ -87,7 +96,7 @@ func (st *serverStream) afterData(update uint32, err error) {
 			Frame:    &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: update},
 		})
 	}
-	st.in.waitForSpace(st.ctx.Done())
+	st.in.waitForSpace(st.done)
 }
 
 // fail ends the call with err because the client broke the rules for it.
@@ -99,10 +108,14 @@ func (st *serverStream) fail(err error) {
 // cancelled handles the client's cancel: the handler's context is cancelled
 // and nothing more is sent.
 func (st *serverStream) cancelled() {
+	err := status.Error(codes.Canceled, "grpctunnel: call cancelled by the client")
 	st.mu.Lock()
-	st.closed = true
+	if !st.closed {
+		st.closed = true
+		st.result = err
+	}
 	st.mu.Unlock()
-	st.in.abort(status.Error(codes.Canceled, "grpctunnel: call cancelled by the client"))
+	st.in.abort(err)
 	st.cancel()
 	st.t.forget(st.id)
 }
@@ -116,7 +129,7 @@ func (st *serverStream) close(err error, fromReader bool, resp any) {
 			return
 		}
 	}
-	st.end(err, fromReader, nil)
+	st.end(err, fromReader, nil, nil)
 }
 
 // sendLast sends a unary call's response followed at once by its status. It
@@ -130,21 +143,21 @@ func (st *serverStream) sendLast(resp any) error {
 	defer data.Free()
 	size := data.Len()
 	if size > st.t.agreed.maxChunk || !st.window.TryTake(size) {
-		if err := st.sendMessage(data); err != nil {
+		if err := st.sendMessage(resp, data); err != nil {
 			return err
 		}
-		st.end(nil, false, nil)
+		st.end(nil, false, nil, nil)
 		return nil
 	}
-	st.end(nil, false, serverFramer(st.id).message(uint32(size), contiguous(data)))
+	st.end(nil, false, serverFramer(st.id).message(uint32(size), contiguous(data)), resp)
 	return nil
 }
 
 // end finishes the call, once: it sends any headers still due, then last
-// (a final response, if not nil), then the status and trailers. The reader
-// queues these frames (it must not block); the handler's goroutine sends
-// them itself, in one hold of the sender.
-func (st *serverStream) end(err error, fromReader bool, last *tunnelpb.ServerToClient) {
+// (a final response, lastMsg encoded, if not nil), then the status and
+// trailers. The reader queues these frames (it must not block); the
+// handler's goroutine sends them itself, in one hold of the sender.
+func (st *serverStream) end(err error, fromReader bool, last *tunnelpb.ServerToClient, lastMsg any) {
 	st.mu.Lock()
 	if st.closed {
 		st.mu.Unlock()
@@ -152,13 +165,16 @@ func (st *serverStream) end(err error, fromReader bool, last *tunnelpb.ServerToC
 		return
 	}
 	st.closed = true
+	s := statusOf(err)
+	st.result = s.Err()
 	frames := st.pendingHeaderLocked()
-	trailer := st.trailer
+	header, trailer := st.header, st.trailer
 	st.mu.Unlock()
+	sentHeader := len(frames) > 0
 	if last != nil {
 		frames = append(frames, last)
 	}
-	frames = append(frames, st.closeFrame(err, trailer))
+	frames = append(frames, st.closeFrame(s, trailer))
 	// Requests the handler left unread are dropped, and their bytes
 	// returned to the tunnel's budget.
 	st.in.abort(errStreamClosed)
@@ -168,6 +184,16 @@ func (st *serverStream) end(err error, fromReader bool, last *tunnelpb.ServerToC
 		}
 	} else {
 		_ = st.t.out.Do(sendAll(frames))
+	}
+	if st.stats.on() {
+		if sentHeader {
+			st.stats.outHeader(st.method, nil, header, "")
+		}
+		if last != nil {
+			size := int(last.GetResponseMessage().GetSize())
+			st.stats.outPayload(lastMsg, size, size)
+		}
+		st.stats.outTrailer(trailer)
 	}
 	st.cancel()
 	st.t.forget(st.id)
@@ -191,9 +217,8 @@ func (st *serverStream) pendingHeaderLocked() []*tunnelpb.ServerToClient {
 	return []*tunnelpb.ServerToClient{f}
 }
 
-// closeFrame builds the close_stream frame for a call that ended with err.
-func (st *serverStream) closeFrame(err error, trailer metadata.MD) *tunnelpb.ServerToClient {
-	s := statusOf(err)
+// closeFrame builds the close_stream frame for a call that ended with s.
+func (st *serverStream) closeFrame(s *status.Status, trailer metadata.MD) *tunnelpb.ServerToClient {
 	pbTrailer, encErr := encodeMetadata(trailer, st.t.agreed.binaryMetadata)
 	if encErr != nil {
 		s = status.New(codes.Internal, "grpctunnel: "+encErr.Error())
@@ -263,6 +288,8 @@ func (st *serverStream) flushHeader(explicit bool) error {
 	md := st.header
 	st.mu.Unlock()
 	if !explicit && len(md) == 0 {
+		// Skipped, but to the client they end at the first message.
+		st.stats.outHeader(st.method, nil, md, "")
 		return nil
 	}
 	f, err := st.headerFrame(md)
@@ -272,6 +299,7 @@ func (st *serverStream) flushHeader(explicit bool) error {
 	if err := st.t.out.Send(f); err != nil {
 		return status.Error(codes.Unavailable, "grpctunnel: tunnel failed")
 	}
+	st.stats.outHeader(st.method, nil, md, "")
 	return nil
 }
 
@@ -293,7 +321,7 @@ func (st *serverStream) SendMsg(m any) error {
 		return err
 	}
 	defer data.Free()
-	return st.sendMessage(data)
+	return st.sendMessage(m, data)
 }
 
 // marshal encodes a response, checking what gRPC checks before sending.
@@ -315,15 +343,18 @@ func (st *serverStream) marshal(m any) (mem.BufferSlice, error) {
 	return data, nil
 }
 
-// sendMessage sends an encoded response, headers first if they are due.
-func (st *serverStream) sendMessage(data mem.BufferSlice) error {
+// sendMessage sends response m, encoded as data, headers first if they are
+// due.
+func (st *serverStream) sendMessage(m any, data mem.BufferSlice) error {
 	if err := st.flushHeader(false); err != nil {
 		return err
 	}
 	st.sent++
+	size := data.Len()
 	err := sendMessage(st.t.out, st.window, st.ctx.Done(), serverFramer(st.id), data, st.t.agreed.maxChunk)
 	switch {
 	case err == nil:
+		st.stats.outPayload(m, size, size)
 		return nil
 	case errors.Is(err, errDone):
 		return status.FromContextError(st.ctx.Err()).Err()
@@ -347,11 +378,13 @@ func (st *serverStream) RecvMsg(m any) error {
 		})
 	}
 	data := msg.gathered()
+	size := data.Len()
 	err = st.codec.Unmarshal(data, m)
 	data.Free()
 	if err != nil {
 		return status.Errorf(codes.Internal, "grpctunnel: failed to unmarshal the request: %v", err)
 	}
+	st.stats.inPayload(m, size, size)
 	return nil
 }
 

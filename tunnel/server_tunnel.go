@@ -35,6 +35,9 @@ type tunnelServer struct {
 	svc     *services
 	agreed  agreement
 	reverse bool
+	peer    *peer.Peer
+	// conn reports the tunnel to the server stats handler.
+	conn tunnelStats
 	// closeSend, set on a network client, ends the outer stream cleanly
 	// once a drained tunnel is idle; a network server just returns.
 	closeSend func() error
@@ -79,6 +82,7 @@ func newTunnelServer(ctx context.Context, frames serverFrames, o *options, svc *
 	}
 	ctx = context.WithValue(ctx, tunnelIncomingMDKey{}, openedMD)
 	t := &tunnelServer{
+		peer:    p,
 		ctx:     ctx,
 		cancel:  cancel,
 		frames:  frames,
@@ -89,6 +93,7 @@ func newTunnelServer(ctx context.Context, frames serverFrames, o *options, svc *
 		streams: map[int64]*serverStream{},
 		done:    make(chan struct{}),
 	}
+	t.ctx = t.conn.begin(o.serverStats, ctx, p, false)
 	t.out = newSender(frames.Send, func(err error) { t.shutdown(tunnelFailure(err)) })
 	t.buffered.limit = o.maxBuffered
 	t.counters.openedAt = time.Now()
@@ -228,6 +233,10 @@ func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
 			t.out.Queue(&tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: extra}})
 		}
 	}
+	if h := t.opts.serverStats; h != nil {
+		md, _ := metadata.FromIncomingContext(st.ctx)
+		st.ctx = st.stats.beginServer(h, st.ctx, st.method, st.kind, t.peer, md, ns.GetRequestHeaders(), "")
+	}
 	go st.run()
 	return nil
 }
@@ -272,6 +281,7 @@ func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream,
 	}
 	ctx = metadata.NewIncomingContext(ctx, md)
 	st.ctx = grpcServerTransportContext(ctx, st)
+	st.done = ctx.Done()
 	var recvWin *flowcontrol.RecvWindow
 	if flowControl {
 		peerWindow := ns.GetInitialWindowSize()
@@ -350,6 +360,7 @@ func (t *tunnelServer) shutdown(err error) {
 				CloseStream: &tunnelpb.CloseStream{Status: statusOf(nil).Proto()},
 			}})
 		}
+		t.conn.end(false)
 		close(t.done)
 	})
 }
