@@ -15,8 +15,8 @@ import (
 )
 
 // callInfo is what a tunneled call takes from its grpc.CallOptions. Options
-// that only make sense for a real connection (compressors, static method
-// hints) are accepted and ignored, as they are when gRPC does not apply
+// that only make sense for a real connection (static method hints, for
+// instance) are accepted and ignored, as they are when gRPC does not apply
 // them.
 type callInfo struct {
 	headers      []*metadata.MD
@@ -26,6 +26,8 @@ type callInfo struct {
 	onFinish     []func(error)
 	creds        credentials.PerRPCCredentials
 	codec        encoding.CodecV2
+	compressor   string              // grpc.UseCompressor's name
+	comp         encoding.Compressor // what the requests use; see sendCompressor
 	maxRecv      int
 	maxSend      int
 	waitForReady bool
@@ -64,6 +66,8 @@ func newCallInfo(o *options, opts []grpc.CallOption) (*callInfo, error) {
 				return nil, status.Errorf(codes.Internal, "no codec registered for content-subtype %q", opt.ContentSubtype)
 			}
 			ci.codec = c
+		case grpc.CompressorCallOption:
+			ci.compressor = opt.CompressorType
 		case grpc.FailFastCallOption:
 			ci.waitForReady = !opt.FailFast
 		}
@@ -95,17 +99,54 @@ func (ci *callInfo) requestCredentials(ctx context.Context, method string, authI
 	return md, nil
 }
 
-// marshal encodes a request with the call's codec and checks its size.
-func (ci *callInfo) marshal(m any) (mem.BufferSlice, error) {
-	data, err := ci.codec.Marshal(m)
+// marshal encodes a request for the wire (see encodeMessage).
+func (ci *callInfo) marshal(m any) (mem.BufferSlice, int, error) {
+	return encodeMessage(ci.codec, ci.comp, ci.maxSend, m)
+}
+
+// encodeMessage marshals m with codec and, if comp is not nil, compresses
+// it. It returns the bytes to send and the marshalled length; as in gRPC,
+// the send limit applies to the bytes sent.
+func encodeMessage(codec encoding.CodecV2, comp encoding.Compressor, maxSend int, m any) (mem.BufferSlice, int, error) {
+	data, err := codec.Marshal(m)
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "grpctunnel: error while marshaling: %v", err)
+		return nil, 0, status.Errorf(codes.Internal, "grpctunnel: error while marshaling: %v", err)
 	}
-	if size := data.Len(); size > ci.maxSend {
+	length := data.Len()
+	if comp != nil {
+		z, err := compress(comp, data)
 		data.Free()
-		return nil, status.Errorf(codes.ResourceExhausted, "grpctunnel: trying to send message larger than max (%d vs. %d)", size, ci.maxSend)
+		if err != nil {
+			return nil, 0, err
+		}
+		data = z
 	}
-	return data, nil
+	if size := data.Len(); size > maxSend {
+		data.Free()
+		return nil, 0, status.Errorf(codes.ResourceExhausted, "grpctunnel: trying to send message larger than max (%d vs. %d)", size, maxSend)
+	}
+	return data, length, nil
+}
+
+// decodeMessage unmarshals a received message into m, decompressing it
+// first if comp is not nil, within maxRecv bytes. It frees data and returns
+// the message's length once decompressed.
+func decodeMessage(codec encoding.CodecV2, comp encoding.Compressor, maxRecv int, data mem.BufferSlice, m any, side string) (int, error) {
+	if comp != nil {
+		out, err := decompress(comp, data, maxRecv)
+		data.Free()
+		if err != nil {
+			return 0, err
+		}
+		data = out
+	}
+	length := data.Len()
+	err := codec.Unmarshal(data, m)
+	data.Free()
+	if err != nil {
+		return 0, status.Errorf(codes.Internal, "grpctunnel: failed to unmarshal the %s: %v", side, err)
+	}
+	return length, nil
 }
 
 // finish delivers what the call options asked to see once the call is over.

@@ -9,6 +9,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
@@ -35,6 +36,9 @@ type clientStream struct {
 
 	// Reader-owned.
 	sawHeader bool
+	// recvComp decompresses responses; set by the reader before the first
+	// response is queued, read by the caller after.
+	recvComp encoding.Compressor
 
 	// header is set before headerReady closes; trailer and closeErr before
 	// ended closes. They are read only after.
@@ -54,11 +58,11 @@ type clientStream struct {
 }
 
 func (t *tunnelClient) newStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts []grpc.CallOption) (*clientStream, error) {
-	ci, err := newCallInfo(t.opts, opts)
+	ci, err := t.newCallInfo(opts)
 	if err != nil {
 		return nil, err
 	}
-	st, err := t.startStream(ctx, desc, method, ci, nil, nil)
+	st, err := t.startStream(ctx, desc, method, ci, nil, nil, 0)
 	if err != nil {
 		ci.finish(nil, nil, t.peer, t, err)
 		return nil, err
@@ -67,10 +71,10 @@ func (t *tunnelClient) newStream(ctx context.Context, desc *grpc.StreamDesc, met
 }
 
 // startStream opens a call. If only is not nil, it is the call's one and only
-// request, req encoded: when it fits in a single chunk it goes out with the
+// request, req encoded (length bytes before compression): when it fits in a single chunk it goes out with the
 // new_stream frame and the half-close, in one hold of the sender, and the
 // stream comes back with sentClose set.
-func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, method string, ci *callInfo, req any, only mem.BufferSlice) (_ *clientStream, err error) {
+func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, method string, ci *callInfo, req any, only mem.BufferSlice, length int) (_ *clientStream, err error) {
 	select {
 	case <-t.ready:
 	case <-t.done:
@@ -116,6 +120,7 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 		// them; the deadline is ours to send.
 		headers.Md[timeoutHeader] = &tunnelpb.Metadata_Values{Val: []string{encodeTimeout(time.Until(dl))}}
 	}
+	headers = withEncoding(headers, ci.comp)
 
 	ctx = context.WithValue(ctx, tunnelChannelKey{}, TunnelChannel(t))
 	if t.peer != nil {
@@ -148,9 +153,9 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 	withRequest := only != nil && only.Len() <= t.agreed.maxChunk && st.window.TryTake(only.Len())
 	// Reported before the frames leave, so that they precede whatever the
 	// reader reports of the response; a failure is reported by End.
-	st.stats.outHeader(method, t.peer, md, "")
+	st.stats.outHeader(method, t.peer, md, compressorName(ci.comp))
 	if withRequest {
-		st.stats.outPayload(req, only.Len(), only.Len())
+		st.stats.outPayload(req, length, only.Len())
 	}
 	err = t.register(st, func(id int64) []*tunnelpb.ClientToServer {
 		frames := []*tunnelpb.ClientToServer{{StreamId: id, Frame: &tunnelpb.ClientToServer_NewStream{NewStream: ns}}}
@@ -184,11 +189,15 @@ func (st *clientStream) onHeaders(md *tunnelpb.Metadata) {
 	}
 	st.sawHeader = true
 	hdr, err := st.t.opts.decodeMetadata(md, st.t.agreed.binaryMetadata)
+	if err == nil {
+		// A compressor that is not here is one this end never asked for.
+		st.recvComp, err = recvCompressor(md, st.t.agreed.compression, codes.Internal)
+	}
 	if err != nil {
 		st.abort(err, true)
 		return
 	}
-	st.stats.inHeader(hdr, md, "")
+	st.stats.inHeader(hdr, md, compressorName(st.recvComp))
 	st.setHeader(hdr)
 }
 
@@ -338,16 +347,15 @@ func (st *clientStream) SendMsg(m any) error {
 		return io.EOF // the status comes from RecvMsg, as in gRPC
 	default:
 	}
-	data, err := st.ci.marshal(m)
+	data, length, err := st.ci.marshal(m)
 	if err != nil {
 		return err
 	}
 	defer data.Free()
-	size := data.Len()
 	if err := st.sendMessage(data); err != nil {
 		return err
 	}
-	st.stats.outPayload(m, size, size)
+	st.stats.outPayload(m, length, data.Len())
 	return nil
 }
 
@@ -379,15 +387,13 @@ func (st *clientStream) RecvMsg(m any) error {
 		st.sendWindowUpdate(update)
 	}
 	data := msg.gathered()
-	size := data.Len()
-	err = st.ci.codec.Unmarshal(data, m)
-	data.Free()
+	wire := data.Len()
+	length, err := decodeMessage(st.ci.codec, st.recvComp, st.ci.maxRecv, data, m, "response")
 	if err != nil {
-		err = status.Errorf(codes.Internal, "grpctunnel: failed to unmarshal the response: %v", err)
 		st.abort(err, true)
 		return st.finish(err)
 	}
-	st.stats.inPayload(m, size, size)
+	st.stats.inPayload(m, length, wire)
 	if st.desc.ServerStreams {
 		return nil
 	}

@@ -402,17 +402,17 @@ func (t *tunnelClient) authInfo() credentials.AuthInfo {
 // Invoke). A request that fits in one chunk leaves in the same hold of the
 // sender as the call's opening.
 func (t *tunnelClient) invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
-	ci, err := newCallInfo(t.opts, opts)
+	ci, err := t.newCallInfo(opts)
 	if err != nil {
 		return err
 	}
-	data, err := ci.marshal(req)
+	data, length, err := ci.marshal(req)
 	if err != nil {
 		ci.finish(nil, nil, t.peer, t, err)
 		return err
 	}
 	defer data.Free()
-	st, err := t.startStream(ctx, unaryStreamDesc, method, ci, req, data)
+	st, err := t.startStream(ctx, unaryStreamDesc, method, ci, req, data, length)
 	if err != nil {
 		ci.finish(nil, nil, t.peer, t, err)
 		return err
@@ -424,10 +424,22 @@ func (t *tunnelClient) invoke(ctx context.Context, method string, req, reply any
 				return st.finish(err)
 			}
 		} else {
-			st.stats.outPayload(req, data.Len(), data.Len())
+			st.stats.outPayload(req, length, data.Len())
 		}
 	}
 	return st.RecvMsg(reply)
+}
+
+// newCallInfo reads a call's options and resolves its compressor.
+func (t *tunnelClient) newCallInfo(opts []grpc.CallOption) (*callInfo, error) {
+	ci, err := newCallInfo(t.opts, opts)
+	if err != nil {
+		return nil, err
+	}
+	if ci.comp, err = ci.sendCompressor(t.agreed.compression); err != nil {
+		return nil, err
+	}
+	return ci, nil
 }
 
 // openStream issues a streaming call through the tunnel, past any

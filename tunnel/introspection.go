@@ -57,7 +57,8 @@ type TunnelInfo struct {
 	// Extensions names the protocol extensions both ends agreed to use, in
 	// the form of the grpctunnel-extensions header: "binary-metadata",
 	// "max-chunk=N" (N being the largest chunk this end sends, when the
-	// peer accepts more than 16 KiB), "tunnel-close" and "keepalive". Empty
+	// peer accepts more than 16 KiB), "tunnel-close", "keepalive" and
+	// "compression". Empty
 	// with a plain peer or WithPlainProtocol.
 	Extensions []string
 
@@ -126,6 +127,9 @@ func (a agreement) extensionNames() []string {
 	}
 	if a.keepalive {
 		ext = append(ext, extKeepalive)
+	}
+	if a.compression {
+		ext = append(ext, extCompression)
 	}
 	return ext
 }

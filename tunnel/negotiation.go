@@ -46,6 +46,10 @@ const (
 	// extKeepalive lets either end ping the other with a window_update on
 	// stream -1, to find a tunnel whose peer went silent (see keepalive).
 	extKeepalive = "keepalive"
+
+	// extCompression lets a call's messages travel compressed with the
+	// compressor its grpc-encoding header names (see compression.go).
+	extCompression = "compression"
 )
 
 // settingsStreamID marks the settings frame, which concerns the whole tunnel.
@@ -71,11 +75,13 @@ type agreement struct {
 	tunnelClose bool
 	// keepalive is the keepalive extension.
 	keepalive bool
+	// compression is the compression extension.
+	compression bool
 }
 
 // extensions is the value of the extensions header this end sends.
 func (o *options) extensions() string {
-	return fmt.Sprintf("%s, %s=%d, %s, %s", extBinaryMetadata, extMaxChunk, o.maxChunk, extTunnelClose, extKeepalive)
+	return fmt.Sprintf("%s, %s=%d, %s, %s, %s", extBinaryMetadata, extMaxChunk, o.maxChunk, extTunnelClose, extKeepalive, extCompression)
 }
 
 // openingHeaders is the metadata the network client adds when it opens a
@@ -127,6 +133,7 @@ func (o *options) agree(peer metadata.MD) agreement {
 	a.binaryMetadata = hasValue(peer, extensionsHeader, extBinaryMetadata)
 	a.tunnelClose = hasValue(peer, extensionsHeader, extTunnelClose)
 	a.keepalive = hasValue(peer, extensionsHeader, extKeepalive)
+	a.compression = hasValue(peer, extensionsHeader, extCompression)
 	if v, ok := extensionValue(peer, extMaxChunk); ok {
 		if n, err := strconv.ParseUint(v, 10, 32); err == nil && n > flowcontrol.MaxChunk {
 			a.maxChunk = int(min(n, uint64(o.maxChunk)))

@@ -31,6 +31,7 @@ type serverStream struct {
 	kind    methodKind
 	handler callHandler
 	codec   encoding.CodecV2
+	comp    encoding.Compressor // of the requests, and so of the responses
 	window  *flowcontrol.SendWindow
 	in      *inbound
 	stats   callStats
@@ -129,35 +130,43 @@ func (st *serverStream) close(err error, fromReader bool, resp any) {
 			return
 		}
 	}
-	st.end(err, fromReader, nil, nil)
+	st.end(err, fromReader, lastMessage{})
 }
 
 // sendLast sends a unary call's response followed at once by its status. It
 // falls back to SendMsg when the response needs more than one chunk or more
 // window than there is, and reports any failure for close to send instead.
 func (st *serverStream) sendLast(resp any) error {
-	data, err := st.marshal(resp)
+	data, length, err := st.marshal(resp)
 	if err != nil {
 		return err
 	}
 	defer data.Free()
 	size := data.Len()
 	if size > st.t.agreed.maxChunk || !st.window.TryTake(size) {
-		if err := st.sendMessage(resp, data); err != nil {
+		if err := st.sendMessage(resp, data, length); err != nil {
 			return err
 		}
-		st.end(nil, false, nil, nil)
+		st.end(nil, false, lastMessage{})
 		return nil
 	}
-	st.end(nil, false, serverFramer(st.id).message(uint32(size), contiguous(data)), resp)
+	st.end(nil, false, lastMessage{serverFramer(st.id).message(uint32(size), contiguous(data)), resp, length})
 	return nil
 }
 
-// end finishes the call, once: it sends any headers still due, then last
-// (a final response, lastMsg encoded, if not nil), then the status and
-// trailers. The reader queues these frames (it must not block); the
-// handler's goroutine sends them itself, in one hold of the sender.
-func (st *serverStream) end(err error, fromReader bool, last *tunnelpb.ServerToClient, lastMsg any) {
+// lastMessage is a unary call's response, sent with its status: frame, the
+// response m and its length before compression, for stats.
+type lastMessage struct {
+	frame  *tunnelpb.ServerToClient
+	m      any
+	length int
+}
+
+// end finishes the call, once: it sends any headers still due, then last's
+// frame (a final response, if not nil), then the status and trailers. The
+// reader queues these frames (it must not block); the handler's goroutine
+// sends them itself, in one hold of the sender.
+func (st *serverStream) end(err error, fromReader bool, last lastMessage) {
 	st.mu.Lock()
 	if st.closed {
 		st.mu.Unlock()
@@ -167,12 +176,12 @@ func (st *serverStream) end(err error, fromReader bool, last *tunnelpb.ServerToC
 	st.closed = true
 	s := statusOf(err)
 	st.result = s.Err()
-	frames := st.pendingHeaderLocked()
+	frames := st.pendingHeaderLocked(last.frame != nil)
 	header, trailer := st.header, st.trailer
 	st.mu.Unlock()
 	sentHeader := len(frames) > 0
-	if last != nil {
-		frames = append(frames, last)
+	if last.frame != nil {
+		frames = append(frames, last.frame)
 	}
 	frames = append(frames, st.closeFrame(s, trailer))
 	// Requests the handler left unread are dropped, and their bytes
@@ -187,11 +196,10 @@ func (st *serverStream) end(err error, fromReader bool, last *tunnelpb.ServerToC
 	}
 	if st.stats.on() {
 		if sentHeader {
-			st.stats.outHeader(st.method, nil, header, "")
+			st.stats.outHeader(st.method, nil, header, compressorName(st.comp))
 		}
-		if last != nil {
-			size := int(last.GetResponseMessage().GetSize())
-			st.stats.outPayload(lastMsg, size, size)
+		if last.frame != nil {
+			st.stats.outPayload(last.m, last.length, int(last.frame.GetResponseMessage().GetSize()))
 		}
 		st.stats.outTrailer(trailer)
 	}
@@ -203,9 +211,10 @@ func (st *serverStream) end(err error, fromReader bool, last *tunnelpb.ServerToC
 var errStreamClosed = status.Error(codes.Canceled, "grpctunnel: call is over")
 
 // pendingHeaderLocked returns the header frame still to send before the end
-// of the call, if the handler set headers that have not gone out.
-func (st *serverStream) pendingHeaderLocked() []*tunnelpb.ServerToClient {
-	if st.headerSent || len(st.header) == 0 {
+// of the call, if the handler set headers that have not gone out, or a
+// compressed message is to follow (the headers name its compressor).
+func (st *serverStream) pendingHeaderLocked(message bool) []*tunnelpb.ServerToClient {
+	if st.headerSent || (len(st.header) == 0 && (!message || st.comp == nil)) {
 		st.headerSent = true
 		return nil
 	}
@@ -245,6 +254,7 @@ func (st *serverStream) headerFrame(md metadata.MD) (*tunnelpb.ServerToClient, e
 	if err != nil {
 		return nil, status.Error(codes.Internal, "grpctunnel: "+err.Error())
 	}
+	pb = withEncoding(pb, st.comp)
 	return &tunnelpb.ServerToClient{StreamId: st.id, Frame: &tunnelpb.ServerToClient_ResponseHeaders{ResponseHeaders: pb}}, nil
 }
 
@@ -287,7 +297,7 @@ func (st *serverStream) flushHeader(explicit bool) error {
 	st.headerSent = true
 	md := st.header
 	st.mu.Unlock()
-	if !explicit && len(md) == 0 {
+	if !explicit && len(md) == 0 && st.comp == nil {
 		// Skipped, but to the client they end at the first message.
 		st.stats.outHeader(st.method, nil, md, "")
 		return nil
@@ -299,7 +309,7 @@ func (st *serverStream) flushHeader(explicit bool) error {
 	if err := st.t.out.Send(f); err != nil {
 		return status.Error(codes.Unavailable, "grpctunnel: tunnel failed")
 	}
-	st.stats.outHeader(st.method, nil, md, "")
+	st.stats.outHeader(st.method, nil, md, compressorName(st.comp))
 	return nil
 }
 
@@ -316,45 +326,37 @@ func (st *serverStream) setTrailer(md metadata.MD) error {
 }
 
 func (st *serverStream) SendMsg(m any) error {
-	data, err := st.marshal(m)
+	data, length, err := st.marshal(m)
 	if err != nil {
 		return err
 	}
 	defer data.Free()
-	return st.sendMessage(m, data)
+	return st.sendMessage(m, data, length)
 }
 
-// marshal encodes a response, checking what gRPC checks before sending.
-func (st *serverStream) marshal(m any) (mem.BufferSlice, error) {
+// marshal encodes a response for the wire (see encodeMessage), checking
+// what gRPC checks before sending.
+func (st *serverStream) marshal(m any) (mem.BufferSlice, int, error) {
 	if err := st.ctx.Err(); err != nil {
-		return nil, status.FromContextError(err).Err()
+		return nil, 0, status.FromContextError(err).Err()
 	}
 	if !st.kind.serverStreams && st.sent > 0 {
-		return nil, status.Error(codes.Internal, "grpctunnel: more than one response for a unary-response method")
+		return nil, 0, status.Error(codes.Internal, "grpctunnel: more than one response for a unary-response method")
 	}
-	data, err := st.codec.Marshal(m)
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "grpctunnel: error while marshaling: %v", err)
-	}
-	if size := data.Len(); size > st.t.opts.maxSendMsgSize {
-		data.Free()
-		return nil, status.Errorf(codes.ResourceExhausted, "grpctunnel: trying to send message larger than max (%d vs. %d)", size, st.t.opts.maxSendMsgSize)
-	}
-	return data, nil
+	return encodeMessage(st.codec, st.comp, st.t.opts.maxSendMsgSize, m)
 }
 
-// sendMessage sends response m, encoded as data, headers first if they are
-// due.
-func (st *serverStream) sendMessage(m any, data mem.BufferSlice) error {
+// sendMessage sends response m, encoded as data (length bytes before
+// compression), headers first if they are due.
+func (st *serverStream) sendMessage(m any, data mem.BufferSlice, length int) error {
 	if err := st.flushHeader(false); err != nil {
 		return err
 	}
 	st.sent++
-	size := data.Len()
 	err := sendMessage(st.t.out, st.window, st.ctx.Done(), serverFramer(st.id), data, st.t.agreed.maxChunk)
 	switch {
 	case err == nil:
-		st.stats.outPayload(m, size, size)
+		st.stats.outPayload(m, length, data.Len())
 		return nil
 	case errors.Is(err, errDone):
 		return status.FromContextError(st.ctx.Err()).Err()
@@ -378,13 +380,12 @@ func (st *serverStream) RecvMsg(m any) error {
 		})
 	}
 	data := msg.gathered()
-	size := data.Len()
-	err = st.codec.Unmarshal(data, m)
-	data.Free()
+	wire := data.Len()
+	length, err := decodeMessage(st.codec, st.comp, st.t.opts.maxRecvMsgSize, data, m, "request")
 	if err != nil {
-		return status.Errorf(codes.Internal, "grpctunnel: failed to unmarshal the request: %v", err)
+		return err
 	}
-	st.stats.inPayload(m, size, size)
+	st.stats.inPayload(m, length, wire)
 	return nil
 }
 

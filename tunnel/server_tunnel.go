@@ -235,7 +235,7 @@ func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
 	}
 	if h := t.opts.serverStats; h != nil {
 		md, _ := metadata.FromIncomingContext(st.ctx)
-		st.ctx = st.stats.beginServer(h, st.ctx, st.method, st.kind, t.peer, md, ns.GetRequestHeaders(), "")
+		st.ctx = st.stats.beginServer(h, st.ctx, st.method, st.kind, t.peer, md, ns.GetRequestHeaders(), compressorName(st.comp))
 	}
 	go st.run()
 	return nil
@@ -259,6 +259,11 @@ func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream,
 	if err != nil {
 		return nil, err
 	}
+	// As in gRPC, requests this end cannot decompress are Unimplemented.
+	comp, err := recvCompressor(ns.GetRequestHeaders(), t.agreed.compression, codes.Unimplemented)
+	if err != nil {
+		return nil, err
+	}
 	ctx := t.ctx
 	var cancel context.CancelFunc
 	if v := ns.GetRequestHeaders().GetMd()[timeoutHeader].GetVal(); len(v) > 0 {
@@ -278,6 +283,7 @@ func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream,
 		kind:    kind,
 		handler: handler,
 		codec:   t.opts.serverCodec(),
+		comp:    comp,
 	}
 	ctx = metadata.NewIncomingContext(ctx, md)
 	st.ctx = grpcServerTransportContext(ctx, st)
