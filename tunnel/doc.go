@@ -68,4 +68,30 @@
 // tunnel-opening RPC; authenticate tunnels there, and read the result in
 // tunneled handlers with TunnelMetadataFromIncomingContext or, for reverse
 // tunnels, in an AffinityKey function through TunnelChannel.Context.
+//
+// # Telemetry
+//
+// Stats handlers are tunnel options too, reporting what grpc-go reports:
+// WithStatsHandler the calls a tunnel end handles, WithClientStatsHandler
+// the calls made on a channel. Each tunnel is reported as a connection, and
+// each call within it as an RPC, so OpenTelemetry works by giving otelgrpc's
+// handlers:
+//
+//	tunnel.WithStatsHandler(otelgrpc.NewServerHandler())       // handling end
+//	tunnel.WithClientStatsHandler(otelgrpc.NewClientHandler()) // calling end
+//
+// The trace context travels in the call's metadata, put there by otelgrpc's
+// propagators, so a tunneled call's server span is a child of its client
+// span. Stats handlers on the *grpc.Server that hosts a TunnelServiceHandler
+// see only the tunnel-opening RPC, one long call.
+//
+// # Compression
+//
+// A call made with grpc.UseCompressor travels compressed when both ends are
+// of this package, which agree on it through a protocol extension (see
+// PROTOCOL.md); with a plain peer the call goes uncompressed and behaves the
+// same. The tunnel server answers with the compressor of the request, and
+// the receive size limit applies to a message once decompressed.
+// grpc.SetSendCompressor and grpc.ClientSupportedCompressors return an error
+// in tunneled handlers: gRPC ties them to its own transport's streams.
 package tunnel

@@ -5,7 +5,13 @@ import (
 	"fmt"
 	"log"
 	"net"
+	"time"
 
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
+	"go.opentelemetry.io/otel/propagation"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -111,9 +117,12 @@ func ExampleNewReverseTunnelServer() {
 // A handler both serves forward tunnels and keeps reverse tunnels; register
 // it with any *grpc.Server.
 func ExampleNewTunnelServiceHandler() {
-	closed := make(chan struct{})
+	opened, closed := make(chan struct{}), make(chan struct{})
 	handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{
-		OnReverseTunnelOpen: func(tunnel.TunnelChannel) { fmt.Println("reverse tunnel open") },
+		OnReverseTunnelOpen: func(tunnel.TunnelChannel) {
+			fmt.Println("reverse tunnel open")
+			close(opened)
+		},
 		OnReverseTunnelClose: func(tunnel.TunnelChannel) {
 			fmt.Println("reverse tunnel closed")
 			close(closed)
@@ -129,9 +138,9 @@ func ExampleNewTunnelServiceHandler() {
 		defer close(served)
 		_, _ = rs.Serve(context.Background())
 	}()
-	if err := handler.AsChannel().WaitForReady(context.Background()); err != nil {
-		log.Fatal(err)
-	}
+	// The tunnel is ready for calls (and listed) just before the callback
+	// runs, so wait for the callback rather than with WaitForReady.
+	<-opened
 	fmt.Println("open reverse tunnels:", len(handler.AllReverseTunnels()))
 	rs.Stop()
 	<-served
@@ -200,4 +209,60 @@ func ExampleWithChainUnaryInterceptor() {
 	// client: SERVING
 	// server: call to /grpc.health.v1.Health/Check
 	// client: Unauthenticated
+}
+
+// OpenTelemetry through a tunnel: otelgrpc's handlers, given to the ends as
+// stats handlers, trace tunneled calls as they trace direct ones. The
+// calling end gets the client handler, the handling end the server handler;
+// the span context travels in the call's metadata.
+func ExampleWithClientStatsHandler() {
+	// Spans go to an in-memory recorder here; use an exporter in production.
+	rec := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
+	otelOpts := []otelgrpc.Option{
+		otelgrpc.WithTracerProvider(tp),
+		otelgrpc.WithPropagators(propagation.TraceContext{}),
+	}
+
+	handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{
+		TunnelOptions: []tunnel.TunnelOption{
+			tunnel.WithStatsHandler(otelgrpc.NewServerHandler(otelOpts...)),
+		},
+	})
+	healthpb.RegisterHealthServer(handler, health.NewServer())
+	conn, stop := serve(handler)
+	defer stop()
+
+	ctx := context.Background()
+	stub := tunnelpb.NewTunnelServiceClient(conn)
+	ch, err := tunnel.NewChannel(stub, tunnel.WithClientStatsHandler(otelgrpc.NewClientHandler(otelOpts...))).Start(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer ch.Close()
+	if _, err := healthpb.NewHealthClient(ch).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+		log.Fatal(err)
+	}
+
+	// The server span ends once the handler has returned, which may be
+	// after the caller has its response: wait for both spans.
+	for deadline := time.Now().Add(5 * time.Second); len(rec.Ended()) < 2 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+	var client, server sdktrace.ReadOnlySpan
+	for _, s := range rec.Ended() {
+		switch s.SpanKind() {
+		case trace.SpanKindClient:
+			client = s
+		case trace.SpanKindServer:
+			server = s
+		}
+	}
+	fmt.Println("client span:", client.Name())
+	fmt.Println("server span:", server.Name())
+	fmt.Println("server span's parent is the client span:", server.Parent().SpanID() == client.SpanContext().SpanID())
+	// Output:
+	// client span: grpc.health.v1.Health/Check
+	// server span: grpc.health.v1.Health/Check
+	// server span's parent is the client span: true
 }
