@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -66,6 +67,7 @@ const (
 	fzKeepalive     = 1 << iota // keepalive extension
 	fzKeepaliveFast             // keepalive extension, pinging after 1ms and giving up 2ms later
 	fzSmallWindows              // receive windows of 1 KiB (4 KiB at most), so that small inputs exercise flow control
+	fzCompression               // compression extension
 )
 
 // fzMaxFrames bounds the frames of one input.
@@ -122,6 +124,7 @@ func (in fzInput) agreement() agreement {
 		binaryMetadata: in.has(fzBinaryMD),
 		tunnelClose:    in.has(fzTunnelClose),
 		keepalive:      in.flags2&(fzKeepalive|fzKeepaliveFast) != 0,
+		compression:    in.flags2&fzCompression != 0,
 		maxChunk:       flowcontrol.MaxChunk,
 	}
 	if in.has(fzBigChunks) {
@@ -1128,6 +1131,15 @@ func fzServerSeeds() []fzSeed {
 		), false},
 		{"keepalive", fzNegotiated, fzKeepalive, seq(wu(-1, pingBit|1), wu(-1, 1), fzNew(1, "/f.F/U", fzRev1, 65536), fzReq(1, nil), hc(1)), false},
 		{"keepalive-fast", fzNegotiated, fzKeepaliveFast, seq(fzNew(1, "/f.F/H", fzRev1, 65536), fzNew(2, "/f.F/B", fzRev1, 65536), fzReq(2, nil), hc(2)), false},
+		{"compressed", fzNegotiated, fzCompression, seq(
+			fzNew(1, "/f.F/U", fzRev1, 65536, "grpc-encoding", "gzip"), fzReq(1, fzGzip([]byte("hello"))), hc(1),
+			fzNew(3, "/f.F/S", fzRev1, 65536, "grpc-encoding", "gzip"), fzReq(3, []byte("not gzip")),
+			fzNew(5, "/f.F/U", fzRev1, 65536, "grpc-encoding", "zz"),
+			fzNew(7, "/f.F/S", fzRev1, 65536, "grpc-encoding", "identity"), fzReq(7, []byte("plain")), hc(7),
+		), false},
+		{"compressed-bomb", fzNegotiated | fzTightLimits, fzCompression, seq(
+			fzNew(1, "/f.F/S", fzRev1, 65536, "grpc-encoding", "gzip"), fzReq(1, fzGzip(make([]byte, 200_000))), hc(1),
+		), false},
 	}
 }
 
@@ -1167,6 +1179,11 @@ func fzClientSeeds() []fzSeed {
 		{"keepalive", fzNegotiated, fzKeepalive, seq(settings, wd(-1, pingBit|1), wd(-1, 1), fzResp(1, nil), ok(1)), false},
 		{"keepalive-fast", fzNegotiated, fzKeepaliveFast, seq(settings, hosHeaders(4, hosMD("a", "1")), fzResp(3, make([]byte, 300))), false},
 		{"status-details", fzNegotiated, 0, seq(settings, closeFrame(1, status.New(codes.Code(99), "odd"), nil), hosClose(2, codes.Unavailable, nil)), false},
+		{"compressed", fzNegotiated, fzCompression, seq(settings,
+			hosHeaders(1, hosMD("grpc-encoding", "gzip")), fzResp(1, fzGzip([]byte("u"))), ok(1),
+			hosHeaders(2, hosMD("grpc-encoding", "nope")),
+			hosHeaders(3, hosMD("grpc-encoding", "gzip")), fzResp(3, []byte("not gzip")),
+		), false},
 	}
 }
 
@@ -1186,6 +1203,15 @@ func FuzzTunnelClient(f *testing.F) {
 		}
 	}
 	f.Fuzz(fzRunClient)
+}
+
+// fzGzip compresses b as a peer using the compression extension would.
+func fzGzip(b []byte) []byte {
+	var buf bytes.Buffer
+	w := gzip.NewWriter(&buf)
+	_, _ = w.Write(b)
+	_ = w.Close()
+	return buf.Bytes()
 }
 
 // fzSeedFile is a seed in the corpus file format of go test -fuzz.
