@@ -266,3 +266,47 @@ func ExampleWithClientStatsHandler() {
 	// server span: grpc.health.v1.Health/Check
 	// server span's parent is the client span: true
 }
+
+// A client behind NAT runs ServeWithReconnect for its whole life: it keeps
+// its reverse tunnels open, and opens each again, after a short jittered
+// delay, whenever it ends.
+func ExampleReverseTunnelServer_ServeWithReconnect() {
+	open := make(chan tunnel.TunnelChannel, 4)
+	handler := tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{
+		OnReverseTunnelOpen: func(ch tunnel.TunnelChannel) { open <- ch },
+	})
+	conn, stop := serve(handler)
+	defer stop()
+
+	rs := tunnel.NewReverseTunnelServer(tunnelpb.NewTunnelServiceClient(conn))
+	healthpb.RegisterHealthServer(rs, health.NewServer())
+	served := make(chan error, 1)
+	go func() {
+		served <- rs.ServeWithReconnect(context.Background(), tunnel.ReconnectOptions{
+			Tunnels:    2,
+			MinBackoff: 10 * time.Millisecond,
+		})
+	}()
+
+	// The server drops both tunnels, as a restarting server would.
+	for range 2 {
+		(<-open).Close()
+	}
+	// The client opens them again.
+	for range 2 {
+		<-open
+	}
+	fmt.Println("reverse tunnels:", len(handler.AllReverseTunnels()))
+	resp, err := healthpb.NewHealthClient(handler.AsChannel()).Check(context.Background(), &healthpb.HealthCheckRequest{})
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("the client says:", resp.GetStatus())
+
+	rs.GracefulStop()
+	fmt.Println("ServeWithReconnect returned:", <-served)
+	// Output:
+	// reverse tunnels: 2
+	// the client says: SERVING
+	// ServeWithReconnect returned: <nil>
+}
