@@ -7,6 +7,10 @@
 // schema-free, to the local target: messages, metadata, deadlines,
 // cancellation and status pass unchanged, so reflection, health and
 // streaming calls work as they do when the target is called directly.
+//
+// Importing the package registers gRPC's gzip compressor, so that a
+// gateway may compress the calls it forwards (see the gateway's
+// CallOptions); the agent then answers compressed too.
 package agent
 
 import (
@@ -16,6 +20,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	_ "google.golang.org/grpc/encoding/gzip" // a gateway may compress what it forwards
 	"google.golang.org/grpc/metadata"
 
 	"github.com/grpctunnel/grpctunnel/proxy"

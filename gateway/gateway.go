@@ -71,6 +71,13 @@ type Options struct {
 	// own in the metrics (100 if zero); later keys share the label "_other",
 	// so that keys cannot grow the metrics without bound.
 	MaxMetricKeys int
+	// CallOptions apply to every call the gateway forwards to an agent.
+	// grpc.UseCompressor(gzip.Name) compresses the hop to the agents, the
+	// one most likely to cross a slow link: agents of this project
+	// decompress gzip and answer in kind, other agents get the calls
+	// uncompressed (see the compression extension in PROTOCOL.md). The
+	// compressor must be registered in the gateway's program.
+	CallOptions []grpc.CallOption
 	// Tunnel configures the handler that accepts the agents' tunnels:
 	// limits, keepalive, flow control. Its AffinityKey is set by the
 	// gateway; OnReverseTunnelOpen and OnReverseTunnelClose, if set, are
@@ -149,7 +156,7 @@ func New(opts Options) (*Gateway, error) {
 	g.handler = tunnel.NewTunnelServiceHandler(hopts)
 	g.forward = proxy.Handler(func(ctx context.Context, call *proxy.Call) (proxy.Route, error) {
 		return g.director(ctx, call, g)
-	})
+	}, proxy.WithCallOptions(opts.CallOptions...))
 
 	g.local = localServices{grpchan.HandlerMap{}}
 	healthpb.RegisterHealthServer(g.local, g.health)

@@ -24,6 +24,7 @@ const requestQueue = 4
 type fanCall struct {
 	call     *Call
 	field    protowire.Number
+	callOpts []grpc.CallOption
 	backends []*fanBackend
 
 	// cancel ends every backend's call.
@@ -65,7 +66,7 @@ func fanOut(call *Call, route Route, o *options) error {
 	ss := call.stream
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
-	fc := &fanCall{call: call, field: o.labelField, cancel: cancel}
+	fc := &fanCall{call: call, field: o.labelField, callOpts: o.callOpts, cancel: cancel}
 	for _, b := range route.Backends {
 		fc.backends = append(fc.backends, &fanBackend{
 			name:    b.Name,
@@ -212,7 +213,7 @@ func (fc *fanCall) relayResponses(ctx context.Context, b *fanBackend, md metadat
 		err = status.Errorf(codes.Unavailable, "proxy: no connection for backend %q", b.name)
 	} else {
 		desc := &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
-		b.cs, err = b.conn.NewStream(metadata.NewOutgoingContext(bctx, md), desc, fc.call.method, grpc.ForceCodecV2(Codec()))
+		b.cs, err = b.conn.NewStream(metadata.NewOutgoingContext(bctx, md), desc, fc.call.method, fc.callOpts...)
 	}
 	close(b.ready)
 	started.Done()

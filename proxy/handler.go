@@ -123,6 +123,8 @@ type Option func(*options)
 
 type options struct {
 	labelField protowire.Number
+	// callOpts apply to every backend call, the proxy's codec last.
+	callOpts []grpc.CallOption
 }
 
 func newOptions(opts []Option) *options {
@@ -130,7 +132,18 @@ func newOptions(opts []Option) *options {
 	for _, opt := range opts {
 		opt(o)
 	}
+	o.callOpts = append(o.callOpts, grpc.ForceCodecV2(Codec()))
 	return o
+}
+
+// WithCallOptions adds opts to every call the proxy makes to a backend:
+// grpc.UseCompressor, for instance, compresses the hop to the backends (over
+// a tunnel, between two ends of package tunnel that have the compressor
+// registered), and grpc.MaxCallRecvMsgSize bounds what a backend may
+// answer. The proxy's own codec always applies; a codec given here does
+// not.
+func WithCallOptions(opts ...grpc.CallOption) Option {
+	return func(o *options) { o.callOpts = append(o.callOpts, opts...) }
 }
 
 // ServerOptions returns the options that make a *grpc.Server forward every
@@ -166,7 +179,7 @@ func Handler(director Director, opts ...Option) grpc.StreamHandler {
 			call.release()
 			return status.Errorf(codes.Unavailable, "proxy: no backend for %s", method)
 		case 1:
-			return forward(call, route.Backends[0].Conn, route.Metadata)
+			return forward(call, route.Backends[0].Conn, route.Metadata, o)
 		default:
 			return fanOut(call, route, o)
 		}
@@ -174,7 +187,7 @@ func Handler(director Director, opts ...Option) grpc.StreamHandler {
 }
 
 // forward runs one call through backend.
-func forward(call *Call, backend grpc.ClientConnInterface, md metadata.MD) error {
+func forward(call *Call, backend grpc.ClientConnInterface, md metadata.MD, o *options) error {
 	if backend == nil {
 		call.release()
 		return status.Errorf(codes.Unavailable, "proxy: no backend for %s", call.method)
@@ -184,7 +197,7 @@ func forward(call *Call, backend grpc.ClientConnInterface, md metadata.MD) error
 	defer cancel()
 	ctx = metadata.NewOutgoingContext(ctx, md)
 	desc := &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
-	cs, err := backend.NewStream(ctx, desc, call.method, grpc.ForceCodecV2(Codec()))
+	cs, err := backend.NewStream(ctx, desc, call.method, o.callOpts...)
 	if err != nil {
 		call.release()
 		return statusOf(err)

@@ -153,7 +153,7 @@ func TestEndToEnd(t *testing.T) {
 	ctx := testContext(t)
 
 	target := startTarget(t, "e2e-device")
-	gw := startProcess(t, "gateway", bin, "gateway", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--log-format", "json")
+	gw := startProcess(t, "gateway", bin, "gateway", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--log-format", "json", "--compress")
 	addr, _ := gw.log.waitMsg(t, ctx, "listening")["addr"].(string)
 	metricsAddr, _ := gw.log.waitMsg(t, ctx, "metrics listening")["addr"].(string)
 	ag := startProcess(t, "agent", bin, "agent", "--gateway", addr, "--key", "e2e", "--target", target, "--log-format", "json")

@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/keepalive"
 
 	"github.com/grpctunnel/grpctunnel/gateway"
@@ -54,6 +55,7 @@ type gatewayConfig struct {
 	metrics      string
 	keyHeader    string
 	drainTimeout time.Duration
+	compress     bool
 }
 
 func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -75,6 +77,7 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	fs.StringVar(&cfg.metrics, "metrics", "", "serve Prometheus metrics over HTTP at `addr`ess/metrics")
 	fs.StringVar(&cfg.keyHeader, "key-header", gateway.DefaultKeyHeader, "`header` that names the agent, on agents' tunnels and callers' calls")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
+	fs.BoolVar(&cfg.compress, "compress", false, "gzip the calls forwarded to agents, and their answers, on the tunnels;\nagents of other implementations get them uncompressed")
 	logs := addLogFlags(fs, slog.LevelInfo)
 	if code, ok := c.parse(args); !ok {
 		return code
@@ -132,6 +135,9 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 	opts.KeyHeader = cfg.keyHeader
 	opts.Logger = log
 	opts.Tunnel.TunnelOptions = []tunnel.TunnelOption{tunnel.WithKeepalive(tunnelKeepaliveInterval, tunnelKeepaliveTimeout)}
+	if cfg.compress {
+		opts.CallOptions = []grpc.CallOption{grpc.UseCompressor(gzip.Name)}
+	}
 	var admit []func(context.Context, string) error
 	if cfg.tokenFile != "" {
 		tokens, err := loadTokens(cfg.tokenFile)
