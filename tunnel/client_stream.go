@@ -71,9 +71,9 @@ func (t *tunnelClient) newStream(ctx context.Context, desc *grpc.StreamDesc, met
 }
 
 // startStream opens a call. If only is not nil, it is the call's one and only
-// request, req encoded (length bytes before compression): when it fits in a single chunk it goes out with the
-// new_stream frame and the half-close, in one hold of the sender, and the
-// stream comes back with sentClose set.
+// request, req encoded (length bytes before compression): when it fits in a
+// single chunk it goes out with the new_stream frame and the half-close, in
+// one hold of the sender, and the stream comes back with sentClose set.
 func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, method string, ci *callInfo, req any, only mem.BufferSlice, length int) (_ *clientStream, err error) {
 	select {
 	case <-t.ready:
@@ -352,19 +352,16 @@ func (st *clientStream) SendMsg(m any) error {
 		return err
 	}
 	defer data.Free()
-	if err := st.sendMessage(data); err != nil {
-		return err
-	}
-	st.stats.outPayload(m, length, data.Len())
-	return nil
+	return st.sendMessage(m, data, length)
 }
 
-// sendMessage sends an encoded request, then half-closes if the method takes
-// only one.
-func (st *clientStream) sendMessage(data mem.BufferSlice) error {
+// sendMessage sends request m, encoded as data (length bytes before
+// compression), then half-closes if the method takes only one.
+func (st *clientStream) sendMessage(m any, data mem.BufferSlice, length int) error {
 	if err := sendMessage(st.t.out, st.window, st.ended, clientFramer(st.id), data, st.t.agreed.maxChunk); err != nil {
 		return io.EOF
 	}
+	st.stats.outPayload(m, length, data.Len())
 	if !st.desc.ClientStreams {
 		return st.CloseSend()
 	}

@@ -418,13 +418,9 @@ func (t *tunnelClient) invoke(ctx context.Context, method string, req, reply any
 		return err
 	}
 	if !st.sentClose {
-		if err := st.sendMessage(data); err != nil {
-			if !errors.Is(err, io.EOF) {
-				st.abort(err, true)
-				return st.finish(err)
-			}
-		} else {
-			st.stats.outPayload(req, length, data.Len())
+		if err := st.sendMessage(req, data, length); err != nil && !errors.Is(err, io.EOF) {
+			st.abort(err, true)
+			return st.finish(err)
 		}
 	}
 	return st.RecvMsg(reply)
