@@ -23,7 +23,15 @@ const (
 	forward                    // a forward tunnel on the connection
 	reverse                    // a reverse tunnel on the connection, called from the server's end
 	plainForward               // a forward tunnel whose client speaks only the plain protocol
+	viaGateway                 // through a gateway and an agent (see gatewayBed)
+	viaL4                      // through L4 port forwarding over yamux (see l4Forward)
 	numTargets
+)
+
+// The targets of each table, direct gRPC first since it is the baseline.
+var (
+	tunnelTargets  = []target{direct, forward, reverse, plainForward}
+	gatewayTargets = []target{direct, viaGateway, viaL4}
 )
 
 func (t target) String() string {
@@ -36,8 +44,31 @@ func (t target) String() string {
 		return "reverse tunnel"
 	case plainForward:
 		return "forward, plain protocol"
+	case viaGateway:
+		return "gateway + agent"
+	case viaL4:
+		return "L4 forward (yamux)"
 	}
 	return fmt.Sprintf("target(%d)", int(t))
+}
+
+// short is the target's name in the headings of ratio columns.
+func (t target) short() string {
+	switch t {
+	case direct:
+		return "direct"
+	case forward:
+		return "forward"
+	case reverse:
+		return "reverse"
+	case plainForward:
+		return "plain"
+	case viaGateway:
+		return "gateway"
+	case viaL4:
+		return "L4"
+	}
+	return t.String()
 }
 
 // openTimeout bounds the wait for a reverse tunnel to be seen by the

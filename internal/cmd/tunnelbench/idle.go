@@ -38,11 +38,21 @@ type footprint struct {
 // settleTimeout bounds the wait for the goroutine count to stop moving.
 const settleTimeout = 5 * time.Second
 
-// measureFootprint waits until the goroutine count has been steady for a
-// while, as goroutines of things just opened or closed start and end a
-// little after the calls that caused them return, then collects garbage and
-// reads the heap.
+// measureFootprint waits for the goroutine count to settle, then collects
+// garbage and reads the heap.
 func measureFootprint() footprint {
+	settle()
+	runtime.GC()
+	runtime.GC() // a second cycle empties sync.Pool victim caches and frees what finalizers released
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return footprint{heap: ms.HeapAlloc, goroutines: runtime.NumGoroutine()}
+}
+
+// settle waits until the goroutine count has been steady for a while (or
+// settleTimeout has passed), as goroutines of things just opened or closed
+// start and end a little after the calls that caused them return.
+func settle() {
 	const steadyFor = 10 // polls, 10 ms apart
 	n, steady := runtime.NumGoroutine(), 0
 	for deadline := time.Now().Add(settleTimeout); steady < steadyFor && time.Now().Before(deadline); {
@@ -53,11 +63,6 @@ func measureFootprint() footprint {
 			n, steady = m, 0
 		}
 	}
-	runtime.GC()
-	runtime.GC() // a second cycle empties sync.Pool victim caches and frees what finalizers released
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
-	return footprint{heap: ms.HeapAlloc, goroutines: runtime.NumGoroutine()}
 }
 
 // costPer is what each of n things opened between before and f costs.

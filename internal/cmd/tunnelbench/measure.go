@@ -25,20 +25,30 @@ const mib = 1 << 20
 // for each table row it feeds.
 type probe func(ctx context.Context, cc grpc.ClientConnInterface, d time.Duration) ([]float64, error)
 
-// unaryLatency makes sequential Echo calls with a small payload for d and
-// returns the median and 99th percentile latencies, in microseconds.
-func unaryLatency(ctx context.Context, cc grpc.ClientConnInterface, d time.Duration) ([]float64, error) {
+// unaryCall makes one small unary call through cc.
+type unaryCall func(ctx context.Context, cc grpc.ClientConnInterface) error
+
+// echoCall is the bench service's unary call: an Echo of unaryPayload bytes.
+func echoCall() unaryCall {
 	req := wrapperspb.Bytes(make([]byte, unaryPayload))
-	var lat []time.Duration
-	for end := time.Now().Add(d); len(lat) == 0 || time.Now().Before(end); {
-		start := time.Now()
-		if err := echo(ctx, cc, req); err != nil {
-			return nil, err
+	return func(ctx context.Context, cc grpc.ClientConnInterface) error { return echo(ctx, cc, req) }
+}
+
+// unaryLatency returns a probe that makes sequential calls for d and
+// returns the median and 99th percentile latencies, in microseconds.
+func unaryLatency(call unaryCall) probe {
+	return func(ctx context.Context, cc grpc.ClientConnInterface, d time.Duration) ([]float64, error) {
+		var lat []time.Duration
+		for end := time.Now().Add(d); len(lat) == 0 || time.Now().Before(end); {
+			start := time.Now()
+			if err := call(ctx, cc); err != nil {
+				return nil, err
+			}
+			lat = append(lat, time.Since(start))
 		}
-		lat = append(lat, time.Since(start))
+		slices.Sort(lat)
+		return []float64{micros(percentile(lat, 0.50)), micros(percentile(lat, 0.99))}, nil
 	}
-	slices.Sort(lat)
-	return []float64{micros(percentile(lat, 0.50)), micros(percentile(lat, 0.99))}, nil
 }
 
 // percentile returns the nearest-rank q-quantile of sorted, which must not
@@ -50,13 +60,12 @@ func percentile(sorted []time.Duration, q float64) time.Duration {
 
 func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
-// unaryThroughput returns a probe that keeps callers Echo calls in flight
-// for d and reports the completed calls per second.
-func unaryThroughput(callers int) probe {
+// unaryThroughput returns a probe that keeps callers calls in flight for d
+// and reports the completed calls per second.
+func unaryThroughput(callers int, call unaryCall) probe {
 	return func(ctx context.Context, cc grpc.ClientConnInterface, d time.Duration) ([]float64, error) {
 		ctx, cancel := context.WithCancel(ctx)
 		defer cancel()
-		req := wrapperspb.Bytes(make([]byte, unaryPayload))
 		var calls atomic.Int64
 		var once sync.Once
 		var firstErr error
@@ -66,7 +75,7 @@ func unaryThroughput(callers int) probe {
 		for range callers {
 			wg.Go(func() {
 				for time.Now().Before(end) {
-					if err := echo(ctx, cc, req); err != nil {
+					if err := call(ctx, cc); err != nil {
 						once.Do(func() { firstErr = err; cancel() })
 						return
 					}
@@ -126,23 +135,23 @@ func recvSized(cs grpc.ClientStream, msg *wrapperspb.BytesValue, size int) error
 	return nil
 }
 
-// comparison is a probe's figures for every target: the median over the
-// runs of each figure, or why the target could not be measured.
+// comparison is a probe's figures for every target compared: the median
+// over the runs of each figure, or why the target could not be measured.
 type comparison struct {
 	figures [numTargets][]float64
 	errs    [numTargets]error
 }
 
-// compare runs p through each target's channel: once for warm (a warm-up
-// whose figures are dropped: connections are set up, buffers grown, code
-// paged in), then runs times for d. The runs interleave the targets, so that
-// drift in the machine's speed during the bench affects every target alike.
-// A target that fails is left out of later runs, and so is one whose error
-// in errs says it could not be reached at all.
-func compare(ctx context.Context, chans [numTargets]grpc.ClientConnInterface, errs [numTargets]error, p probe, warm, d time.Duration, runs int, progress func(target, int)) comparison {
+// compare runs p through the channel of each of targets: once for warm (a
+// warm-up whose figures are dropped: connections are set up, buffers grown,
+// code paged in), then runs times for d. The runs interleave the targets, so
+// that drift in the machine's speed during the bench affects every target
+// alike. A target that fails is left out of later runs, and so is one whose
+// error in errs says it could not be reached at all.
+func compare(ctx context.Context, targets []target, chans [numTargets]grpc.ClientConnInterface, errs [numTargets]error, p probe, warm, d time.Duration, runs int, progress func(target, int)) comparison {
 	c := comparison{errs: errs}
 	var samples [numTargets][][]float64
-	for t := range numTargets {
+	for _, t := range targets {
 		if c.errs[t] != nil {
 			continue
 		}
@@ -151,7 +160,7 @@ func compare(ctx context.Context, chans [numTargets]grpc.ClientConnInterface, er
 		}
 	}
 	for run := range runs {
-		for t := range numTargets {
+		for _, t := range targets {
 			if c.errs[t] != nil {
 				continue
 			}
@@ -164,7 +173,7 @@ func compare(ctx context.Context, chans [numTargets]grpc.ClientConnInterface, er
 			samples[t] = append(samples[t], figs)
 		}
 	}
-	for t := range numTargets {
+	for _, t := range targets {
 		if c.errs[t] == nil {
 			c.figures[t] = medians(samples[t])
 		}

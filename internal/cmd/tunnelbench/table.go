@@ -7,8 +7,8 @@ import (
 	"strings"
 )
 
-// row is one line of the table: one quantity for every target, each with
-// its ratio to direct gRPC.
+// row is one line of a table: one quantity for each target of the table,
+// each with its ratio to direct gRPC. Only the targets of its table are set.
 type row struct {
 	label  string
 	format func(float64) string
@@ -38,19 +38,38 @@ func (r *row) ratio(t target) string {
 	return fmt.Sprintf("%.2f×", r.values[t]/d)
 }
 
-// writeTable prints rows as one markdown table, followed by the failures,
-// if any, with their causes.
-func writeTable(w io.Writer, rows []*row) {
-	fmt.Fprintf(w, "| | %v | %v | forward ÷ direct | %v | reverse ÷ direct | %v | plain ÷ direct |\n", direct, forward, reverse, plainForward)
-	fmt.Fprintln(w, "|:--|--:|--:|--:|--:|--:|--:|--:|")
+// writeTable prints rows as one markdown table with a column for each of
+// targets, the first of which is direct gRPC; every other target's column is
+// followed by its ratio to direct. The failures follow the table, if any,
+// with their causes.
+func writeTable(w io.Writer, targets []target, rows []*row) {
+	var head, align, line strings.Builder
+	head.WriteString("|")
+	align.WriteString("|:--|")
+	for i, t := range targets {
+		fmt.Fprintf(&head, " | %v", t)
+		align.WriteString("--:|")
+		if i > 0 {
+			fmt.Fprintf(&head, " | %s ÷ %s", t.short(), targets[0].short())
+			align.WriteString("--:|")
+		}
+	}
+	fmt.Fprintln(w, head.String()+" |")
+	fmt.Fprintln(w, align.String())
 	for _, r := range rows {
-		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %s |\n", r.label,
-			r.cell(direct), r.cell(forward), r.ratio(forward), r.cell(reverse), r.ratio(reverse),
-			r.cell(plainForward), r.ratio(plainForward))
+		line.Reset()
+		fmt.Fprintf(&line, "| %s", r.label)
+		for i, t := range targets {
+			fmt.Fprintf(&line, " | %s", r.cell(t))
+			if i > 0 {
+				fmt.Fprintf(&line, " | %s", r.ratio(t))
+			}
+		}
+		fmt.Fprintln(w, line.String()+" |")
 	}
 	first := true
 	for _, r := range rows {
-		for t := range numTargets {
+		for _, t := range targets {
 			if r.errs[t] == nil {
 				continue
 			}
@@ -68,6 +87,8 @@ func writeTable(w io.Writer, rows []*row) {
 func formatMicros(v float64) string { return decimals(v) + " µs" }
 
 func formatRate(v float64) string { return thousands(v) + " calls/s" }
+
+func formatMsgRate(v float64) string { return thousands(v) + " msg/s" }
 
 func formatMiBps(v float64) string { return decimals(v) + " MiB/s" }
 
