@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // TunnelState is where one of the tunnels kept by ServeWithReconnect stands.
@@ -61,7 +63,9 @@ type ReconnectOptions struct {
 	// MinBackoff is the first delay before a new attempt (100 ms if zero).
 	// Each consecutive failure doubles it, up to MaxBackoff, and the delay
 	// actually used is drawn at random below it ("full jitter"), so that
-	// many clients cut off at once do not come back at once.
+	// many clients cut off at once do not come back at once. A server that
+	// restarts is treated apart (see ServeWithReconnect): the delay then
+	// stays below four times MinBackoff.
 	MinBackoff time.Duration
 	// MaxBackoff caps the delay (30 s if zero). A tunnel that stayed open
 	// at least this long counts as healthy: after it ends, the backoff
@@ -72,7 +76,22 @@ type ReconnectOptions struct {
 	OnStateChange func(StateChange)
 	// CallOptions apply to every opening RPC (credentials, for instance).
 	CallOptions []grpc.CallOption
+
+	// rand and now, when set, replace the random draw of the delays and
+	// the clock, for tests.
+	rand func(n int64) int64
+	now  func() time.Time
 }
+
+// restartWindow is how long after a server signals that it is going away
+// (it ends a tunnel cleanly, or refuses one because it is shutting down) a
+// failure to reach it is taken for the server restarting rather than for
+// an outage: long enough to cover a drain of half a minute and a restart.
+const restartWindow = time.Minute
+
+// restartCapFactor sets the cap of the delay while a server restarts, as a
+// multiple of MinBackoff (400 ms by default).
+const restartCapFactor = 4
 
 // ServeWithReconnect keeps opts.Tunnels reverse tunnels open until ctx is done
 // or the server is stopped, opening each again with capped, jittered,
@@ -80,6 +99,31 @@ type ReconnectOptions struct {
 // behind NAT runs for its whole life. It returns nil once the server is
 // stopped, and ctx's error if ctx ended it. ctx's outgoing metadata goes
 // with every opening RPC, as with Serve.
+//
+// A server that goes away gracefully is not failing, and its clients should
+// be back as soon as it, or another server at the same address, takes
+// tunnels again:
+//
+//   - When the server ends a tunnel cleanly (it is draining, as
+//     TunnelServiceHandler.InitiateShutdown makes it), the backoff starts
+//     again from MinBackoff and the tunnel is reopened after a delay drawn
+//     below MinBackoff. Where several servers share the address, that is
+//     how the client moves to another one at once.
+//   - A refusal because the server is shutting down (Unavailable, "server
+//     is shutting down"), and for a minute after such a refusal or a clean
+//     end any failure to reach the server (Unavailable), are taken for a
+//     restart in progress: the delay still doubles from MinBackoff, but
+//     only up to four times MinBackoff (400 ms by default, never more than
+//     MaxBackoff). A lone server that restarts has its clients back within
+//     that much of listening again, and one that keeps refusing while it
+//     drains gets a few attempts a second from each tunnel, not a flood.
+//   - A tunnel the server ends cleanly less than that cap after it opened
+//     counts as such a refusal, not as a fresh start, so that a server that
+//     closes every tunnel at once is not reopened in a tight loop.
+//
+// Any other failure, and a failure to reach the server once that minute
+// has passed or a tunnel has opened again, backs off exponentially up to
+// MaxBackoff.
 func (s *ReverseTunnelServer) ServeWithReconnect(ctx context.Context, opts ReconnectOptions) error {
 	n := max(opts.Tunnels, 1)
 	var wg sync.WaitGroup
@@ -101,23 +145,25 @@ func (s *ReverseTunnelServer) keep(ctx context.Context, slot int, opts Reconnect
 			opts.OnStateChange(c)
 		}
 	}
-	b := backoff{min: opts.MinBackoff, max: opts.MaxBackoff}
+	b := backoff{min: opts.MinBackoff, max: opts.MaxBackoff, rand: opts.rand, now: opts.now}
 	b.init()
 	for {
 		report(StateChange{State: TunnelConnecting})
 		var openedAt time.Time
 		started, err := s.serve(ctx, func() {
-			openedAt = time.Now()
+			openedAt = b.now()
+			b.opened()
 			report(StateChange{State: TunnelOpen})
 		}, opts.CallOptions)
 		if errors.Is(err, ErrServerStopped) || s.isStopped() || ctx.Err() != nil {
 			report(StateChange{State: TunnelStopped, Err: ignoreStop(err, ctx)})
 			return
 		}
-		if started && time.Since(openedAt) >= b.max {
-			b.reset()
+		var lived time.Duration
+		if started {
+			lived = b.now().Sub(openedAt)
 		}
-		delay := b.next()
+		delay := b.after(started, lived, err)
 		report(StateChange{State: TunnelWaiting, Err: err, Delay: delay})
 		t := time.NewTimer(delay)
 		select {
@@ -152,11 +198,17 @@ func (s *ReverseTunnelServer) isStopped() bool {
 	return s.stopped
 }
 
-// backoff computes capped exponential delays with full jitter.
+// backoff computes capped exponential delays with full jitter, held below
+// a small cap while the server restarts.
 type backoff struct {
-	min, max time.Duration
-	ceiling  time.Duration // the current cap of the random draw
-	rand     func(n int64) int64
+	min, max   time.Duration
+	restartCap time.Duration // the cap while the server restarts
+	ceiling    time.Duration // the current cap of the random draw
+	// restartUntil is when failures to reach the server stop being taken
+	// for a restart; zero when no restart is under way.
+	restartUntil time.Time
+	rand         func(n int64) int64
+	now          func() time.Time
 }
 
 func (b *backoff) init() {
@@ -167,13 +219,46 @@ func (b *backoff) init() {
 		b.max = 30 * time.Second
 	}
 	b.max = max(b.max, b.min)
+	b.restartCap = min(restartCapFactor*b.min, b.max)
 	if b.rand == nil {
 		b.rand = rand.Int64N
+	}
+	if b.now == nil {
+		b.now = time.Now
 	}
 	b.reset()
 }
 
 func (b *backoff) reset() { b.ceiling = b.min }
+
+// opened notes that a tunnel opened: the server is back, whatever it went
+// through.
+func (b *backoff) opened() { b.restartUntil = time.Time{} }
+
+// after returns the delay before the next attempt, given how the last one
+// ended: started says whether the tunnel opened, lived how long it stayed
+// open, and err why it ended (nil for a clean end).
+func (b *backoff) after(started bool, lived time.Duration, err error) time.Duration {
+	now := b.now()
+	switch {
+	case started && err == nil:
+		// The server drained the tunnel: it is going away.
+		b.restartUntil = now.Add(restartWindow)
+		if lived >= b.restartCap {
+			b.reset()
+		}
+		return b.nextRestart()
+	case !started && refusedAsShuttingDown(err):
+		b.restartUntil = now.Add(restartWindow)
+		return b.nextRestart()
+	case status.Code(err) == codes.Unavailable && now.Before(b.restartUntil):
+		return b.nextRestart()
+	}
+	if started && lived >= b.max {
+		b.reset()
+	}
+	return b.next()
+}
 
 // next returns a delay drawn from [0, ceiling] and doubles the ceiling, up
 // to max.
@@ -182,3 +267,22 @@ func (b *backoff) next() time.Duration {
 	b.ceiling = min(2*b.ceiling, b.max)
 	return d
 }
+
+// nextRestart is next while the server restarts: the ceiling is brought
+// down to restartCap if it was higher, and grows no further.
+func (b *backoff) nextRestart() time.Duration {
+	b.ceiling = min(b.ceiling, b.restartCap)
+	d := time.Duration(b.rand(int64(b.ceiling) + 1))
+	b.ceiling = min(2*b.ceiling, b.restartCap)
+	return d
+}
+
+// refusedAsShuttingDown reports whether err is a TunnelServiceHandler's
+// refusal of a new tunnel because it is shutting down.
+func refusedAsShuttingDown(err error) bool {
+	s, ok := status.FromError(err)
+	return ok && s.Code() == codes.Unavailable && s.Message() == shuttingDownMessage
+}
+
+// shuttingDownMessage is the message of errShuttingDown.
+var shuttingDownMessage = status.Convert(errShuttingDown).Message()
