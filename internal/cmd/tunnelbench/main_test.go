@@ -3,7 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
+	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -13,10 +16,23 @@ import (
 
 // TestMain fails the package if any goroutine outlives the tests: run
 // promises to stop every server, connection, tunnel and relay it started.
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+//
+// The gateway's memory rows run this binary again as a child server (see
+// child.go); in tests that binary is the test binary, so TestMain serves as
+// the child when asked to, as main does.
+func TestMain(m *testing.M) {
+	if kind, ok := os.LookupEnv(childEnv); ok {
+		if err := serveChild(kind, os.Stdin, os.Stdout); err != nil {
+			fmt.Fprintln(os.Stderr, "tunnelbench child:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	goleak.VerifyTestMain(m)
+}
 
 // benchRun runs the command with args (tiny settings) and returns the
-// table's data rows, each split into its cells.
+// data rows of its tables, each split into its cells.
 func benchRun(t *testing.T, args ...string) [][]string {
 	t.Helper()
 	cfg, err := parseFlags(args, io.Discard)
@@ -35,8 +51,8 @@ func benchRun(t *testing.T, args ...string) [][]string {
 	var rows [][]string
 	for line := range strings.Lines(out.String()) {
 		line = strings.TrimSpace(line)
-		if !strings.HasPrefix(line, "| ") {
-			continue // not a table line, or the header's separator
+		if !strings.HasPrefix(line, "| ") || strings.HasPrefix(line, "| |") {
+			continue // not a table line, a header or a header's separator
 		}
 		cells := strings.Split(strings.Trim(line, "|"), "|")
 		for i := range cells {
@@ -48,15 +64,12 @@ func benchRun(t *testing.T, args ...string) [][]string {
 		t.Fatalf("no table in the output:\n%s", out.String())
 	}
 	t.Logf("output:\n%s", out.String())
-	return rows[1:] // after the header
+	return rows
 }
 
-// TestRun runs every measurement with tiny settings and checks that the
-// table has every row, each with a figure and a ratio for every target.
-func TestRun(t *testing.T) {
-	rows := benchRun(t, "-duration", "50ms", "-idle", "20", "-runs", "1")
-	// The beginnings of the labels of every row, in order.
-	tableRows := []string{
+// The beginnings of the labels of every row of each table, in order.
+var (
+	tunnelTableRows = []string{
 		"unary latency p50",
 		"unary latency p99",
 		"unary throughput",
@@ -67,29 +80,88 @@ func TestRun(t *testing.T) {
 		"heap per idle stream",
 		"goroutines per idle stream",
 	}
-	if len(rows) != len(tableRows) {
-		t.Fatalf("%d rows, want %d: %q", len(rows), len(tableRows), rows)
+	gatewayTableRows = []string{
+		"unary latency p50",
+		"unary latency p99",
+		"unary throughput, 32 callers ↑",
+		"one stream, 1 MiB messages",
+		"one stream, 1 KiB messages ↑",
+		"one stream, 1 KiB messages, 10ms one-way delay on the agent hop",
+		"unary throughput, 32 callers, 10ms one-way delay on the agent hop",
+		"server RSS per connected agent",
+		"server heap in use per connected agent",
+		"server goroutines per connected agent",
 	}
+)
+
+// TestRun runs every measurement with tiny settings and checks that both
+// tables have every row, each with a figure above zero and a ratio for
+// every target.
+func TestRun(t *testing.T) {
+	rows := benchRun(t, "-duration", "50ms", "-idle", "20", "-runs", "1")
+	if want := len(tunnelTableRows) + len(gatewayTableRows); len(rows) != want {
+		t.Fatalf("%d rows, want %d: %q", len(rows), want, rows)
+	}
+	checkRows(t, rows[:len(tunnelTableRows)], tunnelTableRows, len(tunnelTargets))
+	checkRows(t, rows[len(tunnelTableRows):], gatewayTableRows, len(gatewayTargets))
+}
+
+// TestGateway runs each gateway measurement alone, as -only selects it.
+func TestGateway(t *testing.T) {
+	for _, tc := range []struct {
+		key  string
+		rows []string // of gatewayTableRows
+	}{
+		{keyGatewayLatency, gatewayTableRows[0:2]},
+		{keyGatewayThroughput, gatewayTableRows[2:3]},
+		{keyGatewayStream, gatewayTableRows[3:5]},
+		{keyGatewayDelay, gatewayTableRows[5:7]},
+		{keyGatewayMemory, gatewayTableRows[7:10]},
+	} {
+		t.Run(tc.key, func(t *testing.T) {
+			rows := benchRun(t, "-duration", "50ms", "-runs", "1", "-idle", "20", "-only", tc.key)
+			if len(rows) != len(tc.rows) {
+				t.Fatalf("%d rows, want %d: %q", len(rows), len(tc.rows), rows)
+			}
+			checkRows(t, rows, tc.rows, len(gatewayTargets))
+		})
+	}
+}
+
+// checkRows checks that each of rows starts with its label in labels, and
+// has a figure above zero for each of targets and a ratio for each but the
+// first.
+func checkRows(t *testing.T, rows [][]string, labels []string, targets int) {
+	t.Helper()
 	for i, cells := range rows {
-		if !strings.HasPrefix(cells[0], tableRows[i]) {
-			t.Errorf("row %d is %q, want one starting %q", i, cells[0], tableRows[i])
+		if !strings.HasPrefix(cells[0], labels[i]) {
+			t.Errorf("row %d is %q, want one starting %q", i, cells[0], labels[i])
 		}
-		if len(cells) != 8 {
-			t.Errorf("row %q has %d cells, want 8", cells[0], len(cells))
+		if want := 2 * targets; len(cells) != want {
+			t.Errorf("row %q has %d cells, want %d", cells[0], len(cells), want)
 			continue
 		}
-		for _, c := range cells[1:] {
-			if c == "" || c == "error" || c == "n/a" {
-				t.Errorf("row %q has a missing figure: %q", cells[0], cells)
-				break
+		for j := 1; j < len(cells); j++ {
+			c := cells[j]
+			if j > 1 && j%2 == 1 { // a ratio
+				if !strings.HasSuffix(c, "×") {
+					t.Errorf("row %q: cell %d is %q, want a ratio", cells[0], j, c)
+				}
+				continue
 			}
-		}
-		for _, i := range []int{3, 5, 7} {
-			if !strings.HasSuffix(cells[i], "×") {
-				t.Errorf("row %q: cell %d is %q, want a ratio", cells[0], i, cells[i])
+			if v, ok := figure(c); !ok || v <= 0 {
+				t.Errorf("row %q: cell %d is %q, want a figure above zero", cells[0], j, c)
 			}
 		}
 	}
+}
+
+// figure reads the number at the start of a cell such as "1,234 calls/s"
+// or "3.2 KiB".
+func figure(cell string) (float64, bool) {
+	num, _, _ := strings.Cut(cell, " ")
+	v, err := strconv.ParseFloat(strings.ReplaceAll(num, ",", ""), 64)
+	return v, err == nil
 }
 
 // TestOnly checks that -only limits the table to the measurements named.
@@ -114,6 +186,7 @@ func TestParseFlagsRejects(t *testing.T) {
 	for _, args := range [][]string{
 		{"-only", "latency,nonsense"},
 		{"-runs", "0"},
+		{"-only", "gateway"},
 		{"-delay", "0s"},
 		{"extra"},
 	} {
