@@ -12,7 +12,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/interop"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
-	testpb "google.golang.org/grpc/interop/grpc_testing"
 )
 
 // The gateway rows call gRPC's interop TestService, the service every gRPC
@@ -60,10 +59,10 @@ func (s *testService) stop() {
 
 // testUnaryCall is a UnaryCall with unaryPayload bytes each way.
 func testUnaryCall() unaryCall {
-	req := &testpb.SimpleRequest{
-		ResponseType: testpb.PayloadType_COMPRESSABLE,
+	req := &testgrpc.SimpleRequest{
+		ResponseType: testgrpc.PayloadType_COMPRESSABLE,
 		ResponseSize: unaryPayload,
-		Payload:      &testpb.Payload{Body: make([]byte, unaryPayload)},
+		Payload:      &testgrpc.Payload{Body: make([]byte, unaryPayload)},
 	}
 	return func(ctx context.Context, cc grpc.ClientConnInterface) error {
 		resp, err := testgrpc.NewTestServiceClient(cc).UnaryCall(ctx, req)
@@ -87,9 +86,9 @@ func testUnaryCall() unaryCall {
 // sustains.
 func duplexStream(size int, perMessage bool) probe {
 	batch := max(1, duplexBatchBytes/size)
-	req := &testpb.StreamingOutputCallRequest{ResponseType: testpb.PayloadType_COMPRESSABLE}
+	req := &testgrpc.StreamingOutputCallRequest{ResponseType: testgrpc.PayloadType_COMPRESSABLE}
 	for range batch {
-		req.ResponseParameters = append(req.ResponseParameters, &testpb.ResponseParameters{Size: int32(size)})
+		req.ResponseParameters = append(req.ResponseParameters, &testgrpc.ResponseParameters{Size: int32(size)})
 	}
 	return func(ctx context.Context, cc grpc.ClientConnInterface, d time.Duration) (figs []float64, err error) {
 		ctx, cancel := context.WithCancel(ctx)
@@ -109,7 +108,7 @@ func duplexStream(size int, perMessage bool) probe {
 			for stream.Send(req) == nil {
 			}
 		})
-		msg := new(testpb.StreamingOutputCallResponse)
+		msg := new(testgrpc.StreamingOutputCallResponse)
 		recv := func() error {
 			if err := stream.RecvMsg(msg); err != nil {
 				if errors.Is(err, io.EOF) {
