@@ -65,6 +65,13 @@ func (s *agentSet) remove(ch tunnel.TunnelChannel) (*agentTunnel, int) {
 	return nil, 0
 }
 
+// has reports whether an agent with key has a tunnel open.
+func (s *agentSet) has(key string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.byKey[key]) > 0
+}
+
 // list describes the agents with key, or all agents if key is empty.
 func (s *agentSet) list(key string) []*adminpb.Agent {
 	s.mu.Lock()

@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"log/slog"
+	"math"
 	"strings"
 
 	"github.com/fullstorydev/grpchan"
@@ -25,6 +26,13 @@ const DefaultKeyHeader = "tunnel-key"
 
 // maxKeyLen bounds an agent's key, which also becomes a metric label.
 const maxKeyLen = 256
+
+// DefaultMaxStreamsPerConnection is how many calls one client connection
+// may have in progress through the gateway unless
+// Options.MaxStreamsPerConnection says otherwise: a tenth of what one agent
+// with the default two tunnels carries, so that no single connection can
+// take an agent's whole capacity.
+const DefaultMaxStreamsPerConnection = 200
 
 // Director routes a call that the gateway does not answer itself. It gets
 // the gateway so that it can reach agents (Gateway.Agent) or fall back to
@@ -71,6 +79,16 @@ type Options struct {
 	// own in the metrics (100 if zero); later keys share the label "_other",
 	// so that keys cannot grow the metrics without bound.
 	MaxMetricKeys int
+	// MaxStreamsPerConnection bounds the calls in progress on one client
+	// connection to the gateway (DefaultMaxStreamsPerConnection if zero;
+	// negative for no bound). It is HTTP/2's own limit, so a caller past it
+	// waits in its own gRPC client for a call to finish rather than
+	// failing; what it protects is the agents' capacity: each agent's
+	// tunnels carry a bounded number of calls (see
+	// tunnel.WithMaxConcurrentStreams), and without this bound one
+	// connection could hold all of them with idle calls and starve every
+	// other caller of that agent.
+	MaxStreamsPerConnection int
 	// CallOptions apply to every call the gateway forwards to an agent.
 	// grpc.UseCompressor(gzip.Name) compresses the hop to the agents, the
 	// one most likely to cross a slow link: agents of this project
@@ -101,6 +119,9 @@ type Gateway struct {
 	forward   grpc.StreamHandler
 	health    *health.Server
 	metrics   *metrics // nil without a Registerer
+	// maxStreams is the HTTP/2 bound of calls per client connection; 0
+	// for none.
+	maxStreams uint32
 }
 
 // New returns a gateway configured by opts. It fails only if the metrics
@@ -116,6 +137,12 @@ func New(opts Options) (*Gateway, error) {
 	}
 	if g.keyHeader == "" {
 		g.keyHeader = DefaultKeyHeader
+	}
+	switch n := opts.MaxStreamsPerConnection; {
+	case n == 0:
+		g.maxStreams = DefaultMaxStreamsPerConnection
+	case n > 0:
+		g.maxStreams = uint32(min(n, math.MaxUint32))
 	}
 	g.drop = []string{g.keyHeader}
 	for _, h := range opts.DropHeaders {
@@ -167,14 +194,18 @@ func New(opts Options) (*Gateway, error) {
 
 // ServerOptions returns what a *grpc.Server needs to be this gateway: the
 // raw codec and unknown-service handler of package proxy, the check of
-// agents' tunnels, and the metrics. Pass them to grpc.NewServer together
-// with the server's own options (credentials, interceptors, keepalive);
-// interceptors given elsewhere are chained, not replaced.
+// agents' tunnels, the bound of calls per connection and the metrics. Pass
+// them to grpc.NewServer together with the server's own options
+// (credentials, interceptors, keepalive); interceptors given elsewhere are
+// chained, not replaced.
 func (g *Gateway) ServerOptions() []grpc.ServerOption {
 	opts := []grpc.ServerOption{
 		grpc.ForceServerCodecV2(proxy.Codec()),
 		grpc.UnknownServiceHandler(g.handle),
 		grpc.ChainStreamInterceptor(g.checkTunnel),
+	}
+	if g.maxStreams > 0 {
+		opts = append(opts, grpc.MaxConcurrentStreams(g.maxStreams))
 	}
 	if g.metrics != nil {
 		opts = append(opts, grpc.StatsHandler(g.metrics.statsHandler(g.keyHeader)))

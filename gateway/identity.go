@@ -9,6 +9,8 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+
+	"github.com/grpctunnel/grpctunnel/internal/errtext"
 )
 
 // CertificateNamesKey is an AuthorizeAgent function for gateways that
@@ -27,7 +29,7 @@ func CertificateNamesKey(ctx context.Context, key string) error {
 	if cert.Subject.CommonName == key || slices.Contains(cert.DNSNames, key) {
 		return nil
 	}
-	return status.Errorf(codes.PermissionDenied, "grpctunnel gateway: the agent's certificate (%s) does not name key %q", cert.Subject, key)
+	return status.Errorf(codes.PermissionDenied, "grpctunnel gateway: the agent's certificate (%s) does not name key %s", cert.Subject, errtext.Quote(key))
 }
 
 // verifiedCertificate is the leaf of the peer's verified client

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/grpctunnel/grpctunnel/internal/errtext"
 	"github.com/grpctunnel/grpctunnel/proxy"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -30,7 +31,7 @@ func (g *Gateway) RouteByKey(ctx context.Context, call *proxy.Call) (proxy.Route
 	keys := g.keys(ctx)
 	if len(keys) == 0 {
 		return proxy.Route{}, status.Errorf(codes.InvalidArgument,
-			"grpctunnel gateway: %s is not served here; name the agent to call in the %q header", call.Method(), g.keyHeader)
+			"grpctunnel gateway: %s is not served here; name the agent to call in the %q header", errtext.Quote(call.Method()), g.keyHeader)
 	}
 	if len(keys) > maxFanout {
 		return proxy.Route{}, status.Errorf(codes.InvalidArgument, "grpctunnel gateway: a call may name at most %d agents, not %d", maxFanout, len(keys))
@@ -38,8 +39,8 @@ func (g *Gateway) RouteByKey(ctx context.Context, call *proxy.Call) (proxy.Route
 	route := proxy.Route{Metadata: g.outgoing(ctx)}
 	for _, key := range keys {
 		ch := g.Agent(key)
-		if len(keys) == 1 && !ch.Ready() {
-			return proxy.Route{}, status.Errorf(codes.Unavailable, "grpctunnel gateway: no agent is connected with %s %q", g.keyHeader, key)
+		if len(keys) == 1 && !g.agents.has(key) {
+			return proxy.Route{}, status.Errorf(codes.Unavailable, "grpctunnel gateway: no agent is connected with %s %s", g.keyHeader, errtext.Quote(key))
 		}
 		// When fanning out, a missing agent is one labelled error among
 		// the results; the tunnel library reports it as Unavailable.
@@ -120,7 +121,7 @@ func (g *Gateway) checkTunnel(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 // or surrounding spaces, and not too long.
 func validKey(key string) error {
 	bad := func(why string) error {
-		return status.Errorf(codes.InvalidArgument, "grpctunnel gateway: agent key %q %s", key, why)
+		return status.Errorf(codes.InvalidArgument, "grpctunnel gateway: agent key %s %s", errtext.Quote(key), why)
 	}
 	switch {
 	case key == "":

@@ -101,14 +101,20 @@ func (r *affRecorder) totals() (keyed, opened, closed int) {
 }
 
 // affIDProbe answers every call with id: the unary method with one message,
-// the streaming method with one message and then the end of the call.
+// the streaming method with one message and then, once the client has
+// half-closed, the end of the call (so that a caller can hold it open).
 func affIDProbe(id string) *probe {
 	return &probe{
 		unary: func(context.Context, *wrapperspb.BytesValue) (*wrapperspb.BytesValue, error) {
 			return bytesValue([]byte(id)), nil
 		},
 		stream: func(s grpc.ServerStream) error {
-			return s.SendMsg(bytesValue([]byte(id)))
+			if err := s.SendMsg(bytesValue([]byte(id))); err != nil {
+				return err
+			}
+			for s.RecvMsg(bytesValue(nil)) == nil {
+			}
+			return nil
 		},
 	}
 }

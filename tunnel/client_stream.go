@@ -78,7 +78,7 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 	select {
 	case <-t.ready:
 	case <-t.done:
-		return nil, t.unavailable()
+		return nil, unstarted(t.unavailable())
 	case <-ctx.Done():
 		return nil, status.FromContextError(ctx.Err()).Err()
 	}

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -17,6 +19,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/grpctunnel/grpctunnel/flowcontrol"
+	"github.com/grpctunnel/grpctunnel/internal/errtext"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
 
@@ -82,6 +85,12 @@ type tunnelClient struct {
 	// Fixed once ready is closed.
 	flowControl bool
 	peerWindow  uint32 // initial send window of each new stream
+
+	// load is len(streams) and refusing is closed || draining, kept as
+	// atomics beside them so that a pool can pick a tunnel without taking
+	// every tunnel's lock. Both change only under mu.
+	load     atomic.Int32
+	refusing atomic.Bool
 
 	mu       sync.Mutex
 	streams  map[int64]*clientStream
@@ -271,6 +280,7 @@ func (t *tunnelClient) register(st *clientStream, first func(id int64) []*tunnel
 		t.lastID++
 		st.id = t.lastID
 		t.streams[st.id] = st
+		t.load.Add(1)
 		t.counters.started++
 		t.mu.Unlock()
 		if err := sendAll(first(st.id))(send); err != nil {
@@ -283,9 +293,9 @@ func (t *tunnelClient) register(st *clientStream, first func(id int64) []*tunnel
 	case err == nil:
 		return nil
 	case errors.Is(err, errTooManyStreams):
-		return err
+		return unstarted(err)
 	default:
-		return t.unavailable()
+		return unstarted(t.unavailable())
 	}
 }
 
@@ -295,7 +305,10 @@ var errTooManyStreams = status.Error(codes.ResourceExhausted, "grpctunnel: too m
 // left then ends.
 func (t *tunnelClient) forget(id int64) {
 	t.mu.Lock()
-	delete(t.streams, id)
+	if _, ok := t.streams[id]; ok {
+		delete(t.streams, id)
+		t.load.Add(-1)
+	}
 	idle := t.draining && len(t.streams) == 0
 	t.mu.Unlock()
 	if idle {
@@ -307,9 +320,9 @@ func (t *tunnelClient) forget(id int64) {
 func (t *tunnelClient) unavailable() error {
 	select {
 	case <-t.done:
-		return unavailableAfter(t.err)
+		return t.unavailableAfter(t.err)
 	default:
-		return status.Error(codes.Unavailable, "grpctunnel: tunnel is shutting down")
+		return status.Errorf(codes.Unavailable, "grpctunnel: %s is shutting down", t.describe())
 	}
 }
 
@@ -318,6 +331,7 @@ func (t *tunnelClient) unavailable() error {
 func (t *tunnelClient) drain() {
 	t.mu.Lock()
 	t.draining = true
+	t.refusing.Store(true)
 	idle := len(t.streams) == 0
 	t.mu.Unlock()
 	if idle {
@@ -325,11 +339,11 @@ func (t *tunnelClient) drain() {
 	}
 }
 
-// draining reports whether the tunnel takes no new calls.
-func (t *tunnelClient) isDraining() bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.draining || t.closed
+// room reports whether the tunnel takes new calls now, and how many it
+// carries. It takes no lock: a pool asks it of many tunnels per call.
+func (t *tunnelClient) room() (load int, ok bool) {
+	load = int(t.load.Load())
+	return load, !t.refusing.Load() && load < t.opts.maxStreams
 }
 
 // shutdown ends the tunnel: every call in progress fails with Unavailable
@@ -339,9 +353,11 @@ func (t *tunnelClient) shutdown(err error) {
 	t.once.Do(func() {
 		t.mu.Lock()
 		t.closed = true
+		t.refusing.Store(true)
 		t.err = err
 		streams := t.streams
 		t.streams = map[int64]*clientStream{}
+		t.load.Store(0)
 		ka := t.ka
 		t.mu.Unlock()
 		ka.stop()
@@ -349,7 +365,7 @@ func (t *tunnelClient) shutdown(err error) {
 		if t.askPeerToClose {
 			t.out.Queue(&tunnelpb.ClientToServer{StreamId: settingsStreamID, Frame: &tunnelpb.ClientToServer_Cancel{Cancel: emptyFrame}})
 		}
-		gone := unavailableAfter(err)
+		gone := t.unavailableAfter(err)
 		for _, st := range streams {
 			st.abort(gone, false)
 		}
@@ -361,12 +377,39 @@ func (t *tunnelClient) shutdown(err error) {
 	})
 }
 
-// unavailableAfter is the status of calls on a tunnel that ended with err.
-func unavailableAfter(err error) error {
-	if err != nil {
-		return status.Errorf(codes.Unavailable, "grpctunnel: tunnel failed: %v", err)
+// unavailableAfter is the status of calls on a tunnel that ended with err:
+// Unavailable, saying which tunnel (its peer and, for a reverse tunnel, its
+// affinity key) and what happened to it, so that a caller several hops
+// away learns which peer went and how.
+func (t *tunnelClient) unavailableAfter(err error) error {
+	return status.Errorf(codes.Unavailable, "grpctunnel: %s %s", t.describe(), endReason(err))
+}
+
+// describe names the tunnel in error messages.
+func (t *tunnelClient) describe() string {
+	var b strings.Builder
+	if t.reverse {
+		b.WriteString("reverse tunnel")
+		if t.peer != nil && t.peer.Addr != nil {
+			b.WriteString(" from ")
+			b.WriteString(t.peer.Addr.String())
+		}
+		t.mu.Lock()
+		key := t.affinityKey
+		t.mu.Unlock()
+		if key != nil {
+			b.WriteString(" (key ")
+			b.WriteString(errtext.QuoteAny(key))
+			b.WriteString(")")
+		}
+	} else {
+		b.WriteString("tunnel")
+		if t.peer != nil && t.peer.Addr != nil {
+			b.WriteString(" to ")
+			b.WriteString(t.peer.Addr.String())
+		}
 	}
-	return status.Error(codes.Unavailable, "grpctunnel: tunnel closed")
+	return b.String()
 }
 
 // TunnelChannel implementation.

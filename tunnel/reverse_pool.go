@@ -9,6 +9,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/grpctunnel/grpctunnel/internal/errtext"
 )
 
 // tunnelPool holds a handler's open reverse tunnels, grouped by affinity key,
@@ -114,39 +116,91 @@ func (p *tunnelPool) snapshot() []TunnelChannel {
 	return out
 }
 
-// pick returns the next usable tunnel, round-robin, or nil. With all it
-// picks among every tunnel, otherwise among those with key.
-func (p *tunnelPool) pick(all bool, key any) (*tunnelClient, <-chan struct{}) {
+// pickScan bounds how many tunnels with room pick compares: enough to find
+// a lightly loaded one among the tunnels of an agent or a few, without
+// walking thousands on every call of a channel over all of them.
+const pickScan = 8
+
+// pick returns the tunnel for the next call among every tunnel (all) or
+// those with key: of the tunnels with room for a call, the one carrying the
+// fewest, the next one round-robin among equals. Tunnels that are draining,
+// ending or at their limit of calls are passed over, so that a call never
+// lands on a full tunnel while another has room. With no tunnel at all it
+// returns nil and a channel closed when one is added, and so it does when
+// every tunnel is draining; when some are only full, it returns nil and
+// busy.
+func (p *tunnelPool) pick(all bool, key any) (t *tunnelClient, busy bool, changed <-chan struct{}) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	ts, next := p.all, &p.next
-	if !all {
-		if !comparable(key) {
-			return nil, p.changed // no tunnel can have such a key
-		}
-		g := p.byKey[key]
-		if g == nil {
-			return nil, p.changed
-		}
-		ts, next = g.tunnels, &g.next
+	ts, next := p.group(all, key)
+	if len(ts) == 0 {
+		return nil, false, p.changed
 	}
-	for range ts {
-		*next = (*next + 1) % len(ts)
-		if t := ts[*next]; !t.isDraining() {
-			return t, nil
+	best, bestLoad, seen := -1, 0, 0
+	for i := range ts {
+		j := (*next + 1 + i) % len(ts)
+		load, ok := ts[j].room()
+		if !ok {
+			busy = busy || load > 0 && !ts[j].refusing.Load()
+			continue
+		}
+		if best < 0 || load < bestLoad {
+			best, bestLoad = j, load
+		}
+		if seen++; load == 0 || seen == pickScan {
+			break
 		}
 	}
-	return nil, p.changed
+	if best < 0 {
+		return nil, busy, p.changed
+	}
+	*next = best
+	return ts[best], false, nil
 }
 
-// ReverseClientConnInterface is a channel over a set of reverse tunnels. Each
-// call goes to the next tunnel in the set, round-robin. With no tunnel in the
-// set a call fails with Unavailable, or, with grpc.WaitForReady(true), waits
-// for one.
+// usable reports, without moving the round-robin cursor, whether a call
+// could be picked a tunnel now; see pick.
+func (p *tunnelPool) usable(all bool, key any) (ok bool, changed <-chan struct{}) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ts, _ := p.group(all, key)
+	for _, t := range ts {
+		if _, ok := t.room(); ok {
+			return true, nil
+		}
+	}
+	return false, p.changed
+}
+
+// group returns the tunnels a channel picks among, and its cursor; mu held.
+func (p *tunnelPool) group(all bool, key any) ([]*tunnelClient, *int) {
+	if all {
+		return p.all, &p.next
+	}
+	if !comparable(key) {
+		return nil, nil // no tunnel can have such a key
+	}
+	g := p.byKey[key]
+	if g == nil {
+		return nil, nil
+	}
+	return g.tunnels, &g.next
+}
+
+// ReverseClientConnInterface is a channel over a set of reverse tunnels.
+// Each call goes to the tunnel of the set with the fewest calls in progress
+// that has room for one more, round-robin among equals. A call that never
+// left this end because its tunnel was ending or full at that moment is
+// tried on another tunnel of the set, as gRPC retries a call that never
+// left the client. With no tunnel in the set a call fails with
+// Unavailable, or, with grpc.WaitForReady(true), waits for one; when every
+// tunnel of the set is at its limit of calls it fails with
+// ResourceExhausted.
 type ReverseClientConnInterface interface {
 	grpc.ClientConnInterface
 
-	// Ready reports whether the set has a tunnel that takes calls now.
+	// Ready reports whether the set has a tunnel that takes calls now. It
+	// does not count as a call: it leaves the round-robin order alone.
 	Ready() bool
 	// WaitForReady blocks until Ready would report true, or until ctx is
 	// done, in which case it returns ctx's error.
@@ -160,14 +214,14 @@ type reverseChannel struct {
 }
 
 func (c reverseChannel) Ready() bool {
-	t, _ := c.pool.pick(c.all, c.key)
-	return t != nil
+	ok, _ := c.pool.usable(c.all, c.key)
+	return ok
 }
 
 func (c reverseChannel) WaitForReady(ctx context.Context) error {
 	for {
-		t, changed := c.pool.pick(c.all, c.key)
-		if t != nil {
+		ok, changed := c.pool.usable(c.all, c.key)
+		if ok {
 			return nil
 		}
 		select {
@@ -178,6 +232,11 @@ func (c reverseChannel) WaitForReady(ctx context.Context) error {
 	}
 }
 
+// maxAttempts bounds how often a call that never left is tried again on
+// another tunnel: each failed attempt takes its tunnel out of the running
+// (it is ending, draining or full), so a few are enough.
+const maxAttempts = 4
+
 func (c reverseChannel) choose(ctx context.Context, opts []grpc.CallOption) (*tunnelClient, error) {
 	wait := false
 	for _, o := range opts {
@@ -186,15 +245,14 @@ func (c reverseChannel) choose(ctx context.Context, opts []grpc.CallOption) (*tu
 		}
 	}
 	for {
-		t, changed := c.pool.pick(c.all, c.key)
-		if t != nil {
+		t, busy, changed := c.pool.pick(c.all, c.key)
+		switch {
+		case t != nil:
 			return t, nil
-		}
-		if !wait {
-			if c.all {
-				return nil, status.Error(codes.Unavailable, "grpctunnel: no reverse tunnel is open")
-			}
-			return nil, status.Errorf(codes.Unavailable, "grpctunnel: no reverse tunnel is open for key %v", c.key)
+		case busy:
+			return nil, status.Errorf(codes.ResourceExhausted, "grpctunnel: every reverse tunnel%s is at its limit of calls in progress (see WithMaxConcurrentStreams)", c.forKey())
+		case !wait:
+			return nil, status.Errorf(codes.Unavailable, "grpctunnel: no reverse tunnel is open%s", c.forKey())
 		}
 		select {
 		case <-changed:
@@ -204,20 +262,38 @@ func (c reverseChannel) choose(ctx context.Context, opts []grpc.CallOption) (*tu
 	}
 }
 
-func (c reverseChannel) Invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
-	t, err := c.choose(ctx, opts)
-	if err != nil {
-		return err
+// forKey names the channel's key in error messages.
+func (c reverseChannel) forKey() string {
+	if c.all {
+		return ""
 	}
-	return t.invoke(ctx, method, req, reply, opts...)
+	return " for key " + errtext.QuoteAny(c.key)
+}
+
+func (c reverseChannel) Invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
+	for attempt := 1; ; attempt++ {
+		t, err := c.choose(ctx, opts)
+		if err != nil {
+			return err
+		}
+		err = t.invoke(ctx, method, req, reply, opts...)
+		if attempt == maxAttempts || !neverLeft(err) {
+			return err
+		}
+	}
 }
 
 func (c reverseChannel) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-	t, err := c.choose(ctx, opts)
-	if err != nil {
-		return nil, err
+	for attempt := 1; ; attempt++ {
+		t, err := c.choose(ctx, opts)
+		if err != nil {
+			return nil, err
+		}
+		cs, err := t.openStream(ctx, desc, method, opts...)
+		if attempt == maxAttempts || !neverLeft(err) {
+			return cs, err
+		}
 	}
-	return t.openStream(ctx, desc, method, opts...)
 }
 
 // comparable reports whether key can index a map without panicking.
