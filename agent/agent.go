@@ -32,6 +32,18 @@ import (
 // Options.KeyHeader says otherwise; it is the gateway's default too.
 const DefaultKeyHeader = "tunnel-key"
 
+// IdleTimeout is the idle timeout to dial the gateway with
+// (grpc.WithIdleTimeout), as grpctunnel agent does. gRPC retries a
+// connection that failed on a schedule of its own, up to two minutes
+// apart, and until then fails every call at once, tunnels included; a
+// connection that goes idle as soon as no tunnel is open or opening drops
+// that schedule, so that each of the agent's attempts dials afresh and the
+// agent's own backoff alone (see tunnel.ReconnectOptions) decides when it
+// tries again: within a fraction of a second of a restarted gateway
+// listening again. An open tunnel is a call in progress, so the connection
+// never goes idle while the agent is connected.
+const IdleTimeout = 10 * time.Millisecond
+
 // Options configure an Agent.
 type Options struct {
 	// Key is what callers name to reach this agent through the gateway.
@@ -65,8 +77,9 @@ type Agent struct {
 }
 
 // New returns an agent that opens its tunnels on gateway (a connection to
-// the gateway's address) and forwards every call to target (a connection
-// to the local service). The agent does not close either connection.
+// the gateway's address, best dialled with IdleTimeout) and forwards every
+// call to target (a connection to the local service). The agent does not
+// close either connection.
 func New(gateway, target grpc.ClientConnInterface, opts Options) (*Agent, error) {
 	if opts.Key == "" {
 		return nil, errors.New("agent: a key is required")

@@ -4,14 +4,19 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"runtime"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/fullstorydev/grpchan/grpchantesting"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/agent"
 	"github.com/grpctunnel/grpctunnel/gateway"
@@ -99,4 +104,130 @@ func TestForwardsAndStops(t *testing.T) {
 			}
 		})
 	}
+}
+
+// servedGateway is a gateway serving on a listener of its own.
+type servedGateway struct {
+	g      *gateway.Gateway
+	srv    *grpc.Server
+	served chan struct{}
+}
+
+// serveGateway serves a new gateway on addr ("127.0.0.1:0" for any port).
+func serveGateway(t *testing.T, addr string) (*servedGateway, string) {
+	t.Helper()
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := gateway.New(gateway.Options{Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &servedGateway{g: g, srv: grpc.NewServer(g.ServerOptions()...), served: make(chan struct{})}
+	g.Register(s.srv)
+	go func() {
+		defer close(s.served)
+		_ = s.srv.Serve(lis)
+	}()
+	t.Cleanup(s.stop)
+	return s, lis.Addr().String()
+}
+
+// drain stops the gateway as grpctunnel gateway does on SIGTERM.
+func (s *servedGateway) drain() {
+	s.g.Shutdown()
+	s.srv.GracefulStop()
+	<-s.served
+}
+
+func (s *servedGateway) stop() {
+	s.srv.Stop()
+	<-s.served
+}
+
+func (s *servedGateway) tunnels(key string) int {
+	for _, a := range s.g.Agents() {
+		if a.GetKey() == key {
+			return len(a.GetTunnels())
+		}
+	}
+	return 0
+}
+
+// TestBackAfterTheGatewayRestarts drains a gateway, lets the agent fail to
+// reach its address for a while, as it would while the gateway restarts,
+// then serves a new gateway there: the agent is back with all its tunnels.
+// The agent dials the gateway as grpctunnel agent does, with a short idle
+// timeout, so that gRPC's own connection backoff does not hold it back.
+func TestBackAfterTheGatewayRestarts(t *testing.T) {
+	target := grpc.NewServer()
+	grpchantesting.RegisterTestServiceServer(target, &grpchantesting.TestServer{})
+	targetConn := loopback.Serve(t, target)
+	old, addr := serveGateway(t, "127.0.0.1:0")
+	gwConn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithIdleTimeout(agent.IdleTimeout))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gwConn.Close()
+
+	var failures atomic.Int32
+	a, err := agent.New(gwConn, targetConn, agent.Options{Key: "k1", Logger: quiet, Reconnect: tunnel.ReconnectOptions{
+		Tunnels: 2,
+		OnStateChange: func(c tunnel.StateChange) {
+			if c.State == tunnel.TunnelWaiting && status.Code(c.Err) == codes.Unavailable {
+				failures.Add(1)
+			}
+		},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ran := make(chan error, 1)
+	go func() { ran <- a.Run(context.Background()) }()
+	defer func() {
+		a.Stop()
+		if err := <-ran; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	waitFor(t, func() bool { return old.tunnels("k1") == 2 })
+
+	old.drain()
+	// Nothing listens now: the agent's attempts fail, more than enough of
+	// them for gRPC's connection backoff (a second at first) to matter.
+	start := failures.Load()
+	waitFor(t, func() bool { return failures.Load() >= start+10 })
+	restarted, _ := serveGateway(t, addr)
+	listening := time.Now()
+	waitFor(t, func() bool { return restarted.tunnels("k1") == 2 })
+	t.Logf("back %v after the new gateway listened", time.Since(listening))
+	grpchantesting.RunChannelTestCases(t, keyed{gwConn, "k1"}, true)
+}
+
+// waitFor polls cond until it holds, failing the test after ten seconds.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met in time")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// keyed is a channel that names an agent on every call, as a caller of
+// the gateway does.
+type keyed struct {
+	grpc.ClientConnInterface
+	key string
+}
+
+func (k keyed) Invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
+	return k.ClientConnInterface.Invoke(metadata.AppendToOutgoingContext(ctx, gateway.DefaultKeyHeader, k.key), method, req, reply, opts...)
+}
+
+func (k keyed) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	return k.ClientConnInterface.NewStream(metadata.AppendToOutgoingContext(ctx, gateway.DefaultKeyHeader, k.key), desc, method, opts...)
 }
