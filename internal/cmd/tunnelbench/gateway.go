@@ -95,7 +95,8 @@ func startGatewayBed(ctx context.Context, delay time.Duration) (b *gatewayBed, e
 			b.close()
 		}
 	}()
-	if b.service, err = startTestService(); err != nil {
+	inPart("service", func() { b.service, err = startTestService() })
+	if err != nil {
 		return nil, err
 	}
 	b.onClose(b.service.stop)
@@ -107,7 +108,9 @@ func startGatewayBed(ctx context.Context, delay time.Duration) (b *gatewayBed, e
 	if b.gatewayLis, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
 		return nil, err
 	}
-	g, stopGateway, err := newGateway(b.gatewayLis, gateway.Options{})
+	var g *gateway.Gateway
+	var stopGateway func()
+	inPart("gateway", func() { g, stopGateway, err = newGateway(b.gatewayLis, gateway.Options{}) })
 	if err != nil {
 		_ = b.gatewayLis.Close()
 		return nil, err
@@ -120,28 +123,39 @@ func startGatewayBed(ctx context.Context, delay time.Duration) (b *gatewayBed, e
 	if err != nil {
 		return nil, err
 	}
-	toGateway, err := b.dial(agentHop)
+	inPart("agent", func() { err = b.startAgent(ctx, agentHop) })
 	if err != nil {
 		return nil, err
 	}
-	toService, err := b.dial(b.service.addr)
-	if err != nil {
-		return nil, err
-	}
-	stopAgent, err := runAgent(ctx, toGateway, toService, benchAgentKey)
-	if err != nil {
-		return nil, err
-	}
-	b.onClose(stopAgent)
 	if err := waitForAgent(ctx, g, benchAgentKey, agentTunnels); err != nil {
 		return nil, err
 	}
 
-	if b.l4, err = startL4Forward(b.service.addr, delay); err != nil {
+	inPart("l4", func() { b.l4, err = startL4Forward(b.service.addr, delay) })
+	if err != nil {
 		return nil, err
 	}
 	b.onClose(b.l4.close)
 	return b, nil
+}
+
+// startAgent connects the bench agent to the gateway at gatewayAddr and to
+// the service, and starts it.
+func (b *gatewayBed) startAgent(ctx context.Context, gatewayAddr string) error {
+	toGateway, err := b.dial(gatewayAddr)
+	if err != nil {
+		return err
+	}
+	toService, err := b.dial(b.service.addr)
+	if err != nil {
+		return err
+	}
+	stop, err := runAgent(ctx, toGateway, toService, benchAgentKey)
+	if err != nil {
+		return err
+	}
+	b.onClose(stop)
+	return nil
 }
 
 // onClose arranges for f to run when the bed closes, before whatever was
@@ -163,7 +177,9 @@ func (b *gatewayBed) delayed(addr string, delay time.Duration) (string, error) {
 	if delay <= 0 {
 		return addr, nil
 	}
-	r, err := startRelay(addr, delay)
+	var r *relay
+	var err error
+	inPart("relay", func() { r, err = startRelay(addr, delay) })
 	if err != nil {
 		return "", err
 	}

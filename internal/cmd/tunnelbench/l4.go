@@ -69,7 +69,8 @@ func startL4Forward(service string, delay time.Duration) (f *l4Forward, err erro
 	}
 	muxAddr := f.mux.Addr().String()
 	if delay > 0 {
-		if f.relay, err = startRelay(muxAddr, delay); err != nil {
+		inPart("relay", func() { f.relay, err = startRelay(muxAddr, delay) })
+		if err != nil {
 			return nil, err
 		}
 		muxAddr = f.relay.addr()

@@ -34,7 +34,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"runtime/pprof"
 	"slices"
 	"strings"
 	"sync"
@@ -175,18 +174,11 @@ func run(ctx context.Context, cfg config, out, log io.Writer) error {
 		fmt.Fprintf(log, "tunnelbench: "+format+"\n", args...)
 	}
 	if cfg.cpuProfile != "" {
-		f, err := os.Create(cfg.cpuProfile)
+		stop, err := startCPUProfile(cfg.cpuProfile)
 		if err != nil {
 			return err
 		}
-		if err := pprof.StartCPUProfile(f); err != nil {
-			_ = f.Close()
-			return err
-		}
-		defer func() {
-			pprof.StopCPUProfile()
-			_ = f.Close()
-		}()
+		defer stop()
 	}
 	fmt.Fprintln(out, "## tunnelbench: tunnels and the gateway against direct gRPC")
 	fmt.Fprintln(out)
@@ -366,11 +358,14 @@ func runTimed(ctx context.Context, cfg config, targets []target, start func(cont
 	var chans [numTargets]grpc.ClientConnInterface
 	var errs [numTargets]error
 	for _, t := range targets {
-		chans[t], errs[t] = b.connect(ctx, t)
+		inPart("caller", func() { chans[t], errs[t] = b.connect(ctx, t) })
 	}
 	for _, tb := range group {
-		c := compare(ctx, targets, chans, errs, tb.probe, cfg.duration/4, cfg.duration, cfg.runs, func(t target, run int) {
-			say("%s: %v, run %d of %d", tb.name, t, run+1, cfg.runs)
+		var c comparison
+		inPart("caller", func() {
+			c = compare(ctx, targets, chans, errs, tb.probe, cfg.duration/4, cfg.duration, cfg.runs, func(t target, run int) {
+				say("%s: %v, run %d of %d", tb.name, t, run+1, cfg.runs)
+			})
 		})
 		for _, t := range targets {
 			for i, r := range tb.rows {
