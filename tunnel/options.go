@@ -32,9 +32,11 @@ const (
 	// four streams' worth of fully grown windows.
 	defaultMaxBufferedBytes = 64 << 20
 	// defaultKeepaliveInterval and defaultKeepaliveTimeout: a silent tunnel
-	// is pinged after a minute and given up 20 seconds later.
-	defaultKeepaliveInterval = time.Minute
-	defaultKeepaliveTimeout  = 20 * time.Second
+	// is pinged after 20 seconds and given up 10 seconds later, so that a
+	// hung peer or a dead path is noticed within half a minute, at the cost
+	// of one small frame each way per idle tunnel every 20 seconds.
+	defaultKeepaliveInterval = 20 * time.Second
+	defaultKeepaliveTimeout  = 10 * time.Second
 	// windowIdle is how long a stream may go without consuming before its
 	// grown window falls back to the initial size.
 	windowIdle = time.Second
@@ -185,9 +187,10 @@ func WithMaxBufferedBytes(n int64) TunnelOption {
 // from it, and give the tunnel up as dead when timeout passes after that with
 // still nothing: calls on it fail with Unavailable and a reverse tunnel
 // leaves its handler's pool. It finds what TCP alone may not for a long
-// time: a half-open connection, a peer whose tunnel is stuck. The default is
-// a minute and 20 seconds; an interval of 0 turns pinging off (this end
-// still answers the peer's pings). It needs a peer of this package (the
+// time: a half-open connection, a hung peer, a peer whose tunnel is stuck.
+// The default is 20 seconds and 10 more, so that a silent peer is given up
+// within half a minute; an interval of 0 turns pinging off (this end still
+// answers the peer's pings). It needs a peer of this package (the
 // keepalive extension); with a plain peer use gRPC's own keepalive on the
 // connection (grpc.WithKeepaliveParams, grpc.KeepaliveParams). On a network
 // server, pair it with gRPC keepalive anyway: a tunnel given up there still
