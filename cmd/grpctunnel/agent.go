@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -34,7 +35,12 @@ type agentConfig struct {
 	tunnels       int
 	keyHeader     string
 	drainTimeout  time.Duration
+	maxBackoff    time.Duration
+	keepalive     keepaliveFlags
 }
+
+// defaultMaxBackoff is tunnel.ReconnectOptions' own default.
+const defaultMaxBackoff = 30 * time.Second
 
 // gatewayTLS reports whether the agent dials the gateway with TLS: asked
 // for, or implied by a flag that only makes sense with it.
@@ -64,6 +70,10 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fs.IntVar(&cfg.tunnels, "tunnels", 2, "keep `n` tunnels open; more than one keeps calls flowing while one reopens")
 	fs.StringVar(&cfg.keyHeader, "key-header", agent.DefaultKeyHeader, "`header` the key is announced in; must match the gateway's")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
+	fs.DurationVar(&cfg.maxBackoff, "max-backoff", defaultMaxBackoff, "wait at most `duration` between attempts to reach the gateway (the wait\nstarts at 100ms, doubles with each failure and is drawn at random below\nthat); a gateway that drains or restarts is tried again within 400ms")
+	cfg.keepalive.add(fs,
+		"ping the gateway when a tunnel has been silent for `duration`, and the\nconnection under it too (every 10s at most)",
+		"give the gateway up when a ping has had no answer for `duration`: the\ntunnel, or the connection, closes and the agent reconnects")
 	logs := addLogFlags(fs, slog.LevelInfo)
 	if code, ok := c.parse(args); !ok {
 		return code
@@ -82,6 +92,11 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return c.fail("--tunnels must be at least 1")
 	case cfg.drainTimeout <= 0:
 		return c.fail("--drain-timeout must be positive")
+	case cfg.maxBackoff <= 0:
+		return c.fail("--max-backoff must be positive")
+	}
+	if msg := cfg.keepalive.check(); msg != "" {
+		return c.fail("%s", msg)
 	}
 	log := logs.logger(stderr)
 
@@ -140,7 +155,10 @@ func startAgent(cfg agentConfig, log *slog.Logger) (*runningAgent, error) {
 		targetCreds = credentials.NewTLS(nil)
 	}
 
-	gwConn, err := grpc.NewClient(cfg.gateway, grpc.WithTransportCredentials(gwCreds), grpc.WithKeepaliveParams(agentKeepalive))
+	// The idle timeout lets the agent's backoff alone pace its attempts
+	// (see agent.IdleTimeout).
+	gwConn, err := grpc.NewClient(cfg.gateway, grpc.WithTransportCredentials(gwCreds),
+		grpc.WithKeepaliveParams(cfg.keepalive.clientParams()), grpc.WithIdleTimeout(agent.IdleTimeout))
 	if err != nil {
 		return nil, fmt.Errorf("gateway address: %w", err)
 	}
@@ -155,10 +173,11 @@ func startAgent(cfg agentConfig, log *slog.Logger) (*runningAgent, error) {
 		KeyHeader: cfg.keyHeader,
 		Reconnect: tunnel.ReconnectOptions{
 			Tunnels:       cfg.tunnels,
+			MaxBackoff:    cfg.maxBackoff,
 			CallOptions:   callOpts,
 			OnStateChange: reach.changed,
 		},
-		TunnelOptions: []tunnel.TunnelOption{tunnel.WithKeepalive(tunnelKeepaliveInterval, tunnelKeepaliveTimeout)},
+		TunnelOptions: []tunnel.TunnelOption{cfg.keepalive.tunnelOption()},
 		Logger:        log,
 	})
 	if err != nil {
@@ -233,6 +252,10 @@ func (r *reachability) explain(err error) string {
 		return "the gateway at " + r.gateway + " does not admit this agent (check --token-file, the client certificate and --key)"
 	case codes.InvalidArgument, codes.Unimplemented, codes.ResourceExhausted:
 		return "the gateway at " + r.gateway + " refused the agent's tunnel"
+	case codes.Unavailable:
+		if strings.Contains(status.Convert(err).Message(), "shutting down") {
+			return "the gateway at " + r.gateway + " is shutting down"
+		}
 	}
 	return "cannot reach the gateway at " + r.gateway
 }

@@ -3,7 +3,10 @@ package main
 import (
 	"context"
 	"net"
+	"runtime"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -108,4 +111,119 @@ func TestDrainTimeout(t *testing.T) {
 			stopAll(t, second)
 		})
 	}
+}
+
+// TestBackAfterTheGatewayRestarts stops the gateway, lets the agent fail
+// to reach it for a few seconds, then starts a gateway on the same address:
+// the agent is back with all its tunnels within a fraction of a second,
+// without waiting out gRPC's own connection backoff (see
+// agent.IdleTimeout), which would by then have grown to seconds.
+func TestBackAfterTheGatewayRestarts(t *testing.T) {
+	ctx := testContext(t)
+	gw, addr := startGatewayCmd(t)
+	ag := startAgentCmd(t, "--gateway", addr, "--key", "k", "--target", "127.0.0.1:1", "--tunnels", "2")
+	waitAgent(t, ctx, dial(t, addr, insecure.NewCredentials()), "k", 2)
+
+	if code := gw.stop(t); code != 0 {
+		t.Fatalf("the gateway exited %d; log:\n%s", code, gw.stderr.String())
+	}
+	// gRPC's backoff starts at a second and grows 1.6 times a failure: let
+	// the agent fail for three seconds, by its own log.
+	failed := func(r map[string]any) bool { return r["msg"] == "tunnel failed; retrying" }
+	first := logTime(t, ag.stderr.waitRecord(t, ctx, "of a failed attempt", failed))
+	ag.stderr.waitRecord(t, ctx, "of a failed attempt 3s after the first", func(r map[string]any) bool {
+		return failed(r) && logTime(t, r).Sub(first) >= 3*time.Second
+	})
+	restarted, _ := startGatewayCmd(t, "--listen", addr)
+	listening := time.Now()
+	waitAgent(t, ctx, dial(t, addr, insecure.NewCredentials()), "k", 2)
+	back := time.Since(listening)
+	t.Logf("back %v after the new gateway listened", back)
+	// The agent tries again within 400ms; the rest is slack for a slow
+	// machine. gRPC's backoff would hold it back for one to three seconds.
+	if back > 1500*time.Millisecond {
+		t.Errorf("the agent was back %v after the new gateway listened", back)
+	}
+	ag.stderr.waitMsg(t, ctx, "reached the gateway at "+addr)
+	stopAll(t, ag, restarted)
+}
+
+// logTime is the time of a JSON log record.
+func logTime(t *testing.T, r map[string]any) time.Time {
+	t.Helper()
+	s, _ := r["time"].(string)
+	tm, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		t.Fatalf("log record without a time: %v", r)
+	}
+	return tm
+}
+
+// TestHungPeersAreNoticed stops one end of a tunnel with SIGSTOP, as a
+// process that hangs, and checks that the other end gives the tunnel up
+// within the --keepalive-interval and --keepalive-timeout it was given,
+// far sooner than the defaults would.
+func TestHungPeersAreNoticed(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("the test stops a process with SIGSTOP")
+	}
+	bin := buildCommand(t)
+	keepalive := []string{"--keepalive-interval", "200ms", "--keepalive-timeout", "300ms"}
+	givenUp := func(msg string) func(map[string]any) bool {
+		return func(r map[string]any) bool {
+			err, _ := r["err"].(string)
+			return r["msg"] == msg && strings.Contains(err, "keepalive")
+		}
+	}
+	const soon = 10 * time.Second // the defaults take 30s
+
+	t.Run("agent", func(t *testing.T) {
+		ctx := testContext(t)
+		gw, addr := startGatewayCmd(t, keepalive...)
+		ag := startProcess(t, "agent", bin, append([]string{"agent", "--gateway", addr, "--key", "k", "--target", "127.0.0.1:1", "--log-format", "json", "--tunnels", "1"}, keepalive...)...)
+		waitAgent(t, ctx, dial(t, addr, insecure.NewCredentials()), "k", 1)
+
+		resume := hang(t, ag)
+		start := time.Now()
+		gw.stderr.waitRecord(t, ctx, "of the agent's tunnel given up by keepalive", givenUp("agent tunnel closed"))
+		if d := time.Since(start); d > soon {
+			t.Errorf("the gateway gave the hung agent up after %v", d)
+		}
+		resume()
+		ag.terminate(t)
+		stopAll(t, gw)
+	})
+	t.Run("gateway", func(t *testing.T) {
+		ctx := testContext(t)
+		gw := startProcess(t, "gateway", bin, append([]string{"gateway", "--listen", "127.0.0.1:0", "--log-format", "json"}, keepalive...)...)
+		addr, _ := gw.log.waitMsg(t, ctx, "listening")["addr"].(string)
+		ag := startAgentCmd(t, append([]string{"--gateway", addr, "--key", "k", "--target", "127.0.0.1:1"}, keepalive...)...)
+		ag.stderr.waitMsg(t, ctx, "tunnel open")
+
+		resume := hang(t, gw)
+		start := time.Now()
+		ag.stderr.waitRecord(t, ctx, "of the tunnel given up by keepalive", givenUp("tunnel failed; retrying"))
+		if d := time.Since(start); d > soon {
+			t.Errorf("the agent gave the hung gateway up after %v", d)
+		}
+		resume()
+		gw.terminate(t)
+		stopAll(t, ag)
+	})
+}
+
+// hang stops p with SIGSTOP and returns what lets it run again; the test's
+// end does that too, so that p can be killed.
+func hang(t *testing.T, p *process) (resume func()) {
+	t.Helper()
+	if err := p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	resume = sync.OnceFunc(func() {
+		if err := p.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+			t.Errorf("resuming the %s: %v", p.name, err)
+		}
+	})
+	t.Cleanup(resume)
+	return resume
 }

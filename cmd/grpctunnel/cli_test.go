@@ -49,11 +49,16 @@ func TestSubcommandHelp(t *testing.T) {
 		{[]string{"gateway", "-h"}, append([]string{
 			"--listen addr", "--tls-cert file", "--tls-key file", "--client-ca file", "--token-file file",
 			"--metrics addr", "--key-header header", "(default tunnel-key)", "--drain-timeout duration", "(default 30s)",
+			"--keepalive-interval duration", "silent for duration (default 20s)",
+			"--keepalive-timeout duration", "with the calls on it (default 10s)",
 		}, logFlags...)},
 		{[]string{"agent", "--help"}, append([]string{
 			"--gateway addr", "--key key", "--target addr", "--tls\n", "--ca file", "--tls-cert file", "--tls-key file",
 			"--server-name name", "--token-file file", "--insecure-token\n", "--target-tls\n", "--tunnels n", "(default 2)",
 			"--key-header header", "--drain-timeout duration",
+			"--keepalive-interval duration", "(every 10s at most) (default 20s)",
+			"--keepalive-timeout duration", "the agent reconnects (default 10s)",
+			"--max-backoff duration", "within 400ms (default 30s)",
 		}, logFlags...)},
 		{[]string{"demo", "-h"}, append([]string{"--keep\n", "(default error)"}, logFlags...)},
 		{[]string{"help", "agent"}, []string{"Usage: grpctunnel agent --gateway ADDR --key KEY --target ADDR [flags]"}},
@@ -86,6 +91,9 @@ func TestBadCommandLines(t *testing.T) {
 		{[]string{"gateway", "--listen", ":0", "--tls-cert", "c.pem", "--tls-key", "k.pem", "--agent-key-from-cert"}, "grpctunnel gateway: --agent-key-from-cert needs client certificates"},
 		{[]string{"gateway", "--listen", ":0", "--drain-timeout", "0s"}, "grpctunnel gateway: --drain-timeout must be positive"},
 		{[]string{"gateway", "--listen", ":0", "--drain-timeout", "soon"}, "grpctunnel gateway: invalid value \"soon\" for flag -drain-timeout"},
+		{[]string{"gateway", "--listen", ":0", "--keepalive-interval", "0s"}, "grpctunnel gateway: --keepalive-interval must be positive"},
+		{[]string{"gateway", "--listen", ":0", "--keepalive-timeout", "-1s"}, "grpctunnel gateway: --keepalive-timeout must be positive"},
+		{[]string{"gateway", "--listen", ":0", "--keepalive-timeout", "10"}, "grpctunnel gateway: invalid value \"10\" for flag -keepalive-timeout"},
 		{[]string{"gateway", "--listen", ":0", "--log-format", "xml"}, "grpctunnel gateway: invalid value \"xml\" for flag -log-format: want text or json"},
 		{[]string{"gateway", "--listen", ":0", "--log-level", "loud"}, "grpctunnel gateway: invalid value \"loud\" for flag -log-level: want debug, info, warn or error"},
 		{[]string{"gateway", "--listen", ":0", "extra"}, "grpctunnel gateway: unexpected argument \"extra\""},
@@ -97,6 +105,9 @@ func TestBadCommandLines(t *testing.T) {
 		{[]string{"agent", "--gateway", "g:1", "--key", "k", "--target", "t:1", "--server-name", "gw"}, "grpctunnel agent: --server-name needs TLS"},
 		{[]string{"agent", "--gateway", "g:1", "--key", "k", "--target", "t:1", "--token-file", token}, "grpctunnel agent: --token-file needs TLS (--tls or --ca): a token sent in plaintext can be read"},
 		{[]string{"agent", "--gateway", "g:1", "--key", "k", "--target", "t:1", "--tunnels", "0"}, "grpctunnel agent: --tunnels must be at least 1"},
+		{[]string{"agent", "--gateway", "g:1", "--key", "k", "--target", "t:1", "--max-backoff", "0s"}, "grpctunnel agent: --max-backoff must be positive"},
+		{[]string{"agent", "--gateway", "g:1", "--key", "k", "--target", "t:1", "--keepalive-interval", "-20s"}, "grpctunnel agent: --keepalive-interval must be positive"},
+		{[]string{"agent", "--gateway", "g:1", "--key", "k", "--target", "t:1", "--keepalive-timeout", "0s"}, "grpctunnel agent: --keepalive-timeout must be positive"},
 		{[]string{"demo", "--kep"}, "grpctunnel demo: flag provided but not defined: -kep"},
 	} {
 		code, stdout, stderr := runOnce(t, tc.args...)

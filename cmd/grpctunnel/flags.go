@@ -6,6 +6,11 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"time"
+
+	"google.golang.org/grpc/keepalive"
+
+	"github.com/grpctunnel/grpctunnel/tunnel"
 )
 
 // cli is one subcommand's command line: its flags and how to explain them.
@@ -92,4 +97,45 @@ func (c *cli) requireFlags(flags ...string) (int, bool) {
 		}
 	}
 	return 0, true
+}
+
+// keepaliveFlags are --keepalive-interval and --keepalive-timeout, which
+// the gateway and the agent share: they set both the tunnels' keepalive and
+// gRPC's on the connection under them (see defaultKeepaliveInterval).
+type keepaliveFlags struct {
+	interval, timeout time.Duration
+}
+
+// add adds the flags to fs, with the help text of a subcommand: interval
+// and timeout describe what each does there.
+func (k *keepaliveFlags) add(fs *flag.FlagSet, interval, timeout string) {
+	fs.DurationVar(&k.interval, "keepalive-interval", defaultKeepaliveInterval, interval)
+	fs.DurationVar(&k.timeout, "keepalive-timeout", defaultKeepaliveTimeout, timeout)
+}
+
+// check returns what is wrong with the flags, or "".
+func (k *keepaliveFlags) check() string {
+	switch {
+	case k.interval <= 0:
+		return "--keepalive-interval must be positive"
+	case k.timeout <= 0:
+		return "--keepalive-timeout must be positive"
+	}
+	return ""
+}
+
+// tunnelOption is the tunnels' keepalive.
+func (k *keepaliveFlags) tunnelOption() tunnel.TunnelOption {
+	return tunnel.WithKeepalive(k.interval, k.timeout)
+}
+
+// serverParams is gRPC's keepalive on the gateway's connections.
+func (k *keepaliveFlags) serverParams() keepalive.ServerParameters {
+	return keepalive.ServerParameters{Time: max(k.interval, minServerPingInterval), Timeout: k.timeout}
+}
+
+// clientParams is gRPC's keepalive on the agent's connection, which pings
+// even between tunnels.
+func (k *keepaliveFlags) clientParams() keepalive.ClientParameters {
+	return keepalive.ClientParameters{Time: max(k.interval, minClientPingInterval), Timeout: k.timeout, PermitWithoutStream: true}
 }

@@ -22,23 +22,31 @@ import (
 	"github.com/grpctunnel/grpctunnel/tunnel"
 )
 
-// Keepalive, paired on the two ends of an agent's connection. The tunnel's
-// own keepalive notices a tunnel that has gone silent and frees its calls;
-// gRPC's, on the connection under it, closes a connection whose peer has
-// vanished, which is what finally releases the gateway's handler of a
-// tunnel given up that way. The gateway accepts a ping every 10 seconds at
-// most, from agents (which ping after 30 idle seconds) and callers alike;
-// gRPC disconnects a client that pings more often.
+// Keepalive, on both ends of an agent's connection and with the same
+// numbers by default, so that either end notices a silent peer (a hung
+// process, a path that drops everything) within 30 seconds. The tunnel's
+// own keepalive pings a tunnel silent for the interval and gives it up,
+// failing its calls, after the timeout more; gRPC's, on the connection
+// under it, does the same with HTTP/2 pings, which any gRPC peer answers,
+// and closing the connection is what finally releases the gateway's
+// handler of a tunnel given up that way. --keepalive-interval and
+// --keepalive-timeout set both.
 const (
-	tunnelKeepaliveInterval = time.Minute
-	tunnelKeepaliveTimeout  = 20 * time.Second
+	defaultKeepaliveInterval = 20 * time.Second
+	defaultKeepaliveTimeout  = 10 * time.Second
 )
 
-var (
-	gatewayKeepalive = keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}
-	gatewayPingLimit = keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}
-	agentKeepalive   = keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 20 * time.Second, PermitWithoutStream: true}
+// gRPC clients ping no more often than every 10 seconds, whatever they are
+// asked, and servers ping no more often than every second. The gateway
+// accepts a ping every 10 seconds, from agents and callers alike, even
+// without calls in progress: gRPC disconnects a client that pings more
+// often than its server allows.
+const (
+	minClientPingInterval = 10 * time.Second
+	minServerPingInterval = time.Second
 )
+
+var gatewayPingLimit = keepalive.EnforcementPolicy{MinTime: minClientPingInterval, PermitWithoutStream: true}
 
 // defaultDrainTimeout bounds how long a stop waits for calls in progress.
 const defaultDrainTimeout = 30 * time.Second
@@ -56,6 +64,7 @@ type gatewayConfig struct {
 	keyHeader    string
 	drainTimeout time.Duration
 	compress     bool
+	keepalive    keepaliveFlags
 }
 
 func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -78,6 +87,9 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	fs.StringVar(&cfg.keyHeader, "key-header", gateway.DefaultKeyHeader, "`header` that names the agent, on agents' tunnels and callers' calls")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
 	fs.BoolVar(&cfg.compress, "compress", false, "gzip the calls forwarded to agents, and their answers, on the tunnels;\nagents of other implementations get them uncompressed")
+	cfg.keepalive.add(fs,
+		"ping an agent when its tunnel, or its connection, has been silent for `duration`",
+		"give an agent up when a ping has had no answer for `duration`: its tunnel,\nor its connection, closes with the calls on it")
 	logs := addLogFlags(fs, slog.LevelInfo)
 	if code, ok := c.parse(args); !ok {
 		return code
@@ -94,6 +106,9 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		return c.fail("--agent-key-from-cert needs client certificates: give --client-ca too")
 	case cfg.drainTimeout <= 0:
 		return c.fail("--drain-timeout must be positive")
+	}
+	if msg := cfg.keepalive.check(); msg != "" {
+		return c.fail("%s", msg)
 	}
 	log := logs.logger(stderr)
 
@@ -134,7 +149,7 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 	var opts gateway.Options
 	opts.KeyHeader = cfg.keyHeader
 	opts.Logger = log
-	opts.Tunnel.TunnelOptions = []tunnel.TunnelOption{tunnel.WithKeepalive(tunnelKeepaliveInterval, tunnelKeepaliveTimeout)}
+	opts.Tunnel.TunnelOptions = []tunnel.TunnelOption{cfg.keepalive.tunnelOption()}
 	if cfg.compress {
 		opts.CallOptions = []grpc.CallOption{grpc.UseCompressor(gzip.Name)}
 	}
@@ -178,7 +193,7 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 		return nil, err
 	}
 
-	serverOpts := append(g.ServerOptions(), grpc.KeepaliveParams(gatewayKeepalive), grpc.KeepaliveEnforcementPolicy(gatewayPingLimit))
+	serverOpts := append(g.ServerOptions(), grpc.KeepaliveParams(cfg.keepalive.serverParams()), grpc.KeepaliveEnforcementPolicy(gatewayPingLimit))
 	if cfg.tlsCert != "" {
 		tlsCfg, err := serverTLS(cfg.tlsCert, cfg.tlsKey, cfg.clientCA)
 		if err != nil {
