@@ -20,6 +20,7 @@ func gatewaySection(ctx context.Context, cfg config, say func(string, ...any)) [
 	latP50 := &row{label: fmt.Sprintf("unary latency p50, %d B, sequential ↓", unaryPayload), format: formatMicros}
 	latP99 := &row{label: fmt.Sprintf("unary latency p99, %d B, sequential ↓", unaryPayload), format: formatMicros}
 	rate := &row{label: fmt.Sprintf("unary throughput, %d callers ↑", cfg.callers), format: formatRate}
+	cpu := &row{label: fmt.Sprintf("CPU per call, %d callers, all parts together ↓", cfg.callers), format: formatMicros}
 	big := &row{label: fmt.Sprintf("one stream, %s messages ↑", formatSize(cfg.size)), format: formatMiBps}
 	small := &row{label: fmt.Sprintf("one stream, %s messages ↑", formatSize(smallMessage)), format: formatMsgRate}
 	smallDelayed := &row{label: fmt.Sprintf("one stream, %s messages, %s ↑", formatSize(smallMessage), onAgentHop), format: formatMsgRate}
@@ -30,7 +31,7 @@ func gatewaySection(ctx context.Context, cfg config, say func(string, ...any)) [
 
 	timed := []timedBench{
 		{keyGatewayLatency, "gateway unary latency", false, unaryLatency(testUnaryCall()), []*row{latP50, latP99}},
-		{keyGatewayThroughput, "gateway unary throughput", false, unaryThroughput(cfg.callers, testUnaryCall()), []*row{rate}},
+		{keyGatewayThroughput, "gateway unary throughput", false, unaryThroughput(cfg.callers, testUnaryCall()), []*row{rate, cpu}},
 		{keyGatewayStream, "gateway streaming " + formatSize(cfg.size), false, duplexStream(cfg.size, false), []*row{big}},
 		{keyGatewayStream, "gateway streaming " + formatSize(smallMessage), false, duplexStream(smallMessage, true), []*row{small}},
 		{keyGatewayDelay, "gateway delayed streaming " + formatSize(smallMessage), true, duplexStream(smallMessage, true), []*row{smallDelayed}},
@@ -76,7 +77,10 @@ func writeGatewayNotes(out io.Writer, cfg config) {
 	fmt.Fprintln(out, "- Callers, gateway, agent, forwarder and service share this process and cross loopback TCP; "+
 		"each target has a caller connection of its own, and the agent its own connections to the gateway and to the service. "+
 		"Unary rows use UnaryCall; stream rows one FullDuplexCall down which the service sends the messages, "+
-		fmt.Sprintf("each request asking for %s of them, and are timed from the first message.", formatSize(duplexBatchBytes)))
+		fmt.Sprintf("each request asking for %s of them, and are timed from the first message. ", formatSize(duplexBatchBytes))+
+		"CPU per call is the process's CPU time (getrusage) during the throughput runs divided by the calls made: "+
+		"callers and service in every column, gateway and agent or both sides of the forwarder besides, and the garbage collector; "+
+		"unlike the rates, other load on the machine leaves it alone.")
 	fmt.Fprintf(out, "- Delayed rows hold every byte for %v each way on the agent hop only: the connection between agent and gateway, "+
 		"and the L4 forwarder's multiplexed connection, through the relay of the tunnel rows. "+
 		"Direct gRPC has no agent hop, so its only connection goes through the same relay.\n", cfg.delay)

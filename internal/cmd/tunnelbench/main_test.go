@@ -84,6 +84,7 @@ var (
 		"unary latency p50",
 		"unary latency p99",
 		"unary throughput, 32 callers ↑",
+		"CPU per call, 32 callers",
 		"one stream, 1 MiB messages",
 		"one stream, 1 KiB messages ↑",
 		"one stream, 1 KiB messages, 10ms one-way delay on the agent hop",
@@ -113,10 +114,10 @@ func TestGateway(t *testing.T) {
 		rows []string // of gatewayTableRows
 	}{
 		{keyGatewayLatency, gatewayTableRows[0:2]},
-		{keyGatewayThroughput, gatewayTableRows[2:3]},
-		{keyGatewayStream, gatewayTableRows[3:5]},
-		{keyGatewayDelay, gatewayTableRows[5:7]},
-		{keyGatewayMemory, gatewayTableRows[7:10]},
+		{keyGatewayThroughput, gatewayTableRows[2:4]},
+		{keyGatewayStream, gatewayTableRows[4:6]},
+		{keyGatewayDelay, gatewayTableRows[6:8]},
+		{keyGatewayMemory, gatewayTableRows[8:11]},
 	} {
 		t.Run(tc.key, func(t *testing.T) {
 			rows := benchRun(t, "-duration", "50ms", "-runs", "1", "-idle", "20", "-only", tc.key)
