@@ -231,6 +231,12 @@ func (t *tunnelClient) dispatch(f *tunnelpb.ServerToClient) error {
 	if f.GetFrame() == nil {
 		return protocolErrorf("frame of unknown type for stream %d", id)
 	}
+	if _, ok := f.GetFrame().(*tunnelpb.ServerToClient_ResponseHeaders); ok && id == settingsStreamID && t.agreed.drain {
+		// The server is draining (drain extension): no new call here, and
+		// the tunnel ends once the calls in progress are done.
+		t.drain()
+		return nil
+	}
 	if v, ok := f.GetFrame().(*tunnelpb.ServerToClient_WindowUpdate); ok && id == settingsStreamID && t.agreed.keepalive {
 		if v.WindowUpdate&pingBit != 0 {
 			t.out.Queue(&tunnelpb.ClientToServer{StreamId: settingsStreamID, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: v.WindowUpdate &^ pingBit}})

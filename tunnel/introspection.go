@@ -57,9 +57,9 @@ type TunnelInfo struct {
 	// Extensions names the protocol extensions both ends agreed to use, in
 	// the form of the grpctunnel-extensions header: "binary-metadata",
 	// "max-chunk=N" (N being the largest chunk this end sends, when the
-	// peer accepts more than 16 KiB), "tunnel-close", "keepalive" and
-	// "compression". Empty
-	// with a plain peer or WithPlainProtocol.
+	// peer accepts more than 16 KiB), "tunnel-close", "keepalive",
+	// "compression" and "drain". Empty with a plain peer or
+	// WithPlainProtocol.
 	Extensions []string
 
 	// Draining is true once the tunnel refuses new calls: it is closing, or
@@ -130,6 +130,9 @@ func (a agreement) extensionNames() []string {
 	}
 	if a.compression {
 		ext = append(ext, extCompression)
+	}
+	if a.drain {
+		ext = append(ext, extDrain)
 	}
 	return ext
 }

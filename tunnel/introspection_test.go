@@ -88,7 +88,7 @@ func wantProtocol(t *testing.T, i TunnelInfo, rev int, ext []string) {
 	}
 }
 
-var allExtensions = []string{"binary-metadata", "max-chunk=262144", "tunnel-close", "keepalive", "compression"}
+var allExtensions = []string{"binary-metadata", "max-chunk=262144", "tunnel-close", "keepalive", "compression", "drain"}
 
 func TestInfoForward(t *testing.T) {
 	for _, mode := range []struct {

@@ -43,6 +43,13 @@ const (
 	// tunnel; with it, the handler's goroutine does the reading.
 	extTunnelClose = "tunnel-close"
 
+	// extDrain lets a draining tunnel server tell the tunnel client, with
+	// response_headers on stream -1, to start no more calls on the tunnel
+	// and to end it once its calls are done. The server keeps accepting
+	// the calls that crossed the notice, so none is refused: a client with
+	// other tunnels moves to them without a failed call.
+	extDrain = "drain"
+
 	// extKeepalive lets either end ping the other with a window_update on
 	// stream -1, to find a tunnel whose peer went silent (see keepalive).
 	extKeepalive = "keepalive"
@@ -75,13 +82,15 @@ type agreement struct {
 	tunnelClose bool
 	// keepalive is the keepalive extension.
 	keepalive bool
+	// drain is the drain extension.
+	drain bool
 	// compression is the compression extension.
 	compression bool
 }
 
 // extensions is the value of the extensions header this end sends.
 func (o *options) extensions() string {
-	return fmt.Sprintf("%s, %s=%d, %s, %s, %s", extBinaryMetadata, extMaxChunk, o.maxChunk, extTunnelClose, extKeepalive, extCompression)
+	return fmt.Sprintf("%s, %s=%d, %s, %s, %s, %s", extBinaryMetadata, extMaxChunk, o.maxChunk, extTunnelClose, extKeepalive, extCompression, extDrain)
 }
 
 // openingHeaders is the metadata the network client adds when it opens a
@@ -134,6 +143,7 @@ func (o *options) agree(peer metadata.MD) agreement {
 	a.tunnelClose = hasValue(peer, extensionsHeader, extTunnelClose)
 	a.keepalive = hasValue(peer, extensionsHeader, extKeepalive)
 	a.compression = hasValue(peer, extensionsHeader, extCompression)
+	a.drain = hasValue(peer, extensionsHeader, extDrain)
 	if v, ok := extensionValue(peer, extMaxChunk); ok {
 		if n, err := strconv.ParseUint(v, 10, 32); err == nil && n > flowcontrol.MaxChunk {
 			a.maxChunk = int(min(n, uint64(o.maxChunk)))

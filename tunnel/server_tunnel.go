@@ -211,7 +211,9 @@ func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
 	t.mu.Lock()
 	var refuse error
 	switch {
-	case t.closed || t.draining:
+	case t.closed || t.draining && !t.agreed.drain:
+		// With the drain extension the calls that crossed the notice are
+		// served: the client sent them before it knew.
 		refuse = errShuttingDown
 	case len(t.streams) >= t.opts.maxStreams:
 		refuse = errTooManyStreams
@@ -311,26 +313,36 @@ func trimSlash(s string) string {
 }
 
 // forget drops a finished stream; a draining tunnel with no streams left
-// then ends.
+// then ends, unless the client was told of the drain: then the client ends
+// it, once it has no call left, since only it knows that no new call is on
+// its way.
 func (t *tunnelServer) forget(id int64) {
 	t.mu.Lock()
 	delete(t.streams, id)
-	idle := t.draining && len(t.streams) == 0 && !t.closed
+	idle := t.draining && !t.agreed.drain && len(t.streams) == 0 && !t.closed
 	t.mu.Unlock()
 	if idle {
 		t.endIdle()
 	}
 }
 
-// drain refuses new calls with Unavailable and ends the tunnel once the
-// calls in progress are over.
+// drain ends the tunnel once the calls in progress are over. With the drain
+// extension it tells the client, which starts no more calls here and ends
+// the tunnel when its calls are done; without it, new calls are refused
+// with Unavailable and the tunnel ends as soon as it is idle.
 func (t *tunnelServer) drain() {
 	t.mu.Lock()
 	wasDraining := t.draining
 	t.draining = true
 	idle := len(t.streams) == 0 && !t.closed
 	t.mu.Unlock()
-	if idle && !wasDraining {
+	switch {
+	case wasDraining:
+	case t.agreed.drain:
+		t.out.Queue(&tunnelpb.ServerToClient{StreamId: settingsStreamID, Frame: &tunnelpb.ServerToClient_ResponseHeaders{
+			ResponseHeaders: &tunnelpb.Metadata{},
+		}})
+	case idle:
 		t.endIdle()
 	}
 }

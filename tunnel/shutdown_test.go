@@ -181,6 +181,9 @@ func TestShutdownForwardDrain(t *testing.T) {
 
 	ts.handler.InitiateShutdown()
 
+	// The server tells the client (drain extension); calls that cross the
+	// notice are still served, and once the client knows it starts none.
+	waitFor(t, func() bool { return ch.Info().Draining })
 	sdWantCode(t, sdUnary(ch), codes.Unavailable)
 	// A new streaming call is refused too; the refusal comes with its first
 	// receive.
