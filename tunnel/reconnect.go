@@ -124,6 +124,12 @@ const restartCapFactor = 4
 // Any other failure, and a failure to reach the server once that minute
 // has passed or a tunnel has opened again, backs off exponentially up to
 // MaxBackoff.
+//
+// The gRPC connection under the tunnels has a backoff of its own, which
+// grows to two minutes and meanwhile fails every opening RPC at once. Dial
+// the server with a short idle timeout (grpc.WithIdleTimeout, 10 ms say):
+// the connection then forgets that backoff whenever no tunnel is open or
+// opening, and the delays above alone pace the attempts.
 func (s *ReverseTunnelServer) ServeWithReconnect(ctx context.Context, opts ReconnectOptions) error {
 	n := max(opts.Tunnels, 1)
 	var wg sync.WaitGroup
