@@ -69,6 +69,7 @@ type Options struct {
 // Agent forwards calls that arrive through reverse tunnels to a local
 // target.
 type Agent struct {
+	reach     *serviceReach
 	key       string
 	keyHeader string
 	reconnect tunnel.ReconnectOptions
@@ -96,11 +97,12 @@ func New(gateway, target grpc.ClientConnInterface, opts Options) (*Agent, error)
 	if a.log == nil {
 		a.log = slog.Default()
 	}
+	a.reach = newServiceReach(a.key, target, a.log)
 	topts := append([]tunnel.TunnelOption{
 		tunnel.WithUnknownServiceHandler(proxy.Handler(func(ctx context.Context, _ *proxy.Call) (proxy.Route, error) {
 			md, _ := metadata.FromIncomingContext(ctx)
 			return proxy.To(target, md.Copy()), nil
-		})),
+		}, proxy.WithBackendErrors(a.reach.rewrite))),
 		tunnel.WithCodec(proxy.Codec()),
 	}, opts.TunnelOptions...)
 	a.server = tunnel.NewReverseTunnelServer(tunnelpb.NewTunnelServiceClient(gateway), topts...)
@@ -138,6 +140,11 @@ func (a *Agent) logState(c tunnel.StateChange) {
 		a.log.Info("tunnel stopped", "tunnel", c.Tunnel, "key", a.key)
 	}
 }
+
+// ServiceUnreachable reports how many calls failed because the agent could
+// not reach its service (its connection to the target was down); callers
+// got Unavailable saying so, and the agent's log has the cause.
+func (a *Agent) ServiceUnreachable() uint64 { return a.reach.failures.Load() }
 
 // GracefulStop stops opening tunnels, lets the calls in progress finish,
 // and then closes the tunnels; Run returns after that.

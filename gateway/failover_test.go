@@ -2,6 +2,7 @@ package gateway_test
 
 import (
 	"context"
+	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -10,6 +11,7 @@ import (
 	"github.com/fullstorydev/grpchan/grpchantesting"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/agent"
@@ -138,5 +140,48 @@ func TestAgentLostMidCall(t *testing.T) {
 		if _, err := client.Unary(context.Background(), &grpchantesting.Message{}); err != nil {
 			t.Fatalf("a call after the agent was gone: %v", err)
 		}
+	}
+}
+
+// An agent whose service is down tells callers so, without the service's
+// internal address; the agent counts the failures and logs the cause.
+func TestAgentCannotReachItsService(t *testing.T) {
+	g, gw := startGateway(t, gateway.Options{})
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := lis.Addr().String()
+	_ = lis.Close() // nothing listens there now
+	target, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = target.Close() })
+
+	a, err := agent.New(dial(t, gw), target, agent.Options{Key: "down"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		_ = a.Run(context.Background())
+	}()
+	t.Cleanup(func() {
+		a.Stop()
+		<-finished
+	})
+	waitFor(t, func() bool { return tunnelsOf(g, "down") == 1 })
+
+	_, err = grpchantesting.NewTestServiceClient(keyed{gw, "down"}).Unary(context.Background(), &grpchantesting.Message{})
+	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), `grpctunnel agent "down": cannot reach its service`) {
+		t.Fatalf("call to an agent whose service is down: %v; want Unavailable saying the agent cannot reach its service", err)
+	}
+	if strings.Contains(err.Error(), addr) {
+		t.Errorf("the caller was shown the service's address: %v", err)
+	}
+	if n := a.ServiceUnreachable(); n != 1 {
+		t.Errorf("ServiceUnreachable = %d, want 1", n)
 	}
 }

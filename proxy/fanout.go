@@ -25,6 +25,7 @@ type fanCall struct {
 	call     *Call
 	field    protowire.Number
 	callOpts []grpc.CallOption
+	opts     *options
 	backends []*fanBackend
 
 	// cancel ends every backend's call.
@@ -66,7 +67,7 @@ func fanOut(call *Call, route Route, o *options) error {
 	ss := call.stream
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
-	fc := &fanCall{call: call, field: o.labelField, callOpts: o.callOpts, cancel: cancel}
+	fc := &fanCall{call: call, field: o.labelField, callOpts: o.callOpts, opts: o, cancel: cancel}
 	for _, b := range route.Backends {
 		fc.backends = append(fc.backends, &fanBackend{
 			name:    b.Name,
@@ -250,7 +251,7 @@ func (fc *fanCall) relayResponses(ctx context.Context, b *fanBackend, md metadat
 
 // sendFailure sends the message that reports b's call ending with err.
 func (fc *fanCall) sendFailure(b *fanBackend, err error) {
-	st := status.Convert(statusOf(err))
+	st := status.Convert(fc.opts.backendFailure(fc.call.stream.Context(), Backend{Name: b.name, Conn: b.conn}, err))
 	f := &Frame{data: mem.BufferSlice{mem.SliceBuffer(labelFor(fc.field, b.name, st))}}
 	_ = fc.send(f)
 }

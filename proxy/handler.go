@@ -125,6 +125,20 @@ type options struct {
 	labelField protowire.Number
 	// callOpts apply to every backend call, the proxy's codec last.
 	callOpts []grpc.CallOption
+	// backendErr, if set, rewrites a backend's failure; see
+	// WithBackendErrors.
+	backendErr func(ctx context.Context, b Backend, err error) error
+}
+
+// backendFailure is err, a backend's failure, as the caller sees it.
+func (o *options) backendFailure(ctx context.Context, b Backend, err error) error {
+	err = statusOf(err)
+	if o.backendErr != nil {
+		if rewritten := o.backendErr(ctx, b, err); rewritten != nil {
+			return statusOf(rewritten)
+		}
+	}
+	return err
 }
 
 func newOptions(opts []Option) *options {
@@ -144,6 +158,18 @@ func newOptions(opts []Option) *options {
 // not.
 func WithCallOptions(opts ...grpc.CallOption) Option {
 	return func(o *options) { o.callOpts = append(o.callOpts, opts...) }
+}
+
+// WithBackendErrors sets f to see every status a backend call fails with
+// (whether the backend sent it or the connection to the backend produced
+// it) before the caller does; what f returns is what the caller gets, nil
+// meaning err unchanged. A proxy in front of several hops uses it to say
+// which hop failed: a status naming an internal address, say, can become
+// "backend X is unreachable" with the detail logged instead. Keep the
+// backend's own statuses as they are unless they are wrong for the caller:
+// the proxy is otherwise transparent. ctx is the call's.
+func WithBackendErrors(f func(ctx context.Context, b Backend, err error) error) Option {
+	return func(o *options) { o.backendErr = f }
 }
 
 // ServerOptions returns the options that make a *grpc.Server forward every
@@ -179,7 +205,7 @@ func Handler(director Director, opts ...Option) grpc.StreamHandler {
 			call.release()
 			return status.Errorf(codes.Unavailable, "proxy: no backend for %s", method)
 		case 1:
-			return forward(call, route.Backends[0].Conn, route.Metadata, o)
+			return forward(call, route.Backends[0], route.Metadata, o)
 		default:
 			return fanOut(call, route, o)
 		}
@@ -187,8 +213,8 @@ func Handler(director Director, opts ...Option) grpc.StreamHandler {
 }
 
 // forward runs one call through backend.
-func forward(call *Call, backend grpc.ClientConnInterface, md metadata.MD, o *options) error {
-	if backend == nil {
+func forward(call *Call, backend Backend, md metadata.MD, o *options) error {
+	if backend.Conn == nil {
 		call.release()
 		return status.Errorf(codes.Unavailable, "proxy: no backend for %s", call.method)
 	}
@@ -196,11 +222,10 @@ func forward(call *Call, backend grpc.ClientConnInterface, md metadata.MD, o *op
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
 	ctx = metadata.NewOutgoingContext(ctx, md)
-	desc := &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
-	cs, err := backend.NewStream(ctx, desc, call.method, o.callOpts...)
+	cs, err := backend.Conn.NewStream(ctx, bidiDesc, call.method, o.callOpts...)
 	if err != nil {
 		call.release()
-		return statusOf(err)
+		return o.backendFailure(ss.Context(), backend, err)
 	}
 
 	// Requests flow on their own goroutine; the call ends with the
@@ -209,8 +234,16 @@ func forward(call *Call, backend grpc.ClientConnInterface, md metadata.MD, o *op
 	// from the handler can end, so it is not waited for: it returns as soon
 	// as gRPC ends the call. It owns call from here on.
 	go pumpRequests(call, cs)
-	return pumpResponses(ss, cs)
+	backendErr, callerErr := pumpResponses(ss, cs)
+	if backendErr != nil {
+		return o.backendFailure(ss.Context(), backend, backendErr)
+	}
+	return statusOf(callerErr)
 }
+
+// bidiDesc describes every forwarded call: the proxy does not know a
+// method's kind, and a stream in both directions carries them all.
+var bidiDesc = &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
 
 // pumpRequests copies the client's messages to the backend, then
 // half-closes. It returns once the client half-closes, the call ends, or the
@@ -234,17 +267,18 @@ func pumpRequests(call *Call, cs grpc.ClientStream) {
 }
 
 // pumpResponses sends the backend's headers the moment they arrive, then
-// its messages, then its trailers and status.
-func pumpResponses(ss grpc.ServerStream, cs grpc.ClientStream) error {
+// its messages, then its trailers and status. It returns the backend's
+// failure, or else the caller's (a send to the caller failing).
+func pumpResponses(ss grpc.ServerStream, cs grpc.ClientStream) (backendErr, callerErr error) {
 	hdr, err := cs.Header()
 	if err != nil {
 		// Failed before any header: nothing to send but the status.
 		ss.SetTrailer(cs.Trailer())
-		return statusOf(err)
+		return err, nil
 	}
 	if hdr != nil {
 		if err := ss.SendHeader(hdr); err != nil {
-			return statusOf(err)
+			return nil, err
 		}
 	}
 	for {
@@ -253,14 +287,14 @@ func pumpResponses(ss grpc.ServerStream, cs grpc.ClientStream) error {
 		if err != nil {
 			ss.SetTrailer(cs.Trailer())
 			if errors.Is(err, io.EOF) {
-				return nil
+				return nil, nil
 			}
-			return statusOf(err)
+			return err, nil
 		}
 		err = ss.SendMsg(f)
 		f.free()
 		if err != nil {
-			return statusOf(err)
+			return nil, err
 		}
 	}
 }

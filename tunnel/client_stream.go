@@ -139,7 +139,7 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 	} else {
 		st.window = flowcontrol.Unlimited()
 	}
-	st.in = newInbound(recvWin, int(t.opts.initialWindow), ci.maxRecv, &t.buffered)
+	st.in = newInbound(recvWin, int(t.opts.initialWindow), ci.maxRecv, &t.buffered, "response")
 
 	ns := &tunnelpb.NewStream{
 		MethodName:       method,

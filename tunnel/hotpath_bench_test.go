@@ -31,7 +31,7 @@ func BenchmarkFraming(b *testing.B) {
 // receive path, window accounting included, and takes it out.
 func BenchmarkReassembly(b *testing.B) {
 	chunk := make([]byte, 256<<10)
-	in := newInbound(flowcontrol.NewRecvWindow(1<<30, 1<<30), 0, 1<<30, &budget{limit: 1 << 40})
+	in := newInbound(flowcontrol.NewRecvWindow(1<<30, 1<<30), 0, 1<<30, &budget{limit: 1 << 40}, "request")
 	b.SetBytes(1 << 20)
 	b.ReportAllocs()
 	for b.Loop() {

@@ -35,6 +35,7 @@ type inbound struct {
 	hold    int                     // without flow control: queue this much, then make the reader wait
 	maxSize int                     // largest message accepted
 	budget  *budget                 // the tunnel's, shared by its streams
+	kind    string                  // "request" or "response", for errors
 
 	// Reassembly, owned by the reader.
 	partial   mem.BufferSlice
@@ -53,8 +54,9 @@ type inbound struct {
 	consumed chan struct{}
 }
 
-func newInbound(win *flowcontrol.RecvWindow, hold, maxSize int, b *budget) *inbound {
+func newInbound(win *flowcontrol.RecvWindow, hold, maxSize int, b *budget, kind string) *inbound {
 	return &inbound{
+		kind:     kind,
 		win:      win,
 		hold:     hold,
 		maxSize:  maxSize,
@@ -72,7 +74,7 @@ func (in *inbound) startMessage(size uint32, data []byte) (uint32, error) {
 		return 0, status.Error(codes.Internal, "grpctunnel: new message started before the previous one completed")
 	}
 	if int64(size) > int64(in.maxSize) {
-		return 0, status.Errorf(codes.ResourceExhausted, "grpctunnel: received message larger than max (%d vs. %d)", size, in.maxSize)
+		return 0, status.Errorf(codes.ResourceExhausted, "grpctunnel: received %s message larger than max (%d vs. %d)", in.kind, size, in.maxSize)
 	}
 	if len(data) > int(size) {
 		return 0, status.Errorf(codes.Internal, "grpctunnel: message chunk of %d bytes overruns its declared size of %d", len(data), size)

@@ -301,7 +301,7 @@ func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream,
 	} else {
 		st.window = flowcontrol.Unlimited()
 	}
-	st.in = newInbound(recvWin, int(t.opts.initialWindow), t.opts.maxRecvMsgSize, &t.buffered)
+	st.in = newInbound(recvWin, int(t.opts.initialWindow), t.opts.maxRecvMsgSize, &t.buffered, "request")
 	return st, nil
 }
 
