@@ -58,6 +58,10 @@ type Options struct {
 	// opening RPC. Its OnStateChange, if set, is called after the agent
 	// logs the change.
 	Reconnect tunnel.ReconnectOptions
+	// MaxMessageSize is the largest message, in bytes, the agent accepts
+	// from the gateway and from its service (4 MiB, gRPC's default, if
+	// zero). It must match the gateway's for large messages to pass.
+	MaxMessageSize int
 	// TunnelOptions configure the agent's end of every tunnel: limits,
 	// keepalive, flow control.
 	TunnelOptions []tunnel.TunnelOption
@@ -98,13 +102,20 @@ func New(gateway, target grpc.ClientConnInterface, opts Options) (*Agent, error)
 		a.log = slog.Default()
 	}
 	a.reach = newServiceReach(a.key, target, a.log)
+	popts := []proxy.Option{proxy.WithBackendErrors(a.reach.rewrite)}
+	var limits []tunnel.TunnelOption
+	if n := opts.MaxMessageSize; n > 0 {
+		popts = append(popts, proxy.WithCallOptions(grpc.MaxCallRecvMsgSize(n)))
+		limits = append(limits, tunnel.WithMaxRecvMsgSize(n))
+	}
 	topts := append([]tunnel.TunnelOption{
 		tunnel.WithUnknownServiceHandler(proxy.Handler(func(ctx context.Context, _ *proxy.Call) (proxy.Route, error) {
 			md, _ := metadata.FromIncomingContext(ctx)
 			return proxy.To(target, md.Copy()), nil
-		}, proxy.WithBackendErrors(a.reach.rewrite))),
+		}, popts...)),
 		tunnel.WithCodec(proxy.Codec()),
-	}, opts.TunnelOptions...)
+	}, limits...)
+	topts = append(topts, opts.TunnelOptions...)
 	a.server = tunnel.NewReverseTunnelServer(tunnelpb.NewTunnelServiceClient(gateway), topts...)
 	return a, nil
 }

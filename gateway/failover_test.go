@@ -185,3 +185,39 @@ func TestAgentCannotReachItsService(t *testing.T) {
 		t.Errorf("ServiceUnreachable = %d, want 1", n)
 	}
 }
+
+// A message too large for a hop fails with ResourceExhausted saying which
+// hop refused it and what raises the limit.
+func TestMessageSizeSaysWhichHop(t *testing.T) {
+	const limit = 1 << 20
+	g, gw := startGateway(t, gateway.Options{MaxMessageSize: 4 * limit})
+	conn := dial(t, gw)
+	a, err := agent.New(conn, startBackend(t), agent.Options{Key: "small", MaxMessageSize: limit})
+	if err != nil {
+		t.Fatal(err)
+	}
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		_ = a.Run(context.Background())
+	}()
+	t.Cleanup(func() {
+		a.Stop()
+		<-finished
+	})
+	waitFor(t, func() bool { return tunnelsOf(g, "small") == 1 })
+	client := grpchantesting.NewTestServiceClient(keyed{gw, "small"})
+
+	_, err = client.Unary(context.Background(), &grpchantesting.Message{Payload: make([]byte, 2*limit)})
+	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), `agent "small" refused the request`) || !strings.Contains(err.Error(), "--max-msg-size") {
+		t.Errorf("a request too large for the agent: %v", err)
+	}
+	_, err = client.Unary(context.Background(), &grpchantesting.Message{Payload: make([]byte, 5*limit)})
+	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "received message larger than max") {
+		t.Errorf("a request too large for the gateway: %v", err)
+	}
+	// Within both limits the call goes through.
+	if _, err := client.Unary(context.Background(), &grpchantesting.Message{Payload: make([]byte, limit/2)}); err != nil {
+		t.Errorf("a request within the limits: %v", err)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"math"
+	"slices"
 	"strings"
 
 	"github.com/fullstorydev/grpchan"
@@ -89,6 +90,12 @@ type Options struct {
 	// connection could hold all of them with idle calls and starve every
 	// other caller of that agent.
 	MaxStreamsPerConnection int
+	// MaxMessageSize is the largest message, in bytes, the gateway accepts
+	// from callers and from agents (4 MiB, gRPC's default, if zero). Raise
+	// the agents' limit too (agent.Options.MaxMessageSize): a request
+	// larger than an agent accepts is refused by the agent, and the caller
+	// is told which.
+	MaxMessageSize int
 	// CallOptions apply to every call the gateway forwards to an agent.
 	// grpc.UseCompressor(gzip.Name) compresses the hop to the agents, the
 	// one most likely to cross a slow link: agents of this project
@@ -122,6 +129,9 @@ type Gateway struct {
 	// maxStreams is the HTTP/2 bound of calls per client connection; 0
 	// for none.
 	maxStreams uint32
+	// maxMsg is the largest message accepted from callers, 0 for gRPC's
+	// default.
+	maxMsg int
 }
 
 // New returns a gateway configured by opts. It fails only if the metrics
@@ -144,6 +154,7 @@ func New(opts Options) (*Gateway, error) {
 	case n > 0:
 		g.maxStreams = uint32(min(n, math.MaxUint32))
 	}
+	g.maxMsg = max(opts.MaxMessageSize, 0)
 	g.drop = []string{g.keyHeader}
 	for _, h := range opts.DropHeaders {
 		g.drop = append(g.drop, strings.ToLower(h))
@@ -166,6 +177,9 @@ func New(opts Options) (*Gateway, error) {
 	g.agents = newAgentSet()
 
 	hopts := opts.Tunnel
+	if g.maxMsg > 0 {
+		hopts.TunnelOptions = append(slices.Clip(hopts.TunnelOptions), tunnel.WithMaxRecvMsgSize(g.maxMsg))
+	}
 	onOpen, onClose := hopts.OnReverseTunnelOpen, hopts.OnReverseTunnelClose
 	hopts.AffinityKey = func(t tunnel.TunnelChannel) any { return g.keyOf(t.Context()) }
 	hopts.OnReverseTunnelOpen = func(t tunnel.TunnelChannel) {
@@ -183,7 +197,7 @@ func New(opts Options) (*Gateway, error) {
 	g.handler = tunnel.NewTunnelServiceHandler(hopts)
 	g.forward = proxy.Handler(func(ctx context.Context, call *proxy.Call) (proxy.Route, error) {
 		return g.director(ctx, call, g)
-	}, proxy.WithCallOptions(opts.CallOptions...))
+	}, proxy.WithCallOptions(opts.CallOptions...), proxy.WithBackendErrors(g.agentFailure))
 
 	g.local = localServices{grpchan.HandlerMap{}}
 	healthpb.RegisterHealthServer(g.local, g.health)
@@ -206,6 +220,9 @@ func (g *Gateway) ServerOptions() []grpc.ServerOption {
 	}
 	if g.maxStreams > 0 {
 		opts = append(opts, grpc.MaxConcurrentStreams(g.maxStreams))
+	}
+	if g.maxMsg > 0 {
+		opts = append(opts, grpc.MaxRecvMsgSize(g.maxMsg))
 	}
 	if g.metrics != nil {
 		opts = append(opts, grpc.StatsHandler(g.metrics.statsHandler(g.keyHeader)))

@@ -49,6 +49,31 @@ func (g *Gateway) RouteByKey(ctx context.Context, call *proxy.Call) (proxy.Route
 	return route, nil
 }
 
+// agentFailure says which hop refused a call that failed on the way to or
+// from an agent, where the tunnel's own status cannot: a message too large
+// for the agent, or an answer too large for the gateway. Every other
+// status, the service's own above all, passes unchanged.
+func (g *Gateway) agentFailure(_ context.Context, b proxy.Backend, err error) error {
+	st, ok := status.FromError(err)
+	if !ok || st.Code() != codes.ResourceExhausted {
+		return nil
+	}
+	agent := errtext.Quote(b.Name)
+	if b.Name == "" {
+		agent = "the agent"
+	} else {
+		agent = "agent " + agent
+	}
+	msg := strings.TrimPrefix(st.Message(), "grpctunnel: ")
+	switch {
+	case strings.HasPrefix(msg, "received request message larger than max"):
+		return status.Errorf(codes.ResourceExhausted, "grpctunnel gateway: %s refused the request: %s; the agent's maximum message size (--max-msg-size) must allow it", agent, msg)
+	case strings.HasPrefix(msg, "received response message larger than max"):
+		return status.Errorf(codes.ResourceExhausted, "grpctunnel gateway: the response from %s is larger than the gateway accepts: %s; raise the gateway's --max-msg-size", agent, msg)
+	}
+	return nil
+}
+
 // keys returns the agent keys a call names, in order, without duplicates.
 func (g *Gateway) keys(ctx context.Context) []string {
 	md, _ := metadata.FromIncomingContext(ctx)

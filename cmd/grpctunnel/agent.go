@@ -33,6 +33,7 @@ type agentConfig struct {
 	insecureToken bool
 	targetTLS     bool
 	tunnels       int
+	maxMsgSize    int
 	keyHeader     string
 	drainTimeout  time.Duration
 	maxBackoff    time.Duration
@@ -67,6 +68,7 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fs.StringVar(&cfg.tokenFile, "token-file", "", "send the token in `file` (its first line that is not blank or a # comment)\nas authorization: Bearer on every tunnel; needs TLS")
 	fs.BoolVar(&cfg.insecureToken, "insecure-token", false, "send --token-file's token even without TLS, where anyone on the path can read it")
 	fs.BoolVar(&cfg.targetTLS, "target-tls", false, "dial the target with TLS, trusting the system's CAs (plaintext otherwise)")
+	fs.IntVar(&cfg.maxMsgSize, "max-msg-size", defaultMaxMsgSize, "accept messages of up to `bytes` from the gateway and the target; the\ngateway needs the same --max-msg-size for requests that large")
 	fs.IntVar(&cfg.tunnels, "tunnels", 2, "keep `n` tunnels open; more than one keeps calls flowing while one reopens")
 	fs.StringVar(&cfg.keyHeader, "key-header", agent.DefaultKeyHeader, "`header` the key is announced in; must match the gateway's")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
@@ -177,8 +179,9 @@ func startAgent(cfg agentConfig, log *slog.Logger) (*runningAgent, error) {
 			CallOptions:   callOpts,
 			OnStateChange: reach.changed,
 		},
-		TunnelOptions: []tunnel.TunnelOption{cfg.keepalive.tunnelOption()},
-		Logger:        log,
+		TunnelOptions:  []tunnel.TunnelOption{cfg.keepalive.tunnelOption()},
+		MaxMessageSize: cfg.maxMsgSize,
+		Logger:         log,
 	})
 	if err != nil {
 		gwConn.Close()

@@ -51,6 +51,9 @@ var gatewayPingLimit = keepalive.EnforcementPolicy{MinTime: minClientPingInterva
 // defaultDrainTimeout bounds how long a stop waits for calls in progress.
 const defaultDrainTimeout = 30 * time.Second
 
+// defaultMaxMsgSize is gRPC's own default limit on a received message.
+const defaultMaxMsgSize = 4 << 20
+
 // gatewayConfig is the gateway's command line.
 type gatewayConfig struct {
 	listen       string
@@ -65,6 +68,8 @@ type gatewayConfig struct {
 	drainTimeout time.Duration
 	compress     bool
 	keepalive    keepaliveFlags
+	maxMsgSize   int
+	maxStreams   int
 }
 
 func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -87,6 +92,8 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	fs.StringVar(&cfg.keyHeader, "key-header", gateway.DefaultKeyHeader, "`header` that names the agent, on agents' tunnels and callers' calls")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
 	fs.BoolVar(&cfg.compress, "compress", false, "gzip the calls forwarded to agents, and their answers, on the tunnels;\nagents of other implementations get them uncompressed")
+	fs.IntVar(&cfg.maxMsgSize, "max-msg-size", defaultMaxMsgSize, "accept messages of up to `bytes` from callers and agents; agents need\nthe same --max-msg-size for requests that large")
+	fs.IntVar(&cfg.maxStreams, "max-streams-per-conn", gateway.DefaultMaxStreamsPerConnection, "let one client connection have at most `n` calls in progress, so that\nno caller can hold an agent's whole capacity (further calls wait in the\ncaller's gRPC client); 0 for no bound")
 	cfg.keepalive.add(fs,
 		"ping an agent when its tunnel, or its connection, has been silent for `duration`",
 		"give an agent up when a ping has had no answer for `duration`: its tunnel,\nor its connection, closes with the calls on it")
@@ -149,6 +156,11 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 	var opts gateway.Options
 	opts.KeyHeader = cfg.keyHeader
 	opts.Logger = log
+	opts.MaxMessageSize = cfg.maxMsgSize
+	opts.MaxStreamsPerConnection = cfg.maxStreams
+	if cfg.maxStreams == 0 {
+		opts.MaxStreamsPerConnection = -1 // the flag's 0 is no bound
+	}
 	opts.Tunnel.TunnelOptions = []tunnel.TunnelOption{cfg.keepalive.tunnelOption()}
 	if cfg.compress {
 		opts.CallOptions = []grpc.CallOption{grpc.UseCompressor(gzip.Name)}
