@@ -75,15 +75,27 @@ func (g *Gateway) agentFailure(_ context.Context, b proxy.Backend, err error) er
 }
 
 // keys returns the agent keys a call names, in order, without duplicates.
+// It reads only the key header, not a copy of all the call's metadata.
 func (g *Gateway) keys(ctx context.Context) []string {
-	md, _ := metadata.FromIncomingContext(ctx)
-	return keysIn(md, g.keyHeader)
+	return keyList(metadata.ValueFromIncomingContext(ctx, g.keyHeader))
 }
 
 // keysIn returns the keys named by the values of header in md.
 func keysIn(md metadata.MD, header string) []string {
+	return keyList(md.Get(header))
+}
+
+// keyList splits the values of a key header into keys.
+func keyList(values []string) []string {
+	if len(values) == 1 && !strings.Contains(values[0], ",") {
+		// The common case: one agent, named once.
+		if k := strings.TrimSpace(values[0]); k != "" {
+			return []string{k}
+		}
+		return nil
+	}
 	var keys []string
-	for _, v := range md.Get(header) {
+	for _, v := range values {
 		for k := range strings.SplitSeq(v, ",") {
 			k = strings.TrimSpace(k)
 			if k != "" && !slices.Contains(keys, k) {
@@ -97,8 +109,7 @@ func keysIn(md metadata.MD, header string) []string {
 // outgoing returns a copy of the call's incoming metadata without the key
 // header and the dropped headers, to send on to the backend.
 func (g *Gateway) outgoing(ctx context.Context) metadata.MD {
-	md, _ := metadata.FromIncomingContext(ctx)
-	md = md.Copy()
+	md, _ := metadata.FromIncomingContext(ctx) // a copy already
 	for _, h := range g.drop {
 		delete(md, h)
 	}
