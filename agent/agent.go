@@ -47,7 +47,8 @@ const IdleTimeout = 10 * time.Millisecond
 // Options configure an Agent.
 type Options struct {
 	// Key is what callers name to reach this agent through the gateway.
-	// Agents that share a key share its calls, round-robin.
+	// Agents that share a key share its calls, each call going to the
+	// least loaded of their tunnels.
 	Key string
 	// KeyHeader is the header the key is announced in (DefaultKeyHeader
 	// if empty); it must match the gateway's.

@@ -239,7 +239,7 @@ func (g *Gateway) Register(s grpc.ServiceRegistrar) {
 }
 
 // Agent returns a channel to the agents connected with key: calls on it go
-// round-robin over their tunnels, which is how code in the gateway's own
+// over their tunnels (the least loaded first), which is how code in the gateway's own
 // process pushes calls to an agent.
 func (g *Gateway) Agent(key string) tunnel.ReverseClientConnInterface {
 	return g.handler.KeyAsChannel(key)

@@ -127,8 +127,9 @@ func (h *TunnelServiceHandler) Service() tunnelpb.TunnelServiceServer {
 	return tunnelService{h: h}
 }
 
-// AsChannel returns a channel that spreads calls round-robin over every open
-// reverse tunnel. It panics if reverse tunnels are disabled.
+// AsChannel returns a channel that spreads calls over every open reverse
+// tunnel, as ReverseClientConnInterface describes. It panics if reverse
+// tunnels are disabled.
 func (h *TunnelServiceHandler) AsChannel() ReverseClientConnInterface {
 	if h.cfg.NoReverseTunnels {
 		panic("grpctunnel: AsChannel on a handler with NoReverseTunnels")
@@ -136,9 +137,9 @@ func (h *TunnelServiceHandler) AsChannel() ReverseClientConnInterface {
 	return h.opts.intercepted(reverseChannel{pool: h.pool, all: true})
 }
 
-// KeyAsChannel returns a channel that spreads calls round-robin over the
-// open reverse tunnels whose affinity key is key. It panics if reverse
-// tunnels are disabled.
+// KeyAsChannel returns a channel that spreads calls over the open reverse
+// tunnels whose affinity key is key, as ReverseClientConnInterface
+// describes. It panics if reverse tunnels are disabled.
 func (h *TunnelServiceHandler) KeyAsChannel(key any) ReverseClientConnInterface {
 	if h.cfg.NoReverseTunnels {
 		panic("grpctunnel: KeyAsChannel on a handler with NoReverseTunnels")

@@ -14,7 +14,8 @@ import (
 )
 
 // tunnelPool holds a handler's open reverse tunnels, grouped by affinity key,
-// and picks among them round-robin.
+// and picks among them: the least loaded with room, round-robin among
+// equals.
 type tunnelPool struct {
 	mu      sync.Mutex
 	all     []*tunnelClient
