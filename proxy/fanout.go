@@ -6,6 +6,7 @@ import (
 	"io"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -98,6 +99,11 @@ func fanOut(call *Call, route Route, o *options) error {
 
 	if err := ss.Context().Err(); err != nil {
 		return status.FromContextError(err).Err()
+	}
+	if dl, ok := ss.Context().Deadline(); ok && !time.Now().Before(dl) {
+		// The backends got the same deadline and their timers may fire
+		// before this call's own: the call is over for the same reason.
+		return status.Error(codes.DeadlineExceeded, context.DeadlineExceeded.Error())
 	}
 	if err := fc.recvErr.Load(); err != nil {
 		return statusOf(*err)

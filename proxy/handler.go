@@ -281,8 +281,8 @@ func pumpResponses(ss grpc.ServerStream, cs grpc.ClientStream) (backendErr, call
 			return nil, err
 		}
 	}
+	f := new(Frame) // reused: gRPC keeps no hold on a message once sent
 	for {
-		f := new(Frame)
 		err := cs.RecvMsg(f)
 		if err != nil {
 			ss.SetTrailer(cs.Trailer())
