@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -67,6 +68,13 @@ type tunnelServer struct {
 	draining bool
 	handlers sync.WaitGroup
 
+	// work hands a new call to an idle worker goroutine (see start);
+	// workers counts the workers, which exit once done closes, and idle
+	// those waiting for a call.
+	work    chan *serverStream
+	workers sync.WaitGroup
+	idle    atomic.Int32
+
 	done chan struct{}
 	err  error
 	once sync.Once
@@ -91,6 +99,7 @@ func newTunnelServer(ctx context.Context, frames serverFrames, o *options, svc *
 		agreed:  a,
 		reverse: reverse,
 		streams: map[int64]*serverStream{},
+		work:    make(chan *serverStream),
 		done:    make(chan struct{}),
 	}
 	t.ctx = t.conn.begin(o.serverStats, ctx, p, false)
@@ -128,8 +137,65 @@ func (t *tunnelServer) serve(inline bool) error {
 	// Handlers stop once their contexts are cancelled; after that nothing
 	// sends, and the outer stream may be released.
 	t.handlers.Wait()
+	t.workers.Wait()
 	t.out.Close(errTunnelClosed)
 	return t.err
+}
+
+// maxIdleWorkers bounds the worker goroutines a tunnel keeps waiting for
+// calls, and workerIdle is how long one waits before it exits: a burst's
+// workers are gone soon after it.
+const (
+	maxIdleWorkers = 16
+	workerIdle     = time.Second
+)
+
+// start runs a call's handler on an idle worker goroutine of the tunnel, or
+// on a new one when none is idle, as grpc.NumStreamWorkers does: a worker
+// keeps the stack its earlier calls grew, where a new goroutine per call
+// grows one again each time.
+func (t *tunnelServer) start(st *serverStream) {
+	select {
+	case t.work <- st:
+	default:
+		t.workers.Add(1)
+		go t.worker(st)
+	}
+}
+
+// worker runs calls until the tunnel ends, it has waited workerIdle for
+// one, or enough other workers are idle.
+func (t *tunnelServer) worker(st *serverStream) {
+	defer t.workers.Done()
+	var idle *time.Timer
+	defer func() {
+		if idle != nil {
+			idle.Stop()
+		}
+	}()
+	for {
+		st.run()
+		st = nil // not kept alive while idle
+		if t.idle.Add(1) > maxIdleWorkers {
+			t.idle.Add(-1)
+			return
+		}
+		if idle == nil {
+			idle = time.NewTimer(workerIdle)
+		} else {
+			idle.Reset(workerIdle)
+		}
+		select {
+		case st = <-t.work:
+			t.idle.Add(-1)
+		case <-idle.C:
+			t.idle.Add(-1)
+			return
+		case <-t.done:
+			t.idle.Add(-1)
+			return
+		}
+	}
 }
 
 var errTunnelClosed = errors.New("grpctunnel: tunnel closed")
@@ -239,7 +305,7 @@ func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
 		md, _ := metadata.FromIncomingContext(st.ctx)
 		st.ctx = st.stats.beginServer(h, st.ctx, st.method, st.kind, t.peer, md, ns.GetRequestHeaders(), compressorName(st.comp))
 	}
-	go st.run()
+	t.start(st)
 	return nil
 }
 
