@@ -253,6 +253,9 @@ func (st *clientStream) onClose(cs *tunnelpb.CloseStream) {
 		result = status.ErrorProto(s)
 	}
 	st.stats.inTrailer(trailer, cs.GetResponseTrailers())
+	// Out of the table before the caller can see the end, so that a call
+	// it makes next finds the tunnel's load without this one.
+	st.t.forget(st.id)
 	st.end(func() {
 		st.trailer = trailer
 		st.closeErr = result
@@ -261,7 +264,6 @@ func (st *clientStream) onClose(cs *tunnelpb.CloseStream) {
 		// end is visible, so that no one sees a closed call still charged.
 		st.in.detach()
 	})
-	st.t.forget(st.id)
 }
 
 // abort ends the stream on this side with err. tellPeer sends a cancel so
