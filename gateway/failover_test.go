@@ -221,3 +221,16 @@ func TestMessageSizeSaysWhichHop(t *testing.T) {
 		t.Errorf("a request within the limits: %v", err)
 	}
 }
+
+// A caller's key is repeated in errors only in part, however long it is.
+func TestLongKeyIsNotEchoedWhole(t *testing.T) {
+	_, gw := startGateway(t, gateway.Options{})
+	key := strings.Repeat("k", 256<<10)
+	_, err := grpchantesting.NewTestServiceClient(keyed{gw, key}).Unary(context.Background(), &grpchantesting.Message{})
+	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "(262144 bytes)") {
+		t.Fatalf("a call naming an unknown 256 KiB key: %.200v", err)
+	}
+	if n := len(status.Convert(err).Message()); n > 200 {
+		t.Errorf("the error repeats %d bytes of the caller's key", n)
+	}
+}
