@@ -157,15 +157,14 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 	if withRequest {
 		st.stats.outPayload(req, length, only.Len())
 	}
-	err = t.register(st, func(id int64) []*tunnelpb.ClientToServer {
-		frames := []*tunnelpb.ClientToServer{{StreamId: id, Frame: &tunnelpb.ClientToServer_NewStream{NewStream: ns}}}
-		if withRequest {
-			frames = append(frames,
-				clientFramer(id).message(uint32(only.Len()), contiguous(only)),
-				&tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_HalfClose{HalfClose: emptyFrame}})
+	var request []byte
+	if withRequest {
+		request = contiguous(only)
+		if request == nil {
+			request = []byte{}
 		}
-		return frames
-	})
+	}
+	err = t.register(st, ns, request)
 	st.sentClose = withRequest
 	if err != nil {
 		return nil, err

@@ -270,31 +270,16 @@ func (t *tunnelClient) dispatch(f *tunnelpb.ServerToClient) error {
 	return nil
 }
 
-// register allocates the next stream ID and sends the stream's first frame,
-// under one hold of the sender so IDs reach the peer in increasing order.
-func (t *tunnelClient) register(st *clientStream, first func(id int64) []*tunnelpb.ClientToServer) error {
-	err := t.out.Do(func(send func(*tunnelpb.ClientToServer) error) error {
-		t.mu.Lock()
-		if t.closed || t.draining {
-			t.mu.Unlock()
-			return errTunnelClosed
-		}
-		if len(t.streams) >= t.opts.maxStreams {
-			t.mu.Unlock()
-			return errTooManyStreams
-		}
-		t.lastID++
-		st.id = t.lastID
-		t.streams[st.id] = st
-		t.load.Add(1)
-		t.counters.started++
-		t.mu.Unlock()
-		if err := sendAll(first(st.id))(send); err != nil {
-			t.forget(st.id)
-			return err
-		}
-		return nil
-	})
+// register allocates the next stream ID and sends the stream's first
+// frames, under one hold of the sender so IDs reach the peer in increasing
+// order: the new_stream ns and, if only is not nil, the call's one request
+// message and the half-close.
+func (t *tunnelClient) register(st *clientStream, ns *tunnelpb.NewStream, only []byte) error {
+	err := t.out.hold()
+	if err == nil {
+		err = t.registerHeld(st, ns, only)
+		t.out.release()
+	}
 	switch {
 	case err == nil:
 		return nil
@@ -303,6 +288,38 @@ func (t *tunnelClient) register(st *clientStream, first func(id int64) []*tunnel
 	default:
 		return unstarted(t.unavailable())
 	}
+}
+
+func (t *tunnelClient) registerHeld(st *clientStream, ns *tunnelpb.NewStream, only []byte) error {
+	t.mu.Lock()
+	if t.closed || t.draining {
+		t.mu.Unlock()
+		return errTunnelClosed
+	}
+	if len(t.streams) >= t.opts.maxStreams {
+		t.mu.Unlock()
+		return errTooManyStreams
+	}
+	t.lastID++
+	id := t.lastID
+	st.id = id
+	t.streams[id] = st
+	t.load.Add(1)
+	t.counters.started++
+	t.mu.Unlock()
+	err := t.out.sendLocked(&tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_NewStream{NewStream: ns}})
+	if err == nil && only != nil {
+		err = t.out.sendLocked(&tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_RequestMessage{
+			RequestMessage: &tunnelpb.MessageData{Size: uint32(len(only)), Data: only},
+		}})
+		if err == nil {
+			err = t.out.sendLocked(&tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_HalfClose{HalfClose: emptyFrame}})
+		}
+	}
+	if err != nil {
+		t.forget(id)
+	}
+	return err
 }
 
 var errTooManyStreams = status.Error(codes.ResourceExhausted, "grpctunnel: too many calls in progress on the tunnel (see WithMaxConcurrentStreams)")

@@ -16,6 +16,9 @@ import (
 // whose readers both wait on a full outer stream would deadlock.
 type sender[F any] struct {
 	send func(F) error
+	// sendHeld is sendLocked, bound once: the send function Do hands out,
+	// so that a hold of the sender allocates nothing.
+	sendHeld func(F) error
 
 	mu  sync.Mutex // serializes send
 	err error      // first send failure or close reason; guarded by mu
@@ -35,40 +38,74 @@ type sender[F any] struct {
 }
 
 func newSender[F any](send func(F) error, onFail func(error)) *sender[F] {
-	return &sender[F]{send: send, onFail: onFail}
+	s := &sender[F]{send: send, onFail: onFail}
+	s.sendHeld = s.sendLocked
+	return s
 }
 
 // Send writes f, blocking while the outer stream is full.
 func (s *sender[F]) Send(f F) error {
-	return s.Do(func(send func(F) error) error { return send(f) })
-}
-
-// Do runs fn with exclusive use of the outer stream, for a group of frames
-// that must go out together and in order (a new stream's ID is allocated and
-// its first frame sent under one hold, so IDs reach the peer increasing).
-func (s *sender[F]) Do(fn func(send func(F) error) error) error {
 	s.mu.Lock()
 	if s.err != nil {
 		err := s.err
 		s.mu.Unlock()
 		return err
 	}
-	var sendErr error
-	err := fn(func(f F) error {
-		if sendErr != nil {
-			return sendErr
-		}
-		if sendErr = s.send(f); sendErr != nil {
-			s.err = sendErr
-		} else if n := framePayload(f); n > 0 {
-			s.payloadSent.Add(uint64(n))
-		}
-		return sendErr
-	})
+	err := s.sendLocked(f)
+	s.mu.Unlock()
+	if err != nil {
+		s.fail(err)
+	}
+	return err
+}
+
+// sendLocked writes f under mu. Once a send has failed, every later one
+// fails the same way.
+func (s *sender[F]) sendLocked(f F) error {
+	if s.err != nil {
+		return s.err
+	}
+	if err := s.send(f); err != nil {
+		s.err = err
+		return err
+	}
+	if n := framePayload(f); n > 0 {
+		s.payloadSent.Add(uint64(n))
+	}
+	return nil
+}
+
+// hold takes exclusive use of the outer stream for sendLocked, as Do does
+// without a function to call; release must follow unless it fails.
+func (s *sender[F]) hold() error {
+	s.mu.Lock()
+	if s.err != nil {
+		err := s.err
+		s.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
+// release ends a hold.
+func (s *sender[F]) release() {
+	// s.err was nil when the hold began: if it is set now, a send failed.
+	sendErr := s.err
 	s.mu.Unlock()
 	if sendErr != nil {
 		s.fail(sendErr)
 	}
+}
+
+// Do runs fn with exclusive use of the outer stream, for a group of frames
+// that must go out together and in order (a new stream's ID is allocated and
+// its first frame sent under one hold, so IDs reach the peer increasing).
+func (s *sender[F]) Do(fn func(send func(F) error) error) error {
+	if err := s.hold(); err != nil {
+		return err
+	}
+	err := fn(s.sendHeld)
+	s.release()
 	return err
 }
 
@@ -155,16 +192,4 @@ func (s *sender[F]) fail(err error) {
 			s.onFail(err)
 		}
 	})
-}
-
-// sendAll sends frames in order under one hold of the sender.
-func sendAll[F any](frames []F) func(send func(F) error) error {
-	return func(send func(F) error) error {
-		for _, f := range frames {
-			if err := send(f); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
 }

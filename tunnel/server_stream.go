@@ -176,7 +176,11 @@ func (st *serverStream) end(err error, fromReader bool, last lastMessage) {
 	st.closed = true
 	s := statusOf(err)
 	st.result = s.Err()
-	frames := st.pendingHeaderLocked(last.frame != nil)
+	var buf [3]*tunnelpb.ServerToClient
+	frames := buf[:0]
+	if f := st.pendingHeaderLocked(last.frame != nil); f != nil {
+		frames = append(frames, f)
+	}
 	header, trailer := st.header, st.trailer
 	st.mu.Unlock()
 	sentHeader := len(frames) > 0
@@ -192,7 +196,14 @@ func (st *serverStream) end(err error, fromReader bool, last lastMessage) {
 			st.t.out.Queue(f)
 		}
 	} else {
-		_ = st.t.out.Do(sendAll(frames))
+		if st.t.out.hold() == nil {
+			for _, f := range frames {
+				if st.t.out.sendLocked(f) != nil {
+					break
+				}
+			}
+			st.t.out.release()
+		}
 	}
 	if st.stats.on() {
 		if sentHeader {
@@ -212,8 +223,9 @@ var errStreamClosed = status.Error(codes.Canceled, "grpctunnel: call is over")
 
 // pendingHeaderLocked returns the header frame still to send before the end
 // of the call, if the handler set headers that have not gone out, or a
-// compressed message is to follow (the headers name its compressor).
-func (st *serverStream) pendingHeaderLocked(message bool) []*tunnelpb.ServerToClient {
+// compressed message is to follow (the headers name its compressor); nil if
+// there is none.
+func (st *serverStream) pendingHeaderLocked(message bool) *tunnelpb.ServerToClient {
 	if st.headerSent || (len(st.header) == 0 && (!message || st.comp == nil)) {
 		st.headerSent = true
 		return nil
@@ -223,7 +235,7 @@ func (st *serverStream) pendingHeaderLocked(message bool) []*tunnelpb.ServerToCl
 	if err != nil {
 		return nil
 	}
-	return []*tunnelpb.ServerToClient{f}
+	return f
 }
 
 // closeFrame builds the close_stream frame for a call that ended with s.
