@@ -102,11 +102,14 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 			}
 		}()
 	}
+	// A copy already, which the credentials may add to.
 	md, _ := metadata.FromOutgoingContext(ctx)
-	md = md.Copy()
 	creds, err := ci.requestCredentials(ctx, method, t.authInfo())
 	if err != nil {
 		return nil, err
+	}
+	if md == nil {
+		md = metadata.MD{}
 	}
 	for k, v := range creds {
 		md.Append(k, v)

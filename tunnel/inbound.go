@@ -55,15 +55,20 @@ type inbound struct {
 }
 
 func newInbound(win *flowcontrol.RecvWindow, hold, maxSize int, b *budget, kind string) *inbound {
-	return &inbound{
-		kind:     kind,
-		win:      win,
-		hold:     hold,
-		maxSize:  maxSize,
-		budget:   b,
-		signal:   make(chan struct{}, 1),
-		consumed: make(chan struct{}, 1),
+	in := &inbound{
+		kind:    kind,
+		win:     win,
+		hold:    hold,
+		maxSize: maxSize,
+		budget:  b,
+		signal:  make(chan struct{}, 1),
 	}
+	if win == nil {
+		// Only waitForSpace waits for consumption, and only without a
+		// window; with one, consumed stays nil and notifying it is a no-op.
+		in.consumed = make(chan struct{}, 1)
+	}
+	return in
 }
 
 // startMessage handles the first frame of a message. It returns credit to

@@ -53,16 +53,21 @@ func encodeMetadata(md metadata.MD, binary bool) (*tunnelpb.Metadata, error) {
 		if isReserved(k) || len(vals) == 0 {
 			continue
 		}
-		isBin := strings.HasSuffix(k, "-bin")
-		enc := make([]string, 0, len(vals))
-		for _, v := range vals {
-			switch {
-			case isBin && binary:
-				v = binaryEncoding.EncodeToString([]byte(v))
-			case !utf8.ValidString(v):
-				return nil, fmt.Errorf("metadata %q has a value that is not valid UTF-8, and the tunnel peer does not support binary metadata", k)
+		var enc []string
+		if binary && strings.HasSuffix(k, "-bin") {
+			enc = make([]string, len(vals))
+			for i, v := range vals {
+				enc[i] = binaryEncoding.EncodeToString([]byte(v))
 			}
-			enc = append(enc, v)
+		} else {
+			for _, v := range vals {
+				if !utf8.ValidString(v) {
+					return nil, fmt.Errorf("metadata %q has a value that is not valid UTF-8, and the tunnel peer does not support binary metadata", k)
+				}
+			}
+			// The values travel as they are: shared, not copied, and
+			// capped so that an append below copies them.
+			enc = vals[:len(vals):len(vals)]
 		}
 		if prev, ok := out.Md[k]; ok {
 			prev.Val = append(prev.Val, enc...)
@@ -92,7 +97,13 @@ func decodeMetadata(pb *tunnelpb.Metadata, binary bool) (metadata.MD, error) {
 				dec[i] = string(b)
 			}
 		}
-		md[k] = append(md[k], dec...)
+		if prev, ok := md[k]; ok {
+			md[k] = append(prev, dec...)
+		} else {
+			// Shared with the frame, which is not used again; capped so
+			// that an append copies.
+			md[k] = dec[:len(dec):len(dec)]
+		}
 	}
 	return md, nil
 }

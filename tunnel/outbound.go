@@ -21,9 +21,10 @@ func sendMessage[F any](s *sender[F], win *flowcontrol.SendWindow, done <-chan s
 	if size == 0 {
 		return s.Send(fr.message(0, nil))
 	}
-	bufs := make([][]byte, len(data))
-	for i, b := range data {
-		bufs[i] = b.ReadOnlyData()
+	var small [4][]byte
+	bufs := small[:0]
+	for _, b := range data {
+		bufs = append(bufs, b.ReadOnlyData())
 	}
 	first := true
 	for len(bufs) > 0 {
