@@ -109,15 +109,26 @@ func (o *options) openingHeaders() metadata.MD {
 // accept is the network server's side: given the opening request's metadata
 // it returns the response headers to send at once, and what was agreed.
 func (o *options) accept(req metadata.MD) (metadata.MD, agreement) {
-	resp := metadata.MD{}
-	if !o.disableFlowControl {
-		resp.Set(negotiateHeader, negotiateOn)
-	}
+	o.acceptOnce.Do(func() {
+		for i := range o.acceptResp {
+			resp := metadata.MD{}
+			if !o.disableFlowControl {
+				resp.Set(negotiateHeader, negotiateOn)
+			}
+			if !o.plain && i == 1 {
+				// Answer with what this end supports; only what both
+				// list is used.
+				resp.Set(extensionsHeader, o.extensions())
+			}
+			o.acceptResp[i] = resp
+		}
+	})
 	a := o.agree(req)
 	a.negotiated = a.negotiated && !o.disableFlowControl
-	if !o.plain && len(req.Get(extensionsHeader)) > 0 {
-		// Answer with what this end supports; only what both list is used.
-		resp.Set(extensionsHeader, o.extensions())
+	// Shared by every tunnel, as gRPC only reads the headers it sends.
+	resp := o.acceptResp[0]
+	if len(req.Get(extensionsHeader)) > 0 {
+		resp = o.acceptResp[1]
 	}
 	return resp, a
 }

@@ -1,10 +1,12 @@
 package tunnel
 
 import (
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/stats"
 
 	"github.com/grpctunnel/grpctunnel/flowcontrol"
@@ -75,6 +77,12 @@ type options struct {
 	// a peer that implements only the published protocol. Tests use it to
 	// prove compatibility.
 	plain bool
+
+	// acceptOnce builds acceptResp, the response headers accept sends: to
+	// a peer that lists no extensions, and to one that does. Every tunnel
+	// shares them; nothing writes to them once built.
+	acceptOnce sync.Once
+	acceptResp [2]metadata.MD
 }
 
 func newOptions(opts []TunnelOption) *options {
