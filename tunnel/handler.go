@@ -222,7 +222,11 @@ func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_O
 	if err := stream.SendHeader(resp); err != nil {
 		return err
 	}
-	ctx, cancel := context.WithCancel(stream.Context())
+	// The tunnel's context keeps the stream's values but is cancelled by the
+	// tunnel's end alone, which the stream's end brings about anyway (the
+	// read fails): not registering with the stream's context saves each
+	// held tunnel a map entry there.
+	ctx, cancel := context.WithCancel(context.WithoutCancel(stream.Context()))
 	p, _ := peer.FromContext(ctx)
 	t := newTunnelClient(ctx, cancel, stream, h.opts, agreed, true, p)
 	t.onClose = func() { h.pool.remove(t) }
