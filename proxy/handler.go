@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"io"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
+
+	"github.com/grpctunnel/grpctunnel/internal/workers"
 )
 
 // Director picks the backends for a call. It gets the call's context (with
@@ -128,7 +131,23 @@ type options struct {
 	// backendErr, if set, rewrites a backend's failure; see
 	// WithBackendErrors.
 	backendErr func(ctx context.Context, b Backend, err error) error
+	// pumps copy requests to backends on goroutines kept from call to
+	// call, whose stacks earlier calls already grew.
+	pumps *workers.Pool[pump]
 }
+
+// pump is the request side of one forwarded call.
+type pump struct {
+	call *Call
+	cs   grpc.ClientStream
+}
+
+const (
+	// maxIdlePumps bounds the goroutines kept waiting to copy a call's
+	// requests, and pumpIdle how long each waits before it exits.
+	maxIdlePumps = 64
+	pumpIdle     = 250 * time.Millisecond
+)
 
 // backendFailure is err, a backend's failure, as the caller sees it.
 func (o *options) backendFailure(ctx context.Context, b Backend, err error) error {
@@ -147,6 +166,7 @@ func newOptions(opts []Option) *options {
 		opt(o)
 	}
 	o.callOpts = append(o.callOpts, grpc.ForceCodecV2(Codec()))
+	o.pumps = workers.New(func(p pump) { pumpRequests(p.call, p.cs) }, maxIdlePumps, pumpIdle)
 	return o
 }
 
@@ -233,7 +253,7 @@ func forward(call *Call, backend Backend, md metadata.MD, o *options) error {
 	// goroutine may be blocked reading the client, which only returning
 	// from the handler can end, so it is not waited for: it returns as soon
 	// as gRPC ends the call. It owns call from here on.
-	go pumpRequests(call, cs)
+	o.pumps.Go(pump{call, cs})
 	backendErr, callerErr := pumpResponses(ss, cs)
 	if backendErr != nil {
 		return o.backendFailure(ss.Context(), backend, backendErr)

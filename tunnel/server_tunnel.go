@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -14,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/flowcontrol"
+	"github.com/grpctunnel/grpctunnel/internal/workers"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
 
@@ -68,12 +68,9 @@ type tunnelServer struct {
 	draining bool
 	handlers sync.WaitGroup
 
-	// work hands a new call to an idle worker goroutine (see start);
-	// workers counts the workers, which exit once done closes, and idle
-	// those waiting for a call.
-	work    chan *serverStream
-	workers sync.WaitGroup
-	idle    atomic.Int32
+	// workers run the calls' handlers on goroutines kept for the next
+	// call, whose stacks earlier calls already grew.
+	workers *workers.Pool[*serverStream]
 
 	done chan struct{}
 	err  error
@@ -99,7 +96,7 @@ func newTunnelServer(ctx context.Context, frames serverFrames, o *options, svc *
 		agreed:  a,
 		reverse: reverse,
 		streams: map[int64]*serverStream{},
-		work:    make(chan *serverStream),
+		workers: workers.New((*serverStream).run, maxIdleWorkers, workerIdle),
 		done:    make(chan struct{}),
 	}
 	t.ctx = t.conn.begin(o.serverStats, ctx, p, false)
@@ -137,7 +134,7 @@ func (t *tunnelServer) serve(inline bool) error {
 	// Handlers stop once their contexts are cancelled; after that nothing
 	// sends, and the outer stream may be released.
 	t.handlers.Wait()
-	t.workers.Wait()
+	t.workers.Close()
 	t.out.Close(errTunnelClosed)
 	return t.err
 }
@@ -149,54 +146,6 @@ const (
 	maxIdleWorkers = 16
 	workerIdle     = time.Second
 )
-
-// start runs a call's handler on an idle worker goroutine of the tunnel, or
-// on a new one when none is idle, as grpc.NumStreamWorkers does: a worker
-// keeps the stack its earlier calls grew, where a new goroutine per call
-// grows one again each time.
-func (t *tunnelServer) start(st *serverStream) {
-	select {
-	case t.work <- st:
-	default:
-		t.workers.Add(1)
-		go t.worker(st)
-	}
-}
-
-// worker runs calls until the tunnel ends, it has waited workerIdle for
-// one, or enough other workers are idle.
-func (t *tunnelServer) worker(st *serverStream) {
-	defer t.workers.Done()
-	var idle *time.Timer
-	defer func() {
-		if idle != nil {
-			idle.Stop()
-		}
-	}()
-	for {
-		st.run()
-		st = nil // not kept alive while idle
-		if t.idle.Add(1) > maxIdleWorkers {
-			t.idle.Add(-1)
-			return
-		}
-		if idle == nil {
-			idle = time.NewTimer(workerIdle)
-		} else {
-			idle.Reset(workerIdle)
-		}
-		select {
-		case st = <-t.work:
-			t.idle.Add(-1)
-		case <-idle.C:
-			t.idle.Add(-1)
-			return
-		case <-t.done:
-			t.idle.Add(-1)
-			return
-		}
-	}
-}
 
 var errTunnelClosed = errors.New("grpctunnel: tunnel closed")
 
@@ -305,7 +254,7 @@ func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
 		md, _ := metadata.FromIncomingContext(st.ctx)
 		st.ctx = st.stats.beginServer(h, st.ctx, st.method, st.kind, t.peer, md, ns.GetRequestHeaders(), compressorName(st.comp))
 	}
-	t.start(st)
+	t.workers.Go(st)
 	return nil
 }
 
