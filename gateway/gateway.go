@@ -33,9 +33,9 @@ const maxKeyLen = 256
 
 // DefaultMaxStreamsPerConnection is how many calls one client connection
 // may have in progress through the gateway unless
-// Options.MaxStreamsPerConnection says otherwise: a tenth of what one agent
-// with the default two tunnels carries, so that no single connection can
-// take an agent's whole capacity.
+// Options.MaxStreamsPerConnection says otherwise: a fifth of what one
+// tunnel carries (the grpctunnel agent keeps one by default), so that no
+// single connection can take an agent's whole capacity.
 const DefaultMaxStreamsPerConnection = 200
 
 // Director routes a call that the gateway does not answer itself. It gets

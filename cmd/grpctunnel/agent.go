@@ -69,7 +69,7 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fs.BoolVar(&cfg.insecureToken, "insecure-token", false, "send --token-file's token even without TLS, where anyone on the path can read it")
 	fs.BoolVar(&cfg.targetTLS, "target-tls", false, "dial the target with TLS, trusting the system's CAs (plaintext otherwise)")
 	fs.IntVar(&cfg.maxMsgSize, "max-msg-size", defaultMaxMsgSize, "accept messages of up to `bytes` from the gateway and the target; the\ngateway needs the same --max-msg-size for requests that large")
-	fs.IntVar(&cfg.tunnels, "tunnels", 2, "keep `n` tunnels open; more than one keeps calls flowing while one reopens")
+	fs.IntVar(&cfg.tunnels, "tunnels", 1, "keep `n` tunnels open over the agent's connection; one carries 1,000\ncalls at once, more spread a very busy agent's calls over more readers")
 	fs.StringVar(&cfg.keyHeader, "key-header", agent.DefaultKeyHeader, "`header` the key is announced in; must match the gateway's")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
 	fs.DurationVar(&cfg.maxBackoff, "max-backoff", defaultMaxBackoff, "wait at most `duration` between attempts to reach the gateway (the wait\nstarts at 100ms, doubles with each failure and is drawn at random below\nthat); a gateway that drains or restarts is tried again within 400ms")

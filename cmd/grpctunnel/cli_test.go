@@ -54,7 +54,7 @@ func TestSubcommandHelp(t *testing.T) {
 		}, logFlags...)},
 		{[]string{"agent", "--help"}, append([]string{
 			"--gateway addr", "--key key", "--target addr", "--tls\n", "--ca file", "--tls-cert file", "--tls-key file",
-			"--server-name name", "--token-file file", "--insecure-token\n", "--target-tls\n", "--tunnels n", "(default 2)",
+			"--server-name name", "--token-file file", "--insecure-token\n", "--target-tls\n", "--tunnels n", "(default 1)",
 			"--key-header header", "--drain-timeout duration",
 			"--keepalive-interval duration", "(every 10s at most) (default 20s)",
 			"--keepalive-timeout duration", "the agent reconnects (default 10s)",

@@ -156,9 +156,9 @@ func TestEndToEnd(t *testing.T) {
 	gw := startProcess(t, "gateway", bin, "gateway", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--log-format", "json", "--compress")
 	addr, _ := gw.log.waitMsg(t, ctx, "listening")["addr"].(string)
 	metricsAddr, _ := gw.log.waitMsg(t, ctx, "metrics listening")["addr"].(string)
-	ag := startProcess(t, "agent", bin, "agent", "--gateway", addr, "--key", "e2e", "--target", target, "--log-format", "json")
-	// The agent keeps two tunnels by default; waiting for both makes the
-	// tunnel gauge below exact.
+	ag := startProcess(t, "agent", bin, "agent", "--gateway", addr, "--key", "e2e", "--target", target, "--log-format", "json", "--tunnels", "2")
+	// Two tunnels, so that the calls below go through the gateway's choice
+	// between tunnels; waiting for both makes the tunnel gauge exact.
 	conn := dial(t, addr, insecure.NewCredentials())
 	waitAgent(t, ctx, conn, "e2e", 2)
 

@@ -18,7 +18,7 @@ import (
 
 // agentTunnels is how many tunnels each agent keeps open, as the grpctunnel
 // command's agent does by default.
-const agentTunnels = 2
+const agentTunnels = 1
 
 // benchAgentKey is the key of the agent in the timed gateway rows.
 const benchAgentKey = "bench"
