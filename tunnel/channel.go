@@ -39,7 +39,7 @@ func (p *pendingChannel) Start(ctx context.Context, opts ...grpc.CallOption) (Tu
 	openedMD = openedMD.Copy()
 	ctx, cancel := context.WithCancel(ctx)
 	streamCtx := metadata.NewOutgoingContext(ctx, metadata.Join(openedMD, p.opts.openingHeaders()))
-	stream, err := p.stub.OpenTunnel(streamCtx, opts...)
+	stream, err := p.stub.OpenTunnel(streamCtx, withFrameCodec(opts)...)
 	if err != nil {
 		cancel()
 		return nil, err

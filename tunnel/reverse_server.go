@@ -97,7 +97,7 @@ func (s *ReverseTunnelServer) serve(ctx context.Context, opened func(), opts []g
 		s.mu.Unlock()
 		s.serving.Done()
 	}()
-	stream, err := s.stub.OpenReverseTunnel(metadata.NewOutgoingContext(streamCtx, metadata.Join(openedMD, s.opts.openingHeaders())), opts...)
+	stream, err := s.stub.OpenReverseTunnel(metadata.NewOutgoingContext(streamCtx, metadata.Join(openedMD, s.opts.openingHeaders())), withFrameCodec(opts)...)
 	if err != nil {
 		return false, err
 	}
