@@ -231,14 +231,15 @@ func New(opts Options) (*Gateway, error) {
 }
 
 // ServerOptions returns what a *grpc.Server needs to be this gateway: the
-// raw codec and unknown-service handler of package proxy, the check of
+// raw codec and unknown-service handler of package proxy (over the tunnel
+// frames' own codec), the check of
 // agents' tunnels, the bound of calls per connection and the metrics. Pass
 // them to grpc.NewServer together with the server's own options
 // (credentials, interceptors, keepalive); interceptors given elsewhere are
 // chained, not replaced.
 func (g *Gateway) ServerOptions() []grpc.ServerOption {
 	opts := []grpc.ServerOption{
-		grpc.ForceServerCodecV2(proxy.Codec()),
+		grpc.ForceServerCodecV2(proxy.CodecOver(tunnel.Codec())),
 		grpc.UnknownServiceHandler(g.handle),
 		grpc.ChainStreamInterceptor(g.checkTunnel),
 	}

@@ -51,6 +51,16 @@ func Codec() encoding.CodecV2 {
 	return codec{fallback: encoding.GetCodecV2(proto.Name)}
 }
 
+// CodecOver is Codec with every message that is not a proxied one handed to
+// fallback instead of the proto codec: a server that both proxies calls
+// and accepts tunnels, as the gateway does, uses
+// CodecOver(tunnel.Codec()), so that tunnel frames are encoded without
+// reflection too. fallback must be a protobuf codec, since the name stays
+// "proto".
+func CodecOver(fallback encoding.CodecV2) encoding.CodecV2 {
+	return codec{fallback: fallback}
+}
+
 func (c codec) Marshal(v any) (mem.BufferSlice, error) {
 	f, ok := v.(*Frame)
 	if !ok {
