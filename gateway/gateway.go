@@ -6,8 +6,6 @@ import (
 	"math"
 	"slices"
 	"strings"
-	"sync"
-	"time"
 
 	"github.com/fullstorydev/grpchan"
 	"github.com/prometheus/client_golang/prometheus"
@@ -17,7 +15,6 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
-	"github.com/grpctunnel/grpctunnel/internal/workers"
 	"github.com/grpctunnel/grpctunnel/proxy"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
@@ -135,27 +132,7 @@ type Gateway struct {
 	// maxMsg is the largest message accepted from callers, 0 for gRPC's
 	// default.
 	maxMsg int
-	// calls run callers' calls on goroutines kept from call to call (see
-	// handle).
-	calls *workers.Pool[*call]
 }
-
-// call is a caller's call handed from gRPC's goroutine to a worker.
-type call struct {
-	srv any
-	ss  grpc.ServerStream
-	err chan error // its result; buffered, so the worker never waits
-}
-
-// callPool recycles calls, so that handing one over allocates nothing.
-var callPool = sync.Pool{New: func() any { return &call{err: make(chan error, 1)} }}
-
-const (
-	// maxIdleCallWorkers bounds the goroutines kept waiting for calls, and
-	// callWorkerIdle how long each waits before it exits.
-	maxIdleCallWorkers = 64
-	callWorkerIdle     = 250 * time.Millisecond
-)
 
 // New returns a gateway configured by opts. It fails only if the metrics
 // cannot be registered.
@@ -198,7 +175,6 @@ func New(opts Options) (*Gateway, error) {
 		g.metrics = m
 	}
 	g.agents = newAgentSet()
-	g.calls = workers.New(g.serve, maxIdleCallWorkers, callWorkerIdle)
 
 	hopts := opts.Tunnel
 	if g.maxMsg > 0 {
@@ -285,28 +261,8 @@ func (g *Gateway) Shutdown() {
 }
 
 // handle serves every call but the agents' tunnels: the gateway's own
-// services for a call that names no agent, the director for the rest. The
-// work runs on a worker goroutine, not on the one gRPC starts for the call:
-// forwarding through a tunnel goes deep enough to grow a new goroutine's
-// stack on every call, which cost a quarter of the gateway's CPU, and a
-// worker keeps the stack earlier calls grew.
+// services for a call that names no agent, the director for the rest.
 func (g *Gateway) handle(srv any, ss grpc.ServerStream) error {
-	c := callPool.Get().(*call)
-	c.srv, c.ss = srv, ss
-	g.calls.Go(c)
-	err := <-c.err
-	c.srv, c.ss = nil, nil
-	callPool.Put(c)
-	return err
-}
-
-// serve runs a call on a worker and reports its result.
-func (g *Gateway) serve(c *call) {
-	c.err <- g.serveCall(c.srv, c.ss)
-}
-
-// serveCall is the gateway's handling of one caller's call.
-func (g *Gateway) serveCall(srv any, ss grpc.ServerStream) error {
 	method, _ := grpc.MethodFromServerStream(ss)
 	keys := g.keys(ss.Context())
 	if g.allowCall != nil {
