@@ -63,13 +63,21 @@ func gatewaySection(ctx context.Context, cfg config, say func(string, ...any)) [
 func writeGatewayIntro(out io.Writer) {
 	fmt.Fprintf(out, "A caller reaches gRPC's interop TestService through a gateway and an agent, as users run them: "+
 		"gateway.New, grpc.NewServer(g.ServerOptions()...) and Register on a loopback port of its own, "+
-		"and agent.New(...).Run with %d tunnels, the grpctunnel agent's default; "+
+		"and agent.New(...).Run with %s, the grpctunnel agent's default; "+
 		"every call names the agent in the %s header. "+
 		"Beside it, direct gRPC to the service, and the L4 baseline: port forwarding as frp or ngrok do it, "+
 		"where each TCP connection to the gateway side's port is carried as a yamux stream "+
 		"over one TCP connection that the agent side dialled, and the agent side dials the service for each stream. "+
 		"It forwards bytes without parsing them, with yamux's defaults but for frp's %s stream window.\n",
-		agentTunnels, "`tunnel-key`", formatSize(l4WindowSize))
+		tunnelCount(agentTunnels), "`tunnel-key`", formatSize(l4WindowSize))
+}
+
+// tunnelCount says "1 tunnel" or "n tunnels".
+func tunnelCount(n int) string {
+	if n == 1 {
+		return "1 tunnel"
+	}
+	return fmt.Sprintf("%d tunnels", n)
 }
 
 // writeGatewayNotes says how the gateway rows were measured.
@@ -85,9 +93,9 @@ func writeGatewayNotes(out io.Writer, cfg config) {
 		"and the L4 forwarder's multiplexed connection, through the relay of the tunnel rows. "+
 		"Direct gRPC has no agent hop, so its only connection goes through the same relay.\n", cfg.delay)
 	fmt.Fprintf(out, "- Memory rows run the server alone in a child process while %d clients connect from this one, "+
-		"after one warm-up client: the gateway gets agents with a connection each and %d tunnels each; "+
+		"after one warm-up client: the gateway gets agents with a connection each and %s each; "+
 		"the direct column is a bare grpc-go server with one idle FullDuplexCall per connection, "+
 		"the L4 column the forwarder's gateway side with one yamux session per connection. "+
 		"Each figure is the growth divided by %d, read after runtime.GC and debug.FreeOSMemory: "+
-		"RSS is VmRSS, heap is HeapInuse, goroutines runtime.NumGoroutine.\n", cfg.idle, agentTunnels, cfg.idle)
+		"RSS is VmRSS, heap is HeapInuse, goroutines runtime.NumGoroutine.\n", cfg.idle, tunnelCount(agentTunnels), cfg.idle)
 }
