@@ -20,16 +20,24 @@ import (
 )
 
 // runAgent runs an agent with key and n tunnels over its own connection to
-// the gateway, waits until the gateway holds its tunnels, and returns it
-// with its connection and the channel Run's result arrives on.
+// the gateway, in front of a test backend; see runAgentWith.
 func runAgent(t *testing.T, g *gateway.Gateway, gw *grpc.ClientConn, key string, n int) (*agent.Agent, *grpc.ClientConn, <-chan error) {
 	t.Helper()
+	return runAgentWith(t, g, gw, startBackend(t), agent.Options{Key: key, Reconnect: tunnel.ReconnectOptions{Tunnels: n}})
+}
+
+// runAgentWith runs an agent configured by opts in front of target, over
+// its own connection to the gateway, waits until the gateway holds its
+// tunnels, and returns it with its connection and the channel Run's result
+// arrives on. The agent is stopped at cleanup.
+func runAgentWith(t *testing.T, g *gateway.Gateway, gw *grpc.ClientConn, target grpc.ClientConnInterface, opts agent.Options) (*agent.Agent, *grpc.ClientConn, <-chan error) {
+	t.Helper()
 	conn := dial(t, gw)
-	a, err := agent.New(conn, startBackend(t), agent.Options{Key: key, Reconnect: tunnel.ReconnectOptions{Tunnels: n}})
+	a, err := agent.New(conn, target, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	before := tunnelsOf(g, key)
+	before := tunnelsOf(g, opts.Key)
 	done := make(chan error, 1)
 	finished := make(chan struct{})
 	go func() {
@@ -40,7 +48,8 @@ func runAgent(t *testing.T, g *gateway.Gateway, gw *grpc.ClientConn, key string,
 		a.Stop()
 		<-finished
 	})
-	waitFor(t, func() bool { return tunnelsOf(g, key) == before+n })
+	want := before + max(opts.Reconnect.Tunnels, 1)
+	waitFor(t, func() bool { return tunnelsOf(g, opts.Key) == want })
 	return a, conn, done
 }
 
@@ -159,20 +168,7 @@ func TestAgentCannotReachItsService(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = target.Close() })
 
-	a, err := agent.New(dial(t, gw), target, agent.Options{Key: "down"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	finished := make(chan struct{})
-	go func() {
-		defer close(finished)
-		_ = a.Run(context.Background())
-	}()
-	t.Cleanup(func() {
-		a.Stop()
-		<-finished
-	})
-	waitFor(t, func() bool { return tunnelsOf(g, "down") == 1 })
+	a, _, _ := runAgentWith(t, g, gw, target, agent.Options{Key: "down"})
 
 	_, err = grpchantesting.NewTestServiceClient(keyed{gw, "down"}).Unary(context.Background(), &grpchantesting.Message{})
 	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), `grpctunnel agent "down": cannot reach its service`) {
@@ -191,24 +187,10 @@ func TestAgentCannotReachItsService(t *testing.T) {
 func TestMessageSizeSaysWhichHop(t *testing.T) {
 	const limit = 1 << 20
 	g, gw := startGateway(t, gateway.Options{MaxMessageSize: 4 * limit})
-	conn := dial(t, gw)
-	a, err := agent.New(conn, startBackend(t), agent.Options{Key: "small", MaxMessageSize: limit})
-	if err != nil {
-		t.Fatal(err)
-	}
-	finished := make(chan struct{})
-	go func() {
-		defer close(finished)
-		_ = a.Run(context.Background())
-	}()
-	t.Cleanup(func() {
-		a.Stop()
-		<-finished
-	})
-	waitFor(t, func() bool { return tunnelsOf(g, "small") == 1 })
+	runAgentWith(t, g, gw, startBackend(t), agent.Options{Key: "small", MaxMessageSize: limit})
 	client := grpchantesting.NewTestServiceClient(keyed{gw, "small"})
 
-	_, err = client.Unary(context.Background(), &grpchantesting.Message{Payload: make([]byte, 2*limit)})
+	_, err := client.Unary(context.Background(), &grpchantesting.Message{Payload: make([]byte, 2*limit)})
 	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), `agent "small" refused the request`) || !strings.Contains(err.Error(), "--max-msg-size") {
 		t.Errorf("a request too large for the agent: %v", err)
 	}
