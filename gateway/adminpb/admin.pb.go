@@ -120,7 +120,8 @@ func (x *ListAgentsResponse) GetAgents() []*Agent {
 }
 
 // Agent is everything connected under one key. Several processes may share
-// a key; calls for the key go round-robin over all their tunnels.
+// a key; each call for the key goes to the least loaded of all their
+// tunnels, round-robin among equals.
 type Agent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The key the agent announced, which callers name to reach it.
