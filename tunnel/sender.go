@@ -45,17 +45,11 @@ func newSender[F any](send func(F) error, onFail func(error)) *sender[F] {
 
 // Send writes f, blocking while the outer stream is full.
 func (s *sender[F]) Send(f F) error {
-	s.mu.Lock()
-	if s.err != nil {
-		err := s.err
-		s.mu.Unlock()
+	if err := s.hold(); err != nil {
 		return err
 	}
 	err := s.sendLocked(f)
-	s.mu.Unlock()
-	if err != nil {
-		s.fail(err)
-	}
+	s.release()
 	return err
 }
 
