@@ -21,6 +21,7 @@ import (
 	"github.com/grpctunnel/grpctunnel/agent"
 	"github.com/grpctunnel/grpctunnel/gateway"
 	"github.com/grpctunnel/grpctunnel/internal/loopback"
+	"github.com/grpctunnel/grpctunnel/internal/testkit"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -202,32 +203,8 @@ func TestBackAfterTheGatewayRestarts(t *testing.T) {
 	listening := time.Now()
 	waitFor(t, func() bool { return restarted.tunnels("k1") == 2 })
 	t.Logf("back %v after the new gateway listened", time.Since(listening))
-	grpchantesting.RunChannelTestCases(t, keyed{gwConn, "k1"}, true)
+	grpchantesting.RunChannelTestCases(t, testkit.Header{ClientConnInterface: gwConn, Key: gateway.DefaultKeyHeader, Value: "k1"}, true)
 }
 
-// waitFor polls cond until it holds, failing the test after ten seconds.
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met in time")
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
-// keyed is a channel that names an agent on every call, as a caller of
-// the gateway does.
-type keyed struct {
-	grpc.ClientConnInterface
-	key string
-}
-
-func (k keyed) Invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
-	return k.ClientConnInterface.Invoke(metadata.AppendToOutgoingContext(ctx, gateway.DefaultKeyHeader, k.key), method, req, reply, opts...)
-}
-
-func (k keyed) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-	return k.ClientConnInterface.NewStream(metadata.AppendToOutgoingContext(ctx, gateway.DefaultKeyHeader, k.key), desc, method, opts...)
-}
+// waitFor polls cond until it holds; see testkit.WaitFor.
+var waitFor = testkit.WaitFor

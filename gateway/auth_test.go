@@ -43,7 +43,7 @@ func TestAuthorizeCallAndDropHeaders(t *testing.T) {
 	startAgent(t, g, gw, startBackend(t), "site-a", 1)
 	ctx := context.Background()
 
-	_, err := grpchantesting.NewTestServiceClient(keyed{gw, "site-a"}).Unary(ctx, &grpchantesting.Message{})
+	_, err := grpchantesting.NewTestServiceClient(keyed(gw, "site-a")).Unary(ctx, &grpchantesting.Message{})
 	if status.Code(err) != codes.Unauthenticated {
 		t.Errorf("call without a token: %v", err)
 	}
@@ -53,7 +53,7 @@ func TestAuthorizeCallAndDropHeaders(t *testing.T) {
 	}
 
 	ctx = metadata.AppendToOutgoingContext(ctx, "gateway-token", "t")
-	resp, err := grpchantesting.NewTestServiceClient(keyed{gw, "site-a"}).Unary(ctx, &grpchantesting.Message{})
+	resp, err := grpchantesting.NewTestServiceClient(keyed(gw, "site-a")).Unary(ctx, &grpchantesting.Message{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -64,7 +64,7 @@ func TestCallsSpreadOverEveryTunnelOfAKey(t *testing.T) {
 	g, gw := startGateway(t, gateway.Options{})
 	startAgent(t, g, dial(t, gw), startBackend(t), "shared", 2)
 	startAgent(t, g, dial(t, gw), startBackend(t), "shared", 2)
-	client := grpchantesting.NewTestServiceClient(keyed{gw, "shared"})
+	client := grpchantesting.NewTestServiceClient(keyed(gw, "shared"))
 	for range 400 {
 		if _, err := client.Unary(context.Background(), &grpchantesting.Message{}); err != nil {
 			t.Fatal(err)
@@ -92,7 +92,7 @@ func holdStreams(t *testing.T, conn grpc.ClientConnInterface, key string, n int)
 		cancel()
 		wg.Wait()
 	})
-	client := grpchantesting.NewTestServiceClient(keyed{conn, key})
+	client := grpchantesting.NewTestServiceClient(keyed(conn, key))
 	for range n {
 		wg.Go(func() {
 			stream, err := client.BidiStream(ctx)
@@ -116,7 +116,7 @@ func TestFullTunnelIsPassedOver(t *testing.T) {
 	holdStreams(t, gw, "small", 8)
 	waitFor(t, func() bool { return openStreams(g, "small") == 8 })
 
-	_, err := grpchantesting.NewTestServiceClient(keyed{gw, "small"}).Unary(context.Background(), &grpchantesting.Message{})
+	_, err := grpchantesting.NewTestServiceClient(keyed(gw, "small")).Unary(context.Background(), &grpchantesting.Message{})
 	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "every reverse tunnel") {
 		t.Errorf("a call with both tunnels full: %v; want ResourceExhausted saying every tunnel is full", err)
 	}
@@ -142,7 +142,7 @@ func TestOneCallerCannotStarveAnAgent(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, 2*perConn)
 	for range 2 {
-		client := grpchantesting.NewTestServiceClient(keyed{dial(t, gw), "busy"})
+		client := grpchantesting.NewTestServiceClient(keyed(dial(t, gw), "busy"))
 		for range perConn {
 			wg.Go(func() {
 				for range 5 {

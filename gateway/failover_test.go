@@ -72,7 +72,7 @@ func startLoad(t *testing.T, conn grpc.ClientConnInterface, key string, callers 
 		marked atomic.Bool
 		halt   atomic.Bool
 	)
-	client := grpchantesting.NewTestServiceClient(keyed{conn, key})
+	client := grpchantesting.NewTestServiceClient(keyed(conn, key))
 	for range callers {
 		wg.Go(func() {
 			for !halt.Load() {
@@ -144,7 +144,7 @@ func TestAgentLostMidCall(t *testing.T) {
 		}
 	}
 	// Later calls all succeed.
-	client := grpchantesting.NewTestServiceClient(keyed{gw, "pool"})
+	client := grpchantesting.NewTestServiceClient(keyed(gw, "pool"))
 	for range 50 {
 		if _, err := client.Unary(context.Background(), &grpchantesting.Message{}); err != nil {
 			t.Fatalf("a call after the agent was gone: %v", err)
@@ -170,7 +170,7 @@ func TestAgentCannotReachItsService(t *testing.T) {
 
 	a, _, _ := runAgentWith(t, g, gw, target, agent.Options{Key: "down"})
 
-	_, err = grpchantesting.NewTestServiceClient(keyed{gw, "down"}).Unary(context.Background(), &grpchantesting.Message{})
+	_, err = grpchantesting.NewTestServiceClient(keyed(gw, "down")).Unary(context.Background(), &grpchantesting.Message{})
 	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), `grpctunnel agent "down": cannot reach its service`) {
 		t.Fatalf("call to an agent whose service is down: %v; want Unavailable saying the agent cannot reach its service", err)
 	}
@@ -188,7 +188,7 @@ func TestMessageSizeSaysWhichHop(t *testing.T) {
 	const limit = 1 << 20
 	g, gw := startGateway(t, gateway.Options{MaxMessageSize: 4 * limit})
 	runAgentWith(t, g, gw, startBackend(t), agent.Options{Key: "small", MaxMessageSize: limit})
-	client := grpchantesting.NewTestServiceClient(keyed{gw, "small"})
+	client := grpchantesting.NewTestServiceClient(keyed(gw, "small"))
 
 	_, err := client.Unary(context.Background(), &grpchantesting.Message{Payload: make([]byte, 2*limit)})
 	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), `agent "small" refused the request`) || !strings.Contains(err.Error(), "--max-msg-size") {
@@ -208,7 +208,7 @@ func TestMessageSizeSaysWhichHop(t *testing.T) {
 func TestLongKeyIsNotEchoedWhole(t *testing.T) {
 	_, gw := startGateway(t, gateway.Options{})
 	key := strings.Repeat("k", 256<<10)
-	_, err := grpchantesting.NewTestServiceClient(keyed{gw, key}).Unary(context.Background(), &grpchantesting.Message{})
+	_, err := grpchantesting.NewTestServiceClient(keyed(gw, key)).Unary(context.Background(), &grpchantesting.Message{})
 	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "(262144 bytes)") {
 		t.Fatalf("a call naming an unknown 256 KiB key: %.200v", err)
 	}

@@ -28,6 +28,7 @@ import (
 	"github.com/grpctunnel/grpctunnel/gateway"
 	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
 	"github.com/grpctunnel/grpctunnel/internal/loopback"
+	"github.com/grpctunnel/grpctunnel/internal/testkit"
 	"github.com/grpctunnel/grpctunnel/proxy"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
@@ -128,44 +129,26 @@ func tunnelsOf(g *gateway.Gateway, key string) int {
 	return 0
 }
 
-// waitFor polls cond until it holds, failing the test after ten seconds.
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met in time")
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
+// waitFor polls cond until it holds; see testkit.WaitFor.
+var waitFor = testkit.WaitFor
 
-// keyed is a channel that names an agent on every call, as a caller of
+// keyed is a channel that names the agent key on every call, as a caller of
 // the gateway does.
-type keyed struct {
-	grpc.ClientConnInterface
-	key string
-}
-
-func (k keyed) Invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
-	return k.ClientConnInterface.Invoke(metadata.AppendToOutgoingContext(ctx, gateway.DefaultKeyHeader, k.key), method, req, reply, opts...)
-}
-
-func (k keyed) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-	return k.ClientConnInterface.NewStream(metadata.AppendToOutgoingContext(ctx, gateway.DefaultKeyHeader, k.key), desc, method, opts...)
+func keyed(cc grpc.ClientConnInterface, key string) grpc.ClientConnInterface {
+	return testkit.Header{ClientConnInterface: cc, Key: gateway.DefaultKeyHeader, Value: key}
 }
 
 func TestCallsReachTheAgentsService(t *testing.T) {
 	g, gw := startGateway(t, gateway.Options{})
 	startAgent(t, g, gw, startBackend(t), "site-a", 2)
-	grpchantesting.RunChannelTestCases(t, keyed{gw, "site-a"}, true)
+	grpchantesting.RunChannelTestCases(t, keyed(gw, "site-a"), true)
 }
 
 func TestKeyHeaderIsNotForwarded(t *testing.T) {
 	g, gw := startGateway(t, gateway.Options{})
 	startAgent(t, g, gw, startBackend(t), "site-a", 1)
 	ctx := metadata.AppendToOutgoingContext(context.Background(), "kept", "yes")
-	resp, err := grpchantesting.NewTestServiceClient(keyed{gw, "site-a"}).Unary(ctx, &grpchantesting.Message{})
+	resp, err := grpchantesting.NewTestServiceClient(keyed(gw, "site-a")).Unary(ctx, &grpchantesting.Message{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -182,7 +165,7 @@ func TestRoutingErrors(t *testing.T) {
 	startAgent(t, g, gw, startBackend(t), "site-a", 1)
 	ctx := context.Background()
 
-	_, err := grpchantesting.NewTestServiceClient(keyed{gw, "site-b"}).Unary(ctx, &grpchantesting.Message{})
+	_, err := grpchantesting.NewTestServiceClient(keyed(gw, "site-b")).Unary(ctx, &grpchantesting.Message{})
 	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), `no agent is connected with tunnel-key "site-b"`) {
 		t.Errorf("unknown key: %v", err)
 	}
@@ -206,7 +189,7 @@ func TestLocalServicesWithoutKey(t *testing.T) {
 	if status.Code(err) != codes.NotFound {
 		t.Errorf("gateway health knows the backend's service: %v", err)
 	}
-	resp, err = healthpb.NewHealthClient(keyed{gw, "site-a"}).Check(ctx, &healthpb.HealthCheckRequest{Service: backendHealth})
+	resp, err = healthpb.NewHealthClient(keyed(gw, "site-a")).Check(ctx, &healthpb.HealthCheckRequest{Service: backendHealth})
 	if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 		t.Errorf("agent's health: %v, %v", resp, err)
 	}
@@ -214,7 +197,7 @@ func TestLocalServicesWithoutKey(t *testing.T) {
 	if got := listServices(t, gw); !slices.Contains(got, "grpctunnel.admin.v1.AdminService") || slices.Contains(got, "grpchantesting.TestService") {
 		t.Errorf("gateway's reflection lists %v", got)
 	}
-	if got := listServices(t, keyed{gw, "site-a"}); !slices.Contains(got, "grpchantesting.TestService") || slices.Contains(got, "grpctunnel.admin.v1.AdminService") {
+	if got := listServices(t, keyed(gw, "site-a")); !slices.Contains(got, "grpchantesting.TestService") || slices.Contains(got, "grpctunnel.admin.v1.AdminService") {
 		t.Errorf("agent's reflection lists %v", got)
 	}
 
@@ -299,7 +282,7 @@ func TestMetrics(t *testing.T) {
 	startAgent(t, g, gw, backend, "second", 1)
 	ctx := context.Background()
 	for _, key := range []string{"first", "first", "second", "nobody"} {
-		_, _ = grpchantesting.NewTestServiceClient(keyed{gw, key}).Unary(ctx, &grpchantesting.Message{Payload: []byte("0123456789")})
+		_, _ = grpchantesting.NewTestServiceClient(keyed(gw, key)).Unary(ctx, &grpchantesting.Message{Payload: []byte("0123456789")})
 	}
 	_, _ = healthpb.NewHealthClient(gw).Check(ctx, &healthpb.HealthCheckRequest{})
 
@@ -453,7 +436,7 @@ func TestFanOutToSeveralAgents(t *testing.T) {
 func TestCompressedHopToAgents(t *testing.T) {
 	g, gw := startGateway(t, gateway.Options{CallOptions: []grpc.CallOption{grpc.UseCompressor(gzip.Name)}})
 	startAgent(t, g, gw, startBackend(t), "site-a", 1)
-	grpchantesting.RunChannelTestCases(t, keyed{gw, "site-a"}, true)
+	grpchantesting.RunChannelTestCases(t, keyed(gw, "site-a"), true)
 
 	bytesEachWay := func() (sent, received uint64) {
 		for _, a := range g.Agents() {
@@ -465,7 +448,7 @@ func TestCompressedHopToAgents(t *testing.T) {
 	}
 	sent0, received0 := bytesEachWay()
 	payload := bytes.Repeat([]byte("compressible "), 1<<16)
-	resp, err := grpchantesting.NewTestServiceClient(keyed{gw, "site-a"}).Unary(context.Background(), &grpchantesting.Message{Payload: payload})
+	resp, err := grpchantesting.NewTestServiceClient(keyed(gw, "site-a")).Unary(context.Background(), &grpchantesting.Message{Payload: payload})
 	if err != nil {
 		t.Fatal(err)
 	}

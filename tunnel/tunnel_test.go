@@ -2,29 +2,19 @@ package tunnel
 
 import (
 	"testing"
-	"time"
 
 	"github.com/fullstorydev/grpchan/grpchantesting"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 
+	"github.com/grpctunnel/grpctunnel/internal/testkit"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-// waitFor polls cond until it holds, failing the test after a generous
-// deadline. Tests wait on conditions, never on guessed sleeps.
-func waitFor(t testing.TB, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met in time")
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
+// waitFor polls cond until it holds; see testkit.WaitFor.
+var waitFor = testkit.WaitFor
 
 // TestChannelCases runs grpchan's shared channel test cases over every
 // topology, with and without flow control, and against an end that speaks
