@@ -1,6 +1,8 @@
 package tunnel
 
 import (
+	"encoding/binary"
+
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/encoding/proto"
@@ -438,11 +440,11 @@ func (r *frameReader) varint() (uint64, bool) {
 		r.left -= n
 		return v, true
 	}
-	if len(r.cur) >= binaryMaxVarintLen || len(r.rest) == 0 {
+	if len(r.cur) >= binary.MaxVarintLen64 || len(r.rest) == 0 {
 		return 0, false
 	}
 	// The varint may continue in the next buffers.
-	var tmp [binaryMaxVarintLen]byte
+	var tmp [binary.MaxVarintLen64]byte
 	k := copy(tmp[:], r.cur)
 	for _, b := range r.rest {
 		if k == len(tmp) {
@@ -456,8 +458,6 @@ func (r *frameReader) varint() (uint64, bool) {
 	r.skip(n)
 	return v, true
 }
-
-const binaryMaxVarintLen = 10
 
 // length reads the length of a bytes field, which must fit in what is left.
 func (r *frameReader) length() (int, bool) {
