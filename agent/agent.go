@@ -23,6 +23,7 @@ import (
 	_ "google.golang.org/grpc/encoding/gzip" // a gateway may compress what it forwards
 	"google.golang.org/grpc/metadata"
 
+	"github.com/grpctunnel/grpctunnel/internal/window"
 	"github.com/grpctunnel/grpctunnel/proxy"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
@@ -43,6 +44,22 @@ const DefaultKeyHeader = "tunnel-key"
 // listening again. An open tunnel is a call in progress, so the connection
 // never goes idle while the agent is connected.
 const IdleTimeout = 10 * time.Millisecond
+
+// DefaultWindowSize is the HTTP/2 flow-control window of each stream on
+// the agent's connections unless DialOptions is given another size; it is
+// the gateway's default too (gateway.DefaultWindowSize).
+const DefaultWindowSize = window.Default
+
+// DialOptions returns the options to dial both of the agent's connections
+// with, the gateway's and the service's, as grpctunnel agent does: HTTP/2
+// flow-control windows of windowSize bytes per stream (DefaultWindowSize
+// if zero), fixed rather than sized by gRPC's probes, which would cost
+// every call two more packets on each connection. A tunnel is one stream,
+// so on a link with round trip RTT it carries at most windowSize/RTT
+// toward the agent. Negative leaves the windows to gRPC. Use the size the
+// gateway uses (gateway.Options.WindowSize); add IdleTimeout for the
+// gateway's connection.
+func DialOptions(windowSize int) []grpc.DialOption { return window.DialOptions(windowSize) }
 
 // Options configure an Agent.
 type Options struct {
@@ -83,8 +100,9 @@ type Agent struct {
 }
 
 // New returns an agent that opens its tunnels on gateway (a connection to
-// the gateway's address, best dialled with IdleTimeout) and forwards every
-// call to target (a connection to the local service). The agent does not
+// the gateway's address, best dialled with DialOptions and IdleTimeout) and
+// forwards every call to target (a connection to the local service, best
+// dialled with DialOptions). The agent does not
 // close either connection.
 func New(gateway, target grpc.ClientConnInterface, opts Options) (*Agent, error) {
 	if opts.Key == "" {

@@ -51,11 +51,13 @@ func Example() {
 
 	// The agent needs one connection out to the gateway and one to the
 	// service. It dials out, so nothing has to dial in behind the NAT.
-	toGateway, err := grpc.NewClient(gwLis.Addr().String(), creds)
+	// DialOptions gives both the flow-control windows the gateway uses.
+	toGateway, err := grpc.NewClient(gwLis.Addr().String(),
+		append(agent.DialOptions(0), creds, grpc.WithIdleTimeout(agent.IdleTimeout))...)
 	if err != nil {
 		panic(err)
 	}
-	toService, err := grpc.NewClient(svcLis.Addr().String(), creds)
+	toService, err := grpc.NewClient(svcLis.Addr().String(), append(agent.DialOptions(0), creds)...)
 	if err != nil {
 		panic(err)
 	}

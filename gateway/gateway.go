@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
+	"github.com/grpctunnel/grpctunnel/internal/window"
 	"github.com/grpctunnel/grpctunnel/proxy"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
@@ -34,6 +35,13 @@ const maxKeyLen = 256
 // tunnel carries (the grpctunnel agent keeps one by default), so that no
 // single connection can take an agent's whole capacity.
 const DefaultMaxStreamsPerConnection = 200
+
+// DefaultWindowSize is the HTTP/2 flow-control window of each stream on
+// the gateway's connections, callers' and agents' alike, unless
+// Options.WindowSize says otherwise. It is fixed rather than sized by
+// gRPC's probes, which cost every call two more packets on each hop; see
+// Options.WindowSize for what it bounds.
+const DefaultWindowSize = window.Default
 
 // Director routes a call that the gateway does not answer itself. It gets
 // the gateway so that it can reach agents (Gateway.Agent) or fall back to
@@ -96,6 +104,17 @@ type Options struct {
 	// larger than an agent accepts is refused by the agent, and the caller
 	// is told which.
 	MaxMessageSize int
+	// WindowSize is the HTTP/2 flow-control window, in bytes, of each
+	// stream on the gateway's connections, callers' and agents' alike
+	// (DefaultWindowSize if zero; the connection's is twice as large).
+	// A tunnel is one stream, so on a link with round trip RTT one tunnel
+	// carries at most WindowSize/RTT toward the gateway (80 MiB/s at 100
+	// ms with the default); a caller's stream whose agent reads slowly
+	// holds up to WindowSize in the gateway. Negative leaves the windows
+	// to gRPC, which widens them up to 16 MiB by sending probes: that
+	// suits long fat links, at two packets more per call on every hop.
+	// Give agents the same size (agent.DialOptions).
+	WindowSize int
 	// CallOptions apply to every call the gateway forwards to an agent.
 	// grpc.UseCompressor(gzip.Name) compresses the hop to the agents, the
 	// one most likely to cross a slow link: agents of this project
@@ -132,6 +151,8 @@ type Gateway struct {
 	// maxMsg is the largest message accepted from callers, 0 for gRPC's
 	// default.
 	maxMsg int
+	// window is Options.WindowSize.
+	window int
 }
 
 // New returns a gateway configured by opts. It fails only if the metrics
@@ -155,6 +176,7 @@ func New(opts Options) (*Gateway, error) {
 		g.maxStreams = uint32(min(n, math.MaxUint32))
 	}
 	g.maxMsg = max(opts.MaxMessageSize, 0)
+	g.window = opts.WindowSize
 	g.drop = []string{g.keyHeader}
 	for _, h := range opts.DropHeaders {
 		g.drop = append(g.drop, strings.ToLower(h))
@@ -219,6 +241,7 @@ func (g *Gateway) ServerOptions() []grpc.ServerOption {
 		grpc.UnknownServiceHandler(g.handle),
 		grpc.ChainStreamInterceptor(g.checkTunnel),
 	}
+	opts = append(opts, window.ServerOptions(g.window)...)
 	if g.maxStreams > 0 {
 		opts = append(opts, grpc.MaxConcurrentStreams(g.maxStreams))
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -34,6 +35,7 @@ type agentConfig struct {
 	targetTLS     bool
 	tunnels       int
 	maxMsgSize    int
+	windowSize    int
 	keyHeader     string
 	drainTimeout  time.Duration
 	maxBackoff    time.Duration
@@ -69,6 +71,7 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fs.BoolVar(&cfg.insecureToken, "insecure-token", false, "send --token-file's token even without TLS, where anyone on the path can read it")
 	fs.BoolVar(&cfg.targetTLS, "target-tls", false, "dial the target with TLS, trusting the system's CAs (plaintext otherwise)")
 	fs.IntVar(&cfg.maxMsgSize, "max-msg-size", defaultMaxMsgSize, "accept messages of up to `bytes` from the gateway and the target; the\ngateway needs the same --max-msg-size for requests that large")
+	fs.IntVar(&cfg.windowSize, "window-size", agent.DefaultWindowSize, windowSizeUsage)
 	fs.IntVar(&cfg.tunnels, "tunnels", 1, "keep `n` tunnels open over the agent's connection; one carries 1,000\ncalls at once, more spread a very busy agent's calls over more readers")
 	fs.StringVar(&cfg.keyHeader, "key-header", agent.DefaultKeyHeader, "`header` the key is announced in; must match the gateway's")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
@@ -96,6 +99,8 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return c.fail("--drain-timeout must be positive")
 	case cfg.maxBackoff <= 0:
 		return c.fail("--max-backoff must be positive")
+	case cfg.windowSize < 0:
+		return c.fail("--window-size must not be negative")
 	}
 	if msg := cfg.keepalive.check(); msg != "" {
 		return c.fail("%s", msg)
@@ -159,12 +164,13 @@ func startAgent(cfg agentConfig, log *slog.Logger) (*runningAgent, error) {
 
 	// The idle timeout lets the agent's backoff alone pace its attempts
 	// (see agent.IdleTimeout).
-	gwConn, err := grpc.NewClient(cfg.gateway, grpc.WithTransportCredentials(gwCreds),
-		grpc.WithKeepaliveParams(cfg.keepalive.clientParams()), grpc.WithIdleTimeout(agent.IdleTimeout))
+	dialOpts := agent.DialOptions(windowSizeOption(cfg.windowSize))
+	gwConn, err := grpc.NewClient(cfg.gateway, slices.Concat(dialOpts, []grpc.DialOption{grpc.WithTransportCredentials(gwCreds),
+		grpc.WithKeepaliveParams(cfg.keepalive.clientParams()), grpc.WithIdleTimeout(agent.IdleTimeout)})...)
 	if err != nil {
 		return nil, fmt.Errorf("gateway address: %w", err)
 	}
-	targetConn, err := grpc.NewClient(cfg.target, grpc.WithTransportCredentials(targetCreds))
+	targetConn, err := grpc.NewClient(cfg.target, append(slices.Clip(dialOpts), grpc.WithTransportCredentials(targetCreds))...)
 	if err != nil {
 		gwConn.Close()
 		return nil, fmt.Errorf("target address: %w", err)

@@ -139,3 +139,20 @@ func (k *keepaliveFlags) serverParams() keepalive.ServerParameters {
 func (k *keepaliveFlags) clientParams() keepalive.ClientParameters {
 	return keepalive.ClientParameters{Time: max(k.interval, minClientPingInterval), Timeout: k.timeout, PermitWithoutStream: true}
 }
+
+// windowSizeUsage explains --window-size, which the gateway and the agent
+// share and should set alike.
+const windowSizeUsage = "give each stream an HTTP/2 flow-control window of `bytes`, fixed, on the\n" +
+	"connections between callers, gateway, agent and service: a tunnel carries\n" +
+	"at most this much per round trip (80 MiB/s at 100ms by default); 0 lets\n" +
+	"gRPC size the windows with probes, which suits long fat links but costs\n" +
+	"every call two more packets on each hop; set the gateway and agents alike"
+
+// windowSizeOption is the gateway's or the agent's WindowSize for the
+// --window-size flag, whose 0 means gRPC's dynamic windows.
+func windowSizeOption(flag int) int {
+	if flag == 0 {
+		return -1
+	}
+	return flag
+}

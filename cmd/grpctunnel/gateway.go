@@ -70,6 +70,7 @@ type gatewayConfig struct {
 	keepalive    keepaliveFlags
 	maxMsgSize   int
 	maxStreams   int
+	windowSize   int
 }
 
 func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -94,6 +95,7 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	fs.BoolVar(&cfg.compress, "compress", false, "gzip the calls forwarded to agents, and their answers, on the tunnels;\nagents of other implementations get them uncompressed")
 	fs.IntVar(&cfg.maxMsgSize, "max-msg-size", defaultMaxMsgSize, "accept messages of up to `bytes` from callers and agents; agents need\nthe same --max-msg-size for requests that large")
 	fs.IntVar(&cfg.maxStreams, "max-streams-per-conn", gateway.DefaultMaxStreamsPerConnection, "let one client connection have at most `n` calls in progress, so that\nno caller can hold an agent's whole capacity (further calls wait in the\ncaller's gRPC client); 0 for no bound")
+	fs.IntVar(&cfg.windowSize, "window-size", gateway.DefaultWindowSize, windowSizeUsage)
 	cfg.keepalive.add(fs,
 		"ping an agent when its tunnel, or its connection, has been silent for `duration`",
 		"give an agent up when a ping has had no answer for `duration`: its tunnel,\nor its connection, closes with the calls on it")
@@ -113,6 +115,8 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		return c.fail("--agent-key-from-cert needs client certificates: give --client-ca too")
 	case cfg.drainTimeout <= 0:
 		return c.fail("--drain-timeout must be positive")
+	case cfg.windowSize < 0:
+		return c.fail("--window-size must not be negative")
 	}
 	if msg := cfg.keepalive.check(); msg != "" {
 		return c.fail("%s", msg)
@@ -161,6 +165,7 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 	if cfg.maxStreams == 0 {
 		opts.MaxStreamsPerConnection = -1 // the flag's 0 is no bound
 	}
+	opts.WindowSize = windowSizeOption(cfg.windowSize)
 	opts.Tunnel.TunnelOptions = []tunnel.TunnelOption{cfg.keepalive.tunnelOption()}
 	if cfg.compress {
 		opts.CallOptions = []grpc.CallOption{grpc.UseCompressor(gzip.Name)}

@@ -140,13 +140,13 @@ func startGatewayBed(ctx context.Context, delay time.Duration) (b *gatewayBed, e
 }
 
 // startAgent connects the bench agent to the gateway at gatewayAddr and to
-// the service, and starts it.
+// the service, as grpctunnel agent dials them, and starts it.
 func (b *gatewayBed) startAgent(ctx context.Context, gatewayAddr string) error {
-	toGateway, err := b.dial(gatewayAddr)
+	toGateway, err := b.dial(gatewayAddr, agent.DialOptions(0)...)
 	if err != nil {
 		return err
 	}
-	toService, err := b.dial(b.service.addr)
+	toService, err := b.dial(b.service.addr, agent.DialOptions(0)...)
 	if err != nil {
 		return err
 	}
@@ -187,9 +187,10 @@ func (b *gatewayBed) delayed(addr string, delay time.Duration) (string, error) {
 	return r.addr(), nil
 }
 
-// dial opens a new client connection to addr, closed with the bed.
-func (b *gatewayBed) dial(addr string) (*grpc.ClientConn, error) {
-	conn, err := grpc.NewClient(addr, insecureCreds)
+// dial opens a new client connection to addr with opts, closed with the
+// bed.
+func (b *gatewayBed) dial(addr string, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+	conn, err := grpc.NewClient(addr, append(opts, insecureCreds)...)
 	if err != nil {
 		return nil, err
 	}

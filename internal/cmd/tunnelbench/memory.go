@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/grpctunnel/grpctunnel/agent"
 	"io"
 	"net"
 	"os"
@@ -205,7 +206,7 @@ func (m *memoryClients) openOne() error {
 			m.toService = conn
 			m.closers = append(m.closers, func() { _ = conn.Close() })
 		}
-		conn, err := grpc.NewClient(m.addr, insecureCreds)
+		conn, err := grpc.NewClient(m.addr, append(agent.DialOptions(0), insecureCreds)...)
 		if err != nil {
 			return err
 		}
