@@ -7,6 +7,7 @@
 //	grpctunnel gateway --listen ADDR [flags]
 //	grpctunnel agent --gateway ADDR --key KEY --target ADDR [flags]
 //	grpctunnel demo [--keep]
+//	grpctunnel version
 //
 // `grpctunnel <command> -h` lists a command's flags. Logs go to standard
 // error, as text or JSON (--log-format). The first SIGINT or SIGTERM drains
@@ -37,6 +38,7 @@ func commands() []command {
 		{"gateway", "accept agents' tunnels and route callers' gRPC calls to them by key", runGateway},
 		{"agent", "keep tunnels open to a gateway and forward the calls to a local gRPC service", runAgent},
 		{"demo", "run a gateway, an agent and a sample service on loopback, and call through them", runDemo},
+		{"version", "print the version, commit and Go toolchain of this build", runVersion},
 	}
 }
 
@@ -64,6 +66,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		printUsage(stdout)
 		return 0
+	case "-version", "--version":
+		// What most tools answer to --version: the version command.
+		return runVersion(ctx, rest, stdout, stderr)
 	}
 	for _, c := range commands() {
 		if c.name == name {
