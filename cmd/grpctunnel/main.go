@@ -7,6 +7,7 @@
 //	grpctunnel gateway --listen ADDR [flags]
 //	grpctunnel agent --gateway ADDR --key KEY --target ADDR [flags]
 //	grpctunnel demo [--keep]
+//	grpctunnel demo-service --listen ADDR [flags]
 //	grpctunnel version
 //
 // `grpctunnel <command> -h` lists a command's flags. Logs go to standard
@@ -38,6 +39,7 @@ func commands() []command {
 		{"gateway", "accept agents' tunnels and route callers' gRPC calls to them by key", runGateway},
 		{"agent", "keep tunnels open to a gateway and forward the calls to a local gRPC service", runAgent},
 		{"demo", "run a gateway, an agent and a sample service on loopback, and call through them", runDemo},
+		{"demo-service", "serve the demo's sample service, for an agent to forward calls to", runDemoService},
 		{"version", "print the version, commit and Go toolchain of this build", runVersion},
 	}
 }
@@ -85,7 +87,7 @@ func printUsage(w io.Writer) {
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Commands:")
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-12s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Run 'grpctunnel <command> -h' for a command's flags.")
