@@ -16,6 +16,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"time"
 
@@ -23,6 +24,8 @@ import (
 	_ "google.golang.org/grpc/encoding/gzip" // a gateway may compress what it forwards
 	"google.golang.org/grpc/metadata"
 
+	"github.com/grpctunnel/grpctunnel/internal/agentkey"
+	"github.com/grpctunnel/grpctunnel/internal/errtext"
 	"github.com/grpctunnel/grpctunnel/internal/window"
 	"github.com/grpctunnel/grpctunnel/proxy"
 	"github.com/grpctunnel/grpctunnel/tunnel"
@@ -107,6 +110,10 @@ type Agent struct {
 func New(gateway, target grpc.ClientConnInterface, opts Options) (*Agent, error) {
 	if opts.Key == "" {
 		return nil, errors.New("agent: a key is required")
+	}
+	if problem := agentkey.Problem(opts.Key); problem != "" {
+		// The gateway would refuse every tunnel with this key.
+		return nil, fmt.Errorf("agent: the key %s %s", errtext.Quote(opts.Key), problem)
 	}
 	a := &Agent{
 		key:       opts.Key,

@@ -42,6 +42,15 @@ func TestNeedsAKey(t *testing.T) {
 	}
 }
 
+// TestRefusesAKeyTheGatewayNeverAccepts: a key with a comma would be
+// refused on every tunnel, forever; New says so at once.
+func TestRefusesAKeyTheGatewayNeverAccepts(t *testing.T) {
+	_, err := agent.New(nil, nil, agent.Options{Key: "site-a,site-b"})
+	if err == nil || err.Error() != `agent: the key "site-a,site-b" contains a comma` {
+		t.Fatalf("New with key \"site-a,site-b\": %v, want an error saying it contains a comma", err)
+	}
+}
+
 // TestForwardsAndStops runs an agent against a plain tunnel handler (the
 // gateway is tested in its own package): calls through the tunnel reach
 // the target with the key announced on the tunnel, and each way of

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -17,6 +18,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/agent"
+	"github.com/grpctunnel/grpctunnel/internal/agentkey"
+	"github.com/grpctunnel/grpctunnel/internal/errtext"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 )
 
@@ -93,6 +96,12 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return c.fail("--server-name needs TLS: give --tls or --ca")
 	case cfg.tokenFile != "" && !cfg.gatewayTLS() && !cfg.insecureToken:
 		return c.fail("--token-file needs TLS (--tls or --ca): a token sent in plaintext can be read and reused by anyone on the path; --insecure-token sends it anyway")
+	case agentkey.Problem(cfg.key) != "":
+		return c.fail("--key %s %s: the gateway accepts no such key", errtext.Quote(cfg.key), agentkey.Problem(cfg.key))
+	case missingPort(cfg.gateway):
+		return c.fail("--gateway %s has no port: give host:port", errtext.Quote(cfg.gateway))
+	case missingPort(cfg.target):
+		return c.fail("--target %s has no port: give host:port", errtext.Quote(cfg.target))
 	case cfg.tunnels < 1:
 		return c.fail("--tunnels must be at least 1")
 	case cfg.drainTimeout <= 0:
@@ -175,7 +184,7 @@ func startAgent(cfg agentConfig, log *slog.Logger) (*runningAgent, error) {
 		gwConn.Close()
 		return nil, fmt.Errorf("target address: %w", err)
 	}
-	reach := &reachability{log: log, gateway: cfg.gateway}
+	reach := &reachability{log: log, gateway: cfg.gateway, tls: cfg.gatewayTLS()}
 	a, err := agent.New(gwConn, targetConn, agent.Options{
 		Key:       cfg.key,
 		KeyHeader: cfg.keyHeader,
@@ -220,51 +229,84 @@ func (r *runningAgent) close() {
 	r.target.Close()
 }
 
+// missingPort reports whether addr, a host:port unless it is a gRPC target
+// with a scheme (dns:///host:port, unix:path ...), lacks its port: gRPC
+// would quietly dial port 443, which is rarely what was meant.
+func missingPort(addr string) bool {
+	if strings.Contains(addr, ":/") || strings.HasPrefix(addr, "unix:") {
+		return false
+	}
+	_, port, err := net.SplitHostPort(addr)
+	return err != nil || port == ""
+}
+
 // reachability turns the agent's tunnel states into a clear account of
 // whether the gateway can be reached: the agent logs every failure as a
 // warning and retries, but an operator needs to see the first failure of a
-// streak, and its cause, as an error.
+// streak, and its cause, as an error, and again whenever a later attempt
+// tells more (a TLS alert that arrives after a failed write, say).
 type reachability struct {
 	log     *slog.Logger
 	gateway string
+	tls     bool // the agent dials the gateway with TLS
 
-	mu      sync.Mutex
-	failing bool // since the last tunnel opened
+	mu     sync.Mutex
+	logged map[string]bool // explanations logged as errors since the last tunnel opened
 }
 
 func (r *reachability) changed(c tunnel.StateChange) {
 	switch {
 	case c.State == tunnel.TunnelOpen:
 		r.mu.Lock()
-		recovered := r.failing
-		r.failing = false
+		recovered := r.logged != nil
+		r.logged = nil
 		r.mu.Unlock()
 		if recovered {
 			r.log.Info("reached the gateway at " + r.gateway)
 		}
 	case c.State == tunnel.TunnelWaiting && c.Err != nil:
+		why := r.explain(c.Err)
 		r.mu.Lock()
-		first := !r.failing
-		r.failing = true
+		news := !r.logged[why]
+		if news {
+			if r.logged == nil {
+				r.logged = make(map[string]bool)
+			}
+			r.logged[why] = true
+		}
 		r.mu.Unlock()
-		if first {
-			r.log.Error(r.explain(c.Err)+"; retrying, later failures are logged as warnings", "err", c.Err)
+		if news {
+			r.log.Error(why+"; retrying, later failures are logged as warnings", "err", c.Err)
 		}
 	}
 }
 
 // explain tells a gateway that cannot be reached from one that refuses the
-// agent, which need different fixes.
+// agent, and a TLS mistake on either side from both, since each needs a
+// different fix. The TLS cases can only be told from gRPC's message.
 func (r *reachability) explain(err error) string {
-	switch status.Code(err) {
-	case codes.Unauthenticated, codes.PermissionDenied:
-		return "the gateway at " + r.gateway + " does not admit this agent (check --token-file, the client certificate and --key)"
-	case codes.InvalidArgument, codes.Unimplemented, codes.ResourceExhausted:
-		return "the gateway at " + r.gateway + " refused the agent's tunnel"
-	case codes.Unavailable:
-		if strings.Contains(status.Convert(err).Message(), "shutting down") {
-			return "the gateway at " + r.gateway + " is shutting down"
-		}
+	gw := "the gateway at " + r.gateway
+	msg := status.Convert(err).Message()
+	closed := strings.Contains(msg, "error reading server preface: EOF") ||
+		strings.Contains(msg, "broken pipe") || strings.Contains(msg, "connection reset")
+	switch code := status.Code(err); {
+	case code == codes.Unauthenticated || code == codes.PermissionDenied:
+		return gw + " does not admit this agent (check --token-file, the client certificate and --key)"
+	case code == codes.InvalidArgument || code == codes.Unimplemented || code == codes.ResourceExhausted:
+		return gw + " refused the agent's tunnel"
+	case code != codes.Unavailable:
+	case strings.Contains(msg, "shutting down"):
+		return gw + " is shutting down"
+	case strings.Contains(msg, "first record does not look like a TLS handshake"):
+		return gw + " does not speak TLS (drop --tls and --ca, or serve the gateway with --tls-cert)"
+	case strings.Contains(msg, "x509:") || strings.Contains(msg, "failed to verify certificate"):
+		return "the agent does not trust the certificate of " + gw + " (check --ca and --server-name)"
+	case strings.Contains(msg, "remote error: tls:"):
+		return gw + " rejected the agent's certificate (check --tls-cert and that the gateway's --client-ca issued it)"
+	case closed && !r.tls:
+		return gw + " closed the connection at once: it may expect TLS, which the agent speaks with --tls or --ca"
+	case closed:
+		return gw + " closed the connection after the TLS handshake: it may have rejected the agent's certificate (check --tls-cert and the gateway's --client-ca)"
 	}
-	return "cannot reach the gateway at " + r.gateway
+	return "cannot reach " + gw
 }
