@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strconv"
 	"strings"
 	"time"
 
@@ -30,22 +31,64 @@ const demoKey = "demo"
 // fails it instead of hanging it.
 const demoStepTimeout = 10 * time.Second
 
+// The addresses demo --keep serves on unless told otherwise: fixed, so
+// that the grpcurl commands it prints, and any a newcomer has saved from
+// an earlier run, work every time. 50051 is the port gRPC's own examples
+// use; the device service takes the next one. Without --keep the demo
+// takes free ports instead, so that runs at once (tests, say) do not
+// collide.
+const (
+	demoKeepListen        = "127.0.0.1:50051"
+	demoKeepServiceListen = "127.0.0.1:50052"
+	demoFreePort          = "127.0.0.1:0"
+)
+
+// demoConfig is the demo's command line.
+type demoConfig struct {
+	keep          bool
+	listen        string // the gateway's address
+	serviceListen string // the device service's
+}
+
+// resolve fills in the addresses left empty: fixed with keep, free ports
+// without.
+func (cfg *demoConfig) resolve() {
+	if cfg.listen == "" {
+		cfg.listen = demoFreePort
+		if cfg.keep {
+			cfg.listen = demoKeepListen
+		}
+	}
+	if cfg.serviceListen == "" {
+		cfg.serviceListen = demoFreePort
+		if cfg.keep {
+			cfg.serviceListen = demoKeepServiceListen
+		}
+	}
+}
+
+// runDemo runs the demo command: the whole tunnel in one process, so that
+// a newcomer can see it work before running its parts separately.
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	var keep bool
-	c := newCLI("demo", "grpctunnel demo [--keep]",
+	var cfg demoConfig
+	c := newCLI("demo", "grpctunnel demo [--keep] [flags]",
 		"Runs a gateway, a sample DeviceService and an agent with key \""+demoKey+"\" for it,\n"+
 			"all in this process on loopback, then calls the service through the\n"+
 			"gateway as any gRPC client would and shuts everything down. With --keep\n"+
-			"it prints grpcurl commands to try instead, and runs until interrupted.",
+			"it prints grpcurl commands to try instead, and runs until interrupted,\n"+
+			"on fixed ports so that the commands stay the same from run to run.",
 		stdout, stderr)
-	c.fs.BoolVar(&keep, "keep", false, "keep running and print grpcurl commands instead of calling through the gateway itself")
+	c.fs.BoolVar(&cfg.keep, "keep", false, "keep running and print grpcurl commands instead of calling through the gateway itself")
+	c.fs.StringVar(&cfg.listen, "listen", "", "serve the gateway on `addr`ess host:port\n(default "+demoKeepListen+" with --keep, else a free port)")
+	c.fs.StringVar(&cfg.serviceListen, "service-listen", "", "serve the device service on `addr`ess host:port\n(default "+demoKeepServiceListen+" with --keep, else a free port)")
 	// The gateway warns that it serves without TLS, which on loopback is
 	// noise in the middle of the demo's own account.
 	logs := addLogFlags(c.fs, slog.LevelError)
 	if code, ok := c.parse(args); !ok {
 		return code
 	}
-	if err := demoRun(ctx, keep, stdout, logs.logger(stderr)); err != nil {
+	cfg.resolve()
+	if err := demoRun(ctx, cfg, stdout, logs.logger(stderr)); err != nil {
 		fmt.Fprintln(stderr, "grpctunnel demo:", err)
 		return 1
 	}
@@ -55,14 +98,14 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 
 // demoRun starts the three parts, then calls through them or, with keep,
 // waits for ctx; it stops everything it started before it returns.
-func demoRun(ctx context.Context, keep bool, out io.Writer, log *slog.Logger) error {
+func demoRun(ctx context.Context, cfg demoConfig, out io.Writer, log *slog.Logger) error {
 	// The sample service: only the agent dials it.
-	devLis, err := net.Listen("tcp", "127.0.0.1:0")
+	devLis, err := net.Listen("tcp", cfg.serviceListen)
 	if err != nil {
-		return err
+		return listenError("device service", "--service-listen", err)
 	}
 	devSrv := grpc.NewServer()
-	devHealth := demo.Register(devSrv, demo.NewDeviceService("demo-device"))
+	devHealth := demo.Register(devSrv, demo.NewDeviceService(demoServiceName))
 	devServed := make(chan struct{})
 	go func() {
 		defer close(devServed)
@@ -75,18 +118,18 @@ func demoRun(ctx context.Context, keep bool, out io.Writer, log *slog.Logger) er
 	}()
 	fmt.Fprintf(out, "device service listening on %s (only the agent calls it)\n", devLis.Addr())
 
-	gw, err := startGateway(gatewayConfig{listen: "127.0.0.1:0", keyHeader: gateway.DefaultKeyHeader}, log)
+	gw, err := startGateway(gatewayConfig{listen: cfg.listen, keyHeader: gateway.DefaultKeyHeader}, log)
 	if err != nil {
-		return fmt.Errorf("gateway: %w", err)
+		return listenError("gateway", "--listen", err)
 	}
 	defer gw.stop(ctx, demoStepTimeout)
-	gwAddr := gw.addr.String()
-	fmt.Fprintf(out, "gateway listening on %s (agents and callers both dial it)\n", gwAddr)
+	gwAddr := dialAddr(gw.addr)
+	fmt.Fprintf(out, "gateway listening on %s (agents and callers both dial it)\n", gw.addr)
 
 	ag, err := startAgent(agentConfig{
 		gateway:   gwAddr,
 		key:       demoKey,
-		target:    devLis.Addr().String(),
+		target:    dialAddr(devLis.Addr()),
 		tunnels:   1,
 		keyHeader: gateway.DefaultKeyHeader,
 	}, log)
@@ -104,7 +147,7 @@ func demoRun(ctx context.Context, keep bool, out io.Writer, log *slog.Logger) er
 	fmt.Fprintf(out, "agent %q opened a tunnel to the gateway: calls with the header %s: %s now reach the device service\n",
 		demoKey, gateway.DefaultKeyHeader, demoKey)
 
-	if keep {
+	if cfg.keep {
 		printGrpcurl(out, gwAddr)
 		<-ctx.Done()
 		fmt.Fprintln(out, "stopping")
@@ -207,7 +250,33 @@ func listServices(ctx context.Context, conn grpc.ClientConnInterface) ([]string,
 	return names, nil
 }
 
-// printGrpcurl prints commands that call through the gateway at addr.
+// listenError explains a failure to listen on a part's address: most
+// often a port that another program, or another demo --keep, already
+// holds, which the newcomer can only fix by stopping it or choosing
+// another address with the flag named.
+func listenError(part, flag string, err error) error {
+	var opErr *net.OpError
+	if errors.As(err, &opErr) && opErr.Op == "listen" {
+		return fmt.Errorf("%s: %w (stop what holds the address, or give another with %s)", part, err, flag)
+	}
+	return fmt.Errorf("%s: %w", part, err)
+}
+
+// dialAddr is an address a client on this machine can dial to reach a
+// listener bound to addr: a listener on every interface (--listen :50051)
+// reports an unspecified host, which not every client can dial, so it
+// becomes IPv4 loopback, which Go's "tcp" listeners on every interface,
+// dual-stack ones included, accept.
+func dialAddr(addr net.Addr) string {
+	tcp, ok := addr.(*net.TCPAddr)
+	if !ok || !tcp.IP.IsUnspecified() {
+		return addr.String()
+	}
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(tcp.Port))
+}
+
+// printGrpcurl prints commands that call through the gateway at addr, in
+// shell quoting, to paste as they are.
 func printGrpcurl(out io.Writer, addr string) {
 	h := fmt.Sprintf("-H '%s: %s'", gateway.DefaultKeyHeader, demoKey)
 	fmt.Fprintf(out, `

@@ -6,7 +6,7 @@
 //
 //	grpctunnel gateway --listen ADDR [flags]
 //	grpctunnel agent --gateway ADDR --key KEY --target ADDR [flags]
-//	grpctunnel demo [--keep]
+//	grpctunnel demo [--keep] [flags]
 //	grpctunnel demo-service --listen ADDR [flags]
 //	grpctunnel version
 //
