@@ -5,6 +5,7 @@ go 1.26.0
 require (
 	github.com/fullstorydev/grpchan v1.1.2
 	github.com/hashicorp/yamux v0.1.2
+	github.com/peterbourgon/ff/v3 v3.4.0
 	github.com/prometheus/client_golang v1.25.0
 	go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc v0.72.0
 	go.opentelemetry.io/otel v1.47.0

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/peterbourgon/ff/v3"
 	"google.golang.org/grpc/keepalive"
 
 	"github.com/grpctunnel/grpctunnel/tunnel"
@@ -22,21 +23,40 @@ type cli struct {
 	stderr   io.Writer
 }
 
-// newCLI returns an empty command line for the subcommand name.
+// envPrefix starts the environment variable of every flag: --max-msg-size
+// is also GRPCTUNNEL_MAX_MSG_SIZE.
+const envPrefix = "GRPCTUNNEL"
+
+// configFlag names the flag that reads the others from a file.
+const configFlag = "config"
+
+// newCLI returns a command line for the subcommand name with only
+// --config, which every command takes.
 func newCLI(name, synopsis, about string, stdout, stderr io.Writer) *cli {
 	fs := flag.NewFlagSet("grpctunnel "+name, flag.ContinueOnError)
 	// The flag package would print its error and the usage to its output
 	// in its own format; parse prints them instead, in ours.
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
+	fs.String(configFlag, "", "read flags from `file`, one a line: a name, a space and the value\n(max-msg-size 8388608; a name alone sets a boolean flag); # starts a comment")
 	return &cli{fs: fs, synopsis: synopsis, about: about, stdout: stdout, stderr: stderr}
 }
 
-// parse reads args. When it returns false the command must exit with the
-// status it returns: 0 after -h, 2 after a bad command line, either way
-// with the usage printed.
+// parse reads the flags from args, then those not given there from the
+// environment (GRPCTUNNEL_<NAME>), then those still unset from the --config
+// file, with peterbourgon/ff. When it returns false the command must exit
+// with the status it returns: 0 after -h, 2 after a bad command line, either
+// way with the usage printed.
 func (c *cli) parse(args []string) (int, bool) {
-	err := c.fs.Parse(args)
+	err := ff.Parse(c.fs, args,
+		ff.WithEnvVarPrefix(envPrefix),
+		ff.WithConfigFileFlag(configFlag),
+		ff.WithConfigFileParser(ff.PlainParser))
+	if inner := errors.Unwrap(err); inner != nil && strings.HasPrefix(err.Error(), "error parsing commandline arguments") {
+		// The command line's own errors read as the flag package words
+		// them; ff's prefix adds nothing.
+		err = inner
+	}
 	switch {
 	case errors.Is(err, flag.ErrHelp):
 		c.usage(c.stdout)
@@ -64,7 +84,9 @@ func (c *cli) usage(w io.Writer) {
 	if c.about != "" {
 		fmt.Fprintf(w, "%s\n\n", c.about)
 	}
-	fmt.Fprintln(w, "Flags:")
+	fmt.Fprintln(w, "Flags (each also GRPCTUNNEL_<NAME> in the environment, --max-msg-size as")
+	fmt.Fprintln(w, "GRPCTUNNEL_MAX_MSG_SIZE, or a line of the --config file; the command line")
+	fmt.Fprintln(w, "wins over the environment, the environment over the file):")
 	c.fs.VisitAll(func(f *flag.Flag) {
 		name, text := flag.UnquoteUsage(f)
 		line := "  --" + f.Name
