@@ -8,6 +8,7 @@
 //	grpctunnel agent --gateway ADDR --key KEY --target ADDR [flags]
 //	grpctunnel demo [--keep] [flags]
 //	grpctunnel demo-service --listen ADDR [flags]
+//	grpctunnel certs --dir DIR --agents KEY,... --callers NAME,... [flags]
 //	grpctunnel version
 //
 // `grpctunnel <command> -h` lists a command's flags. Logs go to standard
@@ -39,6 +40,7 @@ func commands() []command {
 		{"gateway", "accept agents' tunnels and route callers' gRPC calls to them by key", runGateway},
 		{"agent", "keep tunnels open to a gateway and forward the calls to a local gRPC service", runAgent},
 		{"demo", "run a gateway, an agent and a sample service on loopback, and call through them", runDemo},
+		{"certs", "write a CA, gateway, agent and caller certificates and tokens for a secure gateway", runCerts},
 		{"demo-service", "serve the demo's sample service, for an agent to forward calls to", runDemoService},
 		{"version", "print the version, commit and Go toolchain of this build", runVersion},
 	}
