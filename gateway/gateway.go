@@ -10,9 +10,12 @@ import (
 	"github.com/fullstorydev/grpchan"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
 	"github.com/grpctunnel/grpctunnel/internal/window"
@@ -79,9 +82,19 @@ type Options struct {
 	// the key header: credentials meant for the gateway, for example. Names
 	// are lowered.
 	DropHeaders []string
-	// Logger receives a line for each agent tunnel that opens or closes
+	// Logger receives a line for each agent tunnel that opens or closes,
+	// and for refused agents, callers and TLS handshakes (see
+	// RefusalReason), at most one a second for each kind of refusal
 	// (slog.Default() if nil).
 	Logger *slog.Logger
+	// AccessLog, if set, receives one line at info level for each call
+	// that ends at the gateway, forwarded, answered by its own services or
+	// refused: its method, key, code, duration, payload bytes each way,
+	// the caller's address and verified certificate subject (see
+	// AccessLogMessage). It is what tells an operator who called which
+	// agent, which metrics cannot do without unbounded labels. Nil writes
+	// none and costs nothing.
+	AccessLog *slog.Logger
 	// Registerer, if set, receives the gateway's Prometheus metrics.
 	Registerer prometheus.Registerer
 	// MaxMetricKeys bounds how many agent keys get label values of their
@@ -145,6 +158,8 @@ type Gateway struct {
 	forward   grpc.StreamHandler
 	health    *health.Server
 	metrics   *metrics // nil without a Registerer
+	refusals  *refusals
+	access    *accessLog // nil without Options.AccessLog
 	// maxStreams is the HTTP/2 bound of calls per client connection; 0
 	// for none.
 	maxStreams uint32
@@ -196,6 +211,10 @@ func New(opts Options) (*Gateway, error) {
 		}
 		g.metrics = m
 	}
+	g.refusals = newRefusals(g.log, g.metrics)
+	if opts.AccessLog != nil {
+		g.access = &accessLog{log: opts.AccessLog}
+	}
 	g.agents = newAgentSet()
 
 	hopts := opts.Tunnel
@@ -230,16 +249,16 @@ func New(opts Options) (*Gateway, error) {
 
 // ServerOptions returns what a *grpc.Server needs to be this gateway: the
 // raw codec and unknown-service handler of package proxy (over the tunnel
-// frames' own codec), the check of
-// agents' tunnels, the bound of calls per connection and the metrics. Pass
-// them to grpc.NewServer together with the server's own options
-// (credentials, interceptors, keepalive); interceptors given elsewhere are
+// frames' own codec), the check of agents' tunnels, the bound of calls per
+// connection, the metrics and the access log. Pass them to grpc.NewServer
+// together with the server's own options (credentials, through
+// Credentials, interceptors, keepalive); interceptors given elsewhere are
 // chained, not replaced.
 func (g *Gateway) ServerOptions() []grpc.ServerOption {
 	opts := []grpc.ServerOption{
 		grpc.ForceServerCodecV2(proxy.CodecOver(tunnel.Codec())),
 		grpc.UnknownServiceHandler(g.handle),
-		grpc.ChainStreamInterceptor(g.checkTunnel),
+		grpc.ChainStreamInterceptor(g.vetTunnel),
 	}
 	opts = append(opts, window.ServerOptions(g.window)...)
 	if g.maxStreams > 0 {
@@ -248,8 +267,8 @@ func (g *Gateway) ServerOptions() []grpc.ServerOption {
 	if g.maxMsg > 0 {
 		opts = append(opts, grpc.MaxRecvMsgSize(g.maxMsg))
 	}
-	if g.metrics != nil {
-		opts = append(opts, grpc.StatsHandler(g.metrics.statsHandler(g.keyHeader)))
+	if g.metrics != nil || g.access != nil {
+		opts = append(opts, grpc.StatsHandler(&callStats{m: g.metrics, access: g.access, keyHeader: g.keyHeader}))
 	}
 	return opts
 }
@@ -290,6 +309,7 @@ func (g *Gateway) handle(srv any, ss grpc.ServerStream) error {
 	keys := g.keys(ss.Context())
 	if g.allowCall != nil {
 		if err := g.allowCall(ss.Context(), method, keys); err != nil {
+			g.refuseCall(ss.Context(), method, keys, err)
 			return refusal(err)
 		}
 	}
@@ -299,4 +319,67 @@ func (g *Gateway) handle(srv any, ss grpc.ServerStream) error {
 		}
 	}
 	return g.forward(srv, ss)
+}
+
+// refuseCall logs and counts a call AuthorizeCall refused.
+func (g *Gateway) refuseCall(ctx context.Context, method string, keys []string, err error) {
+	attrs := append(peerAttrs(ctx),
+		slog.String("method", bounded(method, maxLoggedName)),
+		slog.String("key", keyField(keys)))
+	g.refusals.refuse(whoCaller, reasonOf(whoCaller, err), err, attrs...)
+}
+
+// vetTunnel is checkTunnel, whose refusals it logs and counts by reason,
+// together with the tunnels the tunnel library refuses for want of room.
+func (g *Gateway) vetTunnel(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	switch info.FullMethod {
+	case tunnelpb.TunnelService_OpenReverseTunnel_FullMethodName, tunnelpb.TunnelService_OpenTunnel_FullMethodName:
+	default:
+		return handler(srv, ss)
+	}
+	admitted := false
+	err := g.checkTunnel(srv, ss, info, func(srv any, ss grpc.ServerStream) error {
+		admitted = true
+		err := handler(srv, ss)
+		if tooManyTunnels(err) {
+			g.refuseAgent(ss.Context(), ReasonTooManyTunnels, err)
+		}
+		return err
+	})
+	if err != nil && !admitted {
+		g.refuseAgent(ss.Context(), g.tunnelRefusal(ss.Context(), info.FullMethod, err), err)
+	}
+	return err
+}
+
+// tunnelRefusal is the reason checkTunnel refused a tunnel with err. It
+// checks the key again rather than reading err's text: what checkTunnel
+// did not refuse for its key, AuthorizeAgent did.
+func (g *Gateway) tunnelRefusal(ctx context.Context, method string, err error) RefusalReason {
+	if method == tunnelpb.TunnelService_OpenTunnel_FullMethodName {
+		return ReasonForwardTunnel
+	}
+	keys := metadata.ValueFromIncomingContext(ctx, g.keyHeader)
+	if len(keys) != 1 || validKey(keys[0]) != nil {
+		return ReasonBadKey
+	}
+	return reasonOf(whoAgent, err)
+}
+
+// refuseAgent logs and counts a refused tunnel.
+func (g *Gateway) refuseAgent(ctx context.Context, reason RefusalReason, err error) {
+	attrs := peerAttrs(ctx)
+	if keys := metadata.ValueFromIncomingContext(ctx, g.keyHeader); len(keys) > 0 {
+		attrs = append(attrs, slog.String("key", keyField(keys)))
+	}
+	g.refusals.refuse(whoAgent, reason, err, attrs...)
+}
+
+// tooManyTunnels reports whether err is the tunnel library's refusal of a
+// tunnel beyond MaxReverseTunnels or MaxReverseTunnelsPerKey. The library
+// has no error value to compare with outside its package; its messages
+// name the option, which is what this looks for.
+func tooManyTunnels(err error) bool {
+	st, ok := status.FromError(err)
+	return ok && st.Code() == codes.ResourceExhausted && strings.Contains(st.Message(), "(see MaxReverseTunnels")
 }

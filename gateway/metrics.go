@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -31,6 +32,7 @@ type metrics struct {
 	rpcs         *prometheus.CounterVec
 	bytes        *prometheus.CounterVec
 	inFlight     prometheus.Gauge
+	refused      *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer, maxKeys int) (*metrics, error) {
@@ -59,8 +61,12 @@ func newMetrics(reg prometheus.Registerer, maxKeys int) (*metrics, error) {
 			Name: "grpctunnel_gateway_rpcs_in_flight",
 			Help: "Calls in progress at the gateway.",
 		}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "grpctunnel_gateway_refused_total",
+			Help: "Agents' tunnels, callers' calls and clients' TLS handshakes the gateway refused, by who (agent, caller, connection) and reason.",
+		}, []string{"who", "reason"}),
 	}
-	for _, c := range []prometheus.Collector{m.tunnels, m.tunnelsTotal, m.rpcs, m.bytes, m.inFlight} {
+	for _, c := range []prometheus.Collector{m.tunnels, m.tunnelsTotal, m.rpcs, m.bytes, m.inFlight, m.refused} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -117,25 +123,30 @@ func (k *keyLabels) callLabel(keys []string) string {
 	}
 }
 
-// statsHandler feeds the call metrics from gRPC's own events on the
-// gateway's server, so they count what the callers see, local services
-// included; the agents' tunnels are counted by the tunnel metrics instead.
-func (m *metrics) statsHandler(keyHeader string) stats.Handler {
-	return &callStats{m: m, keyHeader: keyHeader}
-}
-
+// callStats follows the calls on the gateway's server through gRPC's own
+// events, for the call metrics and the access log, so that both see what
+// the callers see: local services and calls refused before routing
+// included. The agents' tunnels are left to the tunnel metrics and the
+// tunnel lines of the log.
 type callStats struct {
-	m         *metrics
+	m         *metrics   // nil without metrics
+	access    *accessLog // nil without an access log
 	keyHeader string
 }
 
 type callStateKey struct{}
 
-// callState follows one call. Its labels are chosen when the headers
+// callState follows one call. Everything in it is chosen when the headers
 // arrive, which on a server is before any payload or the end.
 type callState struct {
-	labels atomic.Pointer[callLabels]
+	labels atomic.Pointer[callLabels] // nil without metrics
 	skip   bool
+	// What the access log needs: set at the headers, read at the end.
+	method string
+	key    string
+	remote net.Addr
+	// Payload bytes, from the receiving and the sending goroutine.
+	in, out atomic.Int64
 }
 
 // callLabels are a call's key label and the byte counters it selects.
@@ -156,25 +167,39 @@ func (h *callStats) HandleRPC(ctx context.Context, s stats.RPCStats) {
 	}
 	switch s := s.(type) {
 	case *stats.InHeader:
-		l := h.m.keys.callLabel(keysIn(s.Header, h.keyHeader))
-		st.labels.Store(&callLabels{key: l, in: h.m.bytes.WithLabelValues(l, "in"), out: h.m.bytes.WithLabelValues(l, "out")})
+		if h.m != nil {
+			l := h.m.keys.callLabel(keysIn(s.Header, h.keyHeader))
+			st.labels.Store(&callLabels{key: l, in: h.m.bytes.WithLabelValues(l, "in"), out: h.m.bytes.WithLabelValues(l, "out")})
+		}
+		if h.access != nil {
+			st.method, st.key, st.remote = s.FullMethod, keyField(s.Header.Get(h.keyHeader)), s.RemoteAddr
+		}
 	case *stats.Begin:
-		h.m.inFlight.Inc()
+		if h.m != nil {
+			h.m.inFlight.Inc()
+		}
 	case *stats.InPayload:
 		if l := st.labels.Load(); l != nil {
 			l.in.Add(float64(s.WireLength))
 		}
+		st.in.Add(int64(s.Length))
 	case *stats.OutPayload:
 		if l := st.labels.Load(); l != nil {
 			l.out.Add(float64(s.WireLength))
 		}
+		st.out.Add(int64(s.Length))
 	case *stats.End:
-		h.m.inFlight.Dec()
-		key := labelNone
-		if l := st.labels.Load(); l != nil {
-			key = l.key
+		if h.m != nil {
+			h.m.inFlight.Dec()
+			key := labelNone
+			if l := st.labels.Load(); l != nil {
+				key = l.key
+			}
+			h.m.rpcs.WithLabelValues(key, status.Code(s.Error).String()).Inc()
 		}
-		h.m.rpcs.WithLabelValues(key, status.Code(s.Error).String()).Inc()
+		if h.access != nil {
+			h.access.write(ctx, st, s)
+		}
 	}
 }
 

@@ -1,0 +1,201 @@
+package gateway_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"sync"
+	"testing"
+
+	"github.com/fullstorydev/grpchan/grpchantesting"
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/grpctunnel/grpctunnel/gateway"
+)
+
+// jsonLog is a JSON slog destination that tests read back record by
+// record. Servers log from their own goroutines, hence the lock.
+type jsonLog struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *jsonLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *jsonLog) logger() *slog.Logger { return slog.New(slog.NewJSONHandler(l, nil)) }
+
+// records returns the records written so far whose msg is msg.
+func (l *jsonLog) records(t *testing.T, msg string) []map[string]any {
+	t.Helper()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var recs []map[string]any
+	sc := bufio.NewScanner(bytes.NewReader(l.buf.Bytes()))
+	for sc.Scan() {
+		var rec map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &rec); err != nil {
+			t.Fatalf("a log line is not JSON: %v: %s", err, sc.Text())
+		}
+		if rec["msg"] == msg {
+			recs = append(recs, rec)
+		}
+	}
+	return recs
+}
+
+// TestAccessLog: every call that ends at the gateway gets one line with
+// its method, key, code and payload bytes each way; calls of all four
+// kinds through an agent, a refused call, a call to an unknown agent and
+// one to the gateway's own health.
+func TestAccessLog(t *testing.T) {
+	var access, log jsonLog
+	g, gw := startGateway(t, gateway.Options{
+		AccessLog: access.logger(),
+		Logger:    log.logger(),
+		AuthorizeCall: func(ctx context.Context, _ string, _ []string) error {
+			if len(metadata.ValueFromIncomingContext(ctx, "deny")) > 0 {
+				return status.Error(codes.PermissionDenied, "denied")
+			}
+			return nil
+		},
+	})
+	startAgent(t, g, gw, startBackend(t), "site-a", 1)
+	ctx := context.Background()
+	client := grpchantesting.NewTestServiceClient(keyed(gw, "site-a"))
+	payload := []byte("0123456789")
+
+	if _, err := client.Unary(ctx, &grpchantesting.Message{Payload: payload}); err != nil {
+		t.Fatal(err)
+	}
+	cs, err := client.ClientStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if err := cs.Send(&grpchantesting.Message{Payload: payload}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := cs.CloseAndRecv(); err != nil {
+		t.Fatal(err)
+	}
+	ss, err := client.ServerStream(ctx, &grpchantesting.Message{Payload: payload, Count: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := ss.Recv(); err == io.EOF {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	}
+	bidi, err := client.BidiStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if err := bidi.Send(&grpchantesting.Message{Payload: payload}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := bidi.Recv(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := bidi.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bidi.Recv(); err != io.EOF {
+		t.Fatalf("bidi stream ended with %v", err)
+	}
+	_, err = client.Unary(metadata.AppendToOutgoingContext(ctx, "deny", "1"), &grpchantesting.Message{Payload: payload})
+	if status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("refused call: %v", err)
+	}
+	_, err = grpchantesting.NewTestServiceClient(keyed(gw, "nobody")).Unary(ctx, &grpchantesting.Message{Payload: payload})
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("call to an unknown agent: %v", err)
+	}
+	if _, err := healthpb.NewHealthClient(gw).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatal(err)
+	}
+
+	const svc = "/grpchantesting.TestService/"
+	want := []struct {
+		method, key, code string
+		bytes             bool // payload both ways
+	}{
+		{svc + "Unary", "site-a", "OK", true},
+		{svc + "ClientStream", "site-a", "OK", true},
+		{svc + "ServerStream", "site-a", "OK", true},
+		{svc + "BidiStream", "site-a", "OK", true},
+		{svc + "Unary", "site-a", "PermissionDenied", false},
+		{svc + "Unary", "nobody", "Unavailable", false},
+		{"/grpc.health.v1.Health/Check", "", "OK", false},
+	}
+	// A call's line is written after its caller has the answer.
+	waitFor(t, func() bool { return len(access.records(t, gateway.AccessLogMessage)) >= len(want) })
+	recs := access.records(t, gateway.AccessLogMessage)
+	if len(recs) != len(want) {
+		t.Fatalf("%d access log lines, want %d: %v", len(recs), len(want), recs)
+	}
+	for i, w := range want {
+		r := recs[i]
+		if r["method"] != w.method || r["key"] != w.key || r["code"] != w.code || r["level"] != "INFO" {
+			t.Errorf("line %d: %v; want method %s, key %q, code %s", i, r, w.method, w.key, w.code)
+		}
+		req, _ := r["req_bytes"].(float64)
+		resp, _ := r["resp_bytes"].(float64)
+		if w.bytes && (req < float64(len(payload)) || resp < float64(len(payload))) {
+			t.Errorf("line %d (%s): req_bytes %v, resp_bytes %v; want at least %d each", i, w.method, req, resp, len(payload))
+		}
+		if peer, _ := r["peer"].(string); peer == "" {
+			t.Errorf("line %d has no peer: %v", i, r)
+		}
+		if _, ok := r["duration_ms"].(float64); !ok {
+			t.Errorf("line %d has no duration_ms: %v", i, r)
+		}
+	}
+	// Three messages of the client stream, each the payload at least.
+	if req, _ := recs[1]["req_bytes"].(float64); req < 3*float64(len(payload)) {
+		t.Errorf("client stream: req_bytes %v, want at least %d", req, 3*len(payload))
+	}
+	// The refused call is a refusal too, in the gateway's own log.
+	waitFor(t, func() bool { return len(log.records(t, "caller refused")) == 1 })
+	// The tunnel itself is not a call.
+	for _, r := range recs {
+		if m, _ := r["method"].(string); m == "/grpctunnel.v1.TunnelService/OpenReverseTunnel" {
+			t.Errorf("the agent's tunnel is in the access log: %v", r)
+		}
+	}
+}
+
+// TestAccessLogBoundsCallerText: a method name and a key the caller makes
+// up are cut, not repeated whole.
+func TestAccessLogBoundsCallerText(t *testing.T) {
+	var access jsonLog
+	_, gw := startGateway(t, gateway.Options{AccessLog: access.logger()})
+	long := string(bytes.Repeat([]byte("k"), 4000))
+	err := gw.Invoke(metadata.AppendToOutgoingContext(context.Background(), gateway.DefaultKeyHeader, long),
+		"/"+long+"/M", &grpchantesting.Message{}, &grpchantesting.Message{})
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("call with a long key: %v", err)
+	}
+	waitFor(t, func() bool { return len(access.records(t, gateway.AccessLogMessage)) == 1 })
+	r := access.records(t, gateway.AccessLogMessage)[0]
+	for _, f := range []string{"method", "key"} {
+		if v, _ := r[f].(string); len(v) > 300 || len(v) < 100 {
+			t.Errorf("%s has %d bytes, want it cut near 256", f, len(v))
+		}
+	}
+}
