@@ -14,9 +14,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/gateway"
 	"github.com/grpctunnel/grpctunnel/tunnel"
@@ -71,6 +73,7 @@ type gatewayConfig struct {
 	maxMsgSize   int
 	maxStreams   int
 	windowSize   int
+	accessLog    bool
 }
 
 func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -96,6 +99,8 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	fs.IntVar(&cfg.maxMsgSize, "max-msg-size", defaultMaxMsgSize, "accept messages of up to `bytes` from callers and agents; agents need\nthe same --max-msg-size for requests that large")
 	fs.IntVar(&cfg.maxStreams, "max-streams-per-conn", gateway.DefaultMaxStreamsPerConnection, "let one client connection have at most `n` calls in progress, so that\nno caller can hold an agent's whole capacity (further calls wait in the\ncaller's gRPC client); 0 for no bound")
 	fs.IntVar(&cfg.windowSize, "window-size", gateway.DefaultWindowSize, windowSizeUsage)
+	fs.BoolVar(&cfg.accessLog, "access-log", false, "log a \""+gateway.AccessLogMessage+"\" line for every call: method, agent key, code, duration,\n"+
+		"payload bytes each way, the caller's address and certificate subject;\nwritten with the other lines (--log-format) even under --log-level warn")
 	cfg.keepalive.add(fs,
 		"ping an agent when its tunnel, or its connection, has been silent for `duration`",
 		"give an agent up when a ping has had no answer for `duration`: its tunnel,\nor its connection, closes with the calls on it")
@@ -160,6 +165,12 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 	var opts gateway.Options
 	opts.KeyHeader = cfg.keyHeader
 	opts.Logger = log
+	if cfg.accessLog {
+		// An operator who asks for the access log wants it whatever
+		// --log-level keeps of the rest; it shares the handler, and so
+		// the format and the writes, of the other lines.
+		opts.AccessLog = slog.New(infoFloor{log.Handler()})
+	}
 	opts.MaxMessageSize = cfg.maxMsgSize
 	opts.MaxStreamsPerConnection = cfg.maxStreams
 	if cfg.maxStreams == 0 {
@@ -179,7 +190,7 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 		admit = append(admit, tokens.authorize)
 	}
 	if cfg.keyFromCert {
-		admit = append(admit, gateway.CertificateNamesKey)
+		admit = append(admit, certificateNamesKey)
 	}
 	if len(admit) > 0 {
 		opts.AuthorizeAgent = func(ctx context.Context, key string) error {
@@ -216,7 +227,9 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 		if err != nil {
 			return nil, err
 		}
-		serverOpts = append(serverOpts, grpc.Creds(credentials.NewTLS(tlsCfg)))
+		// Through the gateway's wrapper, so that the handshakes it
+		// refuses are logged and counted rather than dropped unseen.
+		serverOpts = append(serverOpts, grpc.Creds(g.Credentials(credentials.NewTLS(tlsCfg))))
 	}
 	srv := grpc.NewServer(serverOpts...)
 	g.Register(srv)
@@ -241,7 +254,7 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 			s.failed <- err
 		}
 	}()
-	log.Info("listening", "addr", lis.Addr().String(), "tls", cfg.tlsCert != "", "client_certs", cfg.clientCA != "", "tokens", cfg.tokenFile != "", "caller_tokens", cfg.callerTokens != "", "agent_key_from_cert", cfg.keyFromCert)
+	log.Info("listening", "addr", lis.Addr().String(), "tls", cfg.tlsCert != "", "client_certs", cfg.clientCA != "", "tokens", cfg.tokenFile != "", "caller_tokens", cfg.callerTokens != "", "agent_key_from_cert", cfg.keyFromCert, "access_log", cfg.accessLog)
 	if cfg.tlsCert == "" {
 		log.Warn("serving without TLS: agents' tokens and every call travel in plaintext; give --tls-cert and --tls-key unless a TLS proxy stands in front")
 	}
@@ -310,3 +323,28 @@ func waitBounded(ctx context.Context, timeout time.Duration, graceful, hard func
 	<-done
 	return false
 }
+
+// certificateNamesKey is gateway.CertificateNamesKey with its refusals
+// marked by reason, for the gateway's log and refusal metric.
+func certificateNamesKey(ctx context.Context, key string) error {
+	err := gateway.CertificateNamesKey(ctx, key)
+	switch status.Code(err) {
+	case codes.OK:
+		return nil
+	case codes.Unauthenticated:
+		return gateway.Refuse(gateway.ReasonNoCertificate, err)
+	}
+	return gateway.Refuse(gateway.ReasonKeyNotAllowed, err)
+}
+
+// infoFloor is a log handler that takes info lines and above whatever the
+// level of the handler it writes to, for the access log.
+type infoFloor struct{ slog.Handler }
+
+func (h infoFloor) Enabled(_ context.Context, level slog.Level) bool { return level >= slog.LevelInfo }
+
+func (h infoFloor) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return infoFloor{h.Handler.WithAttrs(attrs)}
+}
+
+func (h infoFloor) WithGroup(name string) slog.Handler { return infoFloor{h.Handler.WithGroup(name)} }

@@ -14,6 +14,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+
+	"github.com/grpctunnel/grpctunnel/gateway"
+	"github.com/grpctunnel/grpctunnel/internal/errtext"
 )
 
 // tokenSet is the gateway's --token-file: the tokens agents may present and
@@ -106,7 +109,7 @@ func (s *tokenSet) authorize(ctx context.Context, key string) error {
 		return err
 	}
 	if match.key != "" && match.key != key {
-		return status.Errorf(codes.PermissionDenied, "grpctunnel gateway: this token may not open tunnels for agent key %q", key)
+		return gateway.Refuse(gateway.ReasonKeyNotAllowed, status.Errorf(codes.PermissionDenied, "grpctunnel gateway: this token may not open tunnels for agent key %s", errtext.Quote(key)))
 	}
 	return nil
 }
@@ -128,27 +131,29 @@ func (s *tokenSet) authorizeCall(ctx context.Context, method string, keys []stri
 		return nil
 	}
 	if len(keys) == 0 {
-		return status.Errorf(codes.PermissionDenied, "grpctunnel gateway: this token may call agent %q only", match.key)
+		return gateway.Refuse(gateway.ReasonKeyNotAllowed, status.Errorf(codes.PermissionDenied, "grpctunnel gateway: this token may call agent %q only", match.key))
 	}
 	for _, k := range keys {
 		if k != match.key {
-			return status.Errorf(codes.PermissionDenied, "grpctunnel gateway: this token may not call agent %q", k)
+			// k is the caller's: quoted within bounds.
+			return gateway.Refuse(gateway.ReasonKeyNotAllowed, status.Errorf(codes.PermissionDenied, "grpctunnel gateway: this token may not call agent %s", errtext.Quote(k)))
 		}
 	}
 	return nil
 }
 
-// match finds the token that header presents, for who.
+// match finds the token that header presents, for who. Its refusals say
+// why (gateway.Refuse), for the gateway's log and refusal metric.
 func (s *tokenSet) match(ctx context.Context, header, who string) (*token, error) {
 	md, _ := metadata.FromIncomingContext(ctx)
 	values := md.Get(header)
 	if len(values) == 0 {
-		return nil, status.Errorf(codes.Unauthenticated, "grpctunnel gateway: %s must present a token (%s: Bearer <token>)", who, header)
+		return nil, gateway.Refuse(gateway.ReasonNoToken, status.Errorf(codes.Unauthenticated, "grpctunnel gateway: %s must present a token (%s: Bearer <token>)", who, header))
 	}
 	scheme, presented, ok := strings.Cut(values[0], " ")
 	presented = strings.TrimSpace(presented)
 	if len(values) > 1 || !ok || !strings.EqualFold(scheme, "Bearer") || presented == "" {
-		return nil, status.Errorf(codes.Unauthenticated, "grpctunnel gateway: the %s header must be one \"Bearer <token>\"", header)
+		return nil, gateway.Refuse(gateway.ReasonBadToken, status.Errorf(codes.Unauthenticated, "grpctunnel gateway: the %s header must be one \"Bearer <token>\"", header))
 	}
 	sum := sha256.Sum256([]byte(presented))
 	var match *token
@@ -160,7 +165,7 @@ func (s *tokenSet) match(ctx context.Context, header, who string) (*token, error
 		}
 	}
 	if match == nil {
-		return nil, status.Error(codes.Unauthenticated, "grpctunnel gateway: unknown token")
+		return nil, gateway.Refuse(gateway.ReasonBadToken, status.Error(codes.Unauthenticated, "grpctunnel gateway: unknown token"))
 	}
 	return match, nil
 }
