@@ -18,11 +18,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
 	_ "google.golang.org/grpc/encoding/gzip" // a gateway may compress what it forwards
 	"google.golang.org/grpc/metadata"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/grpctunnel/grpctunnel/internal/agentkey"
 	"github.com/grpctunnel/grpctunnel/internal/errtext"
@@ -86,15 +89,24 @@ type Options struct {
 	// TunnelOptions configure the agent's end of every tunnel: limits,
 	// keepalive, flow control.
 	TunnelOptions []tunnel.TunnelOption
-	// Logger receives a line whenever a tunnel opens, fails or stops
+	// Logger receives a line whenever a tunnel opens, fails or stops, and
+	// when the service becomes unreachable or reachable again
 	// (slog.Default() if nil).
 	Logger *slog.Logger
+	// Registerer, if set, receives the agent's Prometheus metrics, labelled
+	// with its key: tunnels open, tunnel failures, whether the service is
+	// reachable, and calls that failed because it was not.
+	Registerer prometheus.Registerer
 }
 
 // Agent forwards calls that arrive through reverse tunnels to a local
 // target.
 type Agent struct {
-	reach     *serviceReach
+	reach   *serviceReach
+	metrics *metrics // nil without a Registerer
+
+	mu        sync.Mutex
+	open      map[int]bool // the tunnels open now, by index
 	key       string
 	keyHeader string
 	reconnect tunnel.ReconnectOptions
@@ -118,6 +130,7 @@ func New(gateway, target grpc.ClientConnInterface, opts Options) (*Agent, error)
 	a := &Agent{
 		key:       opts.Key,
 		keyHeader: opts.KeyHeader,
+		open:      make(map[int]bool),
 		reconnect: opts.Reconnect,
 		log:       opts.Logger,
 	}
@@ -127,7 +140,14 @@ func New(gateway, target grpc.ClientConnInterface, opts Options) (*Agent, error)
 	if a.log == nil {
 		a.log = slog.Default()
 	}
-	a.reach = newServiceReach(a.key, target, a.log)
+	if opts.Registerer != nil {
+		m, err := newMetrics(opts.Registerer, a.key)
+		if err != nil {
+			return nil, err
+		}
+		a.metrics = m
+	}
+	a.reach = newServiceReach(a.key, target, a.log, a.metrics)
 	popts := []proxy.Option{proxy.WithBackendErrors(a.reach.rewrite)}
 	var limits []tunnel.TunnelOption
 	if n := opts.MaxMessageSize; n > 0 {
@@ -155,12 +175,59 @@ func (a *Agent) Run(ctx context.Context) error {
 	report := opts.OnStateChange
 	opts.OnStateChange = func(c tunnel.StateChange) {
 		a.logState(c)
+		a.count(c)
 		if report != nil {
 			report(c)
 		}
 	}
+	ctx, cancel := context.WithCancel(ctx)
+	waitWatcher := a.reach.run(ctx)
+	defer func() {
+		cancel() // ends the watcher of an unreachable service, if any
+		waitWatcher()
+	}()
 	ctx = metadata.AppendToOutgoingContext(ctx, a.keyHeader, a.key)
 	return a.server.ServeWithReconnect(ctx, opts)
+}
+
+// count follows which tunnels are open, for Health and the metrics.
+func (a *Agent) count(c tunnel.StateChange) {
+	open := c.State == tunnel.TunnelOpen
+	a.mu.Lock()
+	changed := a.open[c.Tunnel] != open
+	if open {
+		a.open[c.Tunnel] = true
+	} else {
+		delete(a.open, c.Tunnel)
+	}
+	a.mu.Unlock()
+	if changed {
+		a.metrics.tunnelOpen(open)
+	}
+	if c.State == tunnel.TunnelWaiting && c.Err != nil {
+		a.metrics.tunnelFailed()
+	}
+}
+
+// Health is what an agent can say about itself: whether it can do its job
+// of carrying calls from the gateway to its service.
+type Health struct {
+	// TunnelsOpen is how many of its tunnels to the gateway are open now;
+	// with none, no call can reach the agent.
+	TunnelsOpen int
+	// ServiceReachable is false from a call that failed because the agent
+	// could not reach its service until the connection to it is ready
+	// again (as Options.Logger is told).
+	ServiceReachable bool
+}
+
+// Health reports the agent's health now, for a health check or a
+// readiness probe (grpctunnel agent serves it at /healthz).
+func (a *Agent) Health() Health {
+	a.mu.Lock()
+	n := len(a.open)
+	a.mu.Unlock()
+	return Health{TunnelsOpen: n, ServiceReachable: a.reach.reachable()}
 }
 
 func (a *Agent) logState(c tunnel.StateChange) {

@@ -6,11 +6,15 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -39,6 +43,7 @@ type agentConfig struct {
 	tunnels       int
 	maxMsgSize    int
 	windowSize    int
+	metrics       string
 	keyHeader     string
 	drainTimeout  time.Duration
 	maxBackoff    time.Duration
@@ -75,6 +80,7 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fs.BoolVar(&cfg.targetTLS, "target-tls", false, "dial the target with TLS, trusting the system's CAs (plaintext otherwise)")
 	fs.IntVar(&cfg.maxMsgSize, "max-msg-size", defaultMaxMsgSize, "accept messages of up to `bytes` from the gateway and the target; the\ngateway needs the same --max-msg-size for requests that large")
 	fs.IntVar(&cfg.windowSize, "window-size", agent.DefaultWindowSize, windowSizeUsage)
+	fs.StringVar(&cfg.metrics, "metrics", "", "serve Prometheus metrics at http://`addr`ess/metrics, and /healthz: 200 while\na tunnel is open and the service reachable, 503 saying why otherwise")
 	fs.IntVar(&cfg.tunnels, "tunnels", 1, "keep `n` tunnels open over the agent's connection; one carries 1,000\ncalls at once, more spread a very busy agent's calls over more readers")
 	fs.StringVar(&cfg.keyHeader, "key-header", agent.DefaultKeyHeader, "`header` the key is announced in; must match the gateway's")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
@@ -142,7 +148,8 @@ type runningAgent struct {
 	a       *agent.Agent
 	gateway *grpc.ClientConn
 	target  *grpc.ClientConn
-	done    chan error // Run's result
+	done    chan error // Run's result, or why the metrics server stopped
+	ops     *opsServer // nil without --metrics
 	// cancel ends Run's context: only close uses it, since a signal
 	// should drain the agent, not cut its tunnels.
 	cancel context.CancelFunc
@@ -185,6 +192,11 @@ func startAgent(cfg agentConfig, log *slog.Logger) (*runningAgent, error) {
 		return nil, fmt.Errorf("target address: %w", err)
 	}
 	reach := &reachability{log: log, gateway: cfg.gateway, tls: cfg.gatewayTLS()}
+	var reg *prometheus.Registry
+	if cfg.metrics != "" {
+		reg = prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
 	a, err := agent.New(gwConn, targetConn, agent.Options{
 		Key:       cfg.key,
 		KeyHeader: cfg.keyHeader,
@@ -197,6 +209,7 @@ func startAgent(cfg agentConfig, log *slog.Logger) (*runningAgent, error) {
 		TunnelOptions:  []tunnel.TunnelOption{cfg.keepalive.tunnelOption()},
 		MaxMessageSize: cfg.maxMsgSize,
 		Logger:         log,
+		Registerer:     registerer(reg),
 	})
 	if err != nil {
 		gwConn.Close()
@@ -205,8 +218,19 @@ func startAgent(cfg agentConfig, log *slog.Logger) (*runningAgent, error) {
 	}
 	log.Info("agent starting", "gateway", cfg.gateway, "key", cfg.key, "target", cfg.target, "tunnels", cfg.tunnels,
 		"tls", cfg.gatewayTLS(), "client_cert", cfg.tlsCert != "", "token", cfg.tokenFile != "")
+	r := &runningAgent{a: a, gateway: gwConn, target: targetConn, done: make(chan error, 1)}
+	if reg != nil {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { writeHealth(w, a.Health()) })
+		if r.ops, err = startOpsServer(cfg.metrics, mux, "metrics", log, r.done); err != nil {
+			gwConn.Close()
+			targetConn.Close()
+			return nil, err
+		}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	r := &runningAgent{a: a, gateway: gwConn, target: targetConn, done: make(chan error, 1), cancel: cancel}
+	r.cancel = cancel
 	go func() { r.done <- a.Run(ctx) }()
 	return r, nil
 }
@@ -227,6 +251,34 @@ func (r *runningAgent) close() {
 	<-r.done
 	r.gateway.Close()
 	r.target.Close()
+	if r.ops != nil {
+		r.ops.shutdown()
+	}
+}
+
+// registerer is reg as an agent.Options.Registerer: nil, not a typed nil,
+// without --metrics.
+func registerer(reg *prometheus.Registry) prometheus.Registerer {
+	if reg == nil {
+		return nil
+	}
+	return reg
+}
+
+// writeHealth answers /healthz from h: 200 when the agent can carry calls,
+// 503 with what stops it otherwise, so that a probe's log says why.
+func writeHealth(w http.ResponseWriter, h agent.Health) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	switch {
+	case h.TunnelsOpen == 0:
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprintln(w, "no tunnel open to the gateway")
+	case !h.ServiceReachable:
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprintln(w, "the service is unreachable")
+	default:
+		fmt.Fprintf(w, "ok: %d tunnels open, the service reachable\n", h.TunnelsOpen)
+	}
 }
 
 // missingPort reports whether addr, a host:port unless it is a gRPC target

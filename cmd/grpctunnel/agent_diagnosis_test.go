@@ -1,8 +1,12 @@
 package main
 
 import (
+	"io"
+	"net/http"
 	"strings"
 	"testing"
+
+	"github.com/grpctunnel/grpctunnel/internal/testkit"
 )
 
 // TestAgentSaysWhyTheGatewayRefusesIt: TLS mistakes on either side read
@@ -71,4 +75,36 @@ func TestAgentRefusesWhatCannotWork(t *testing.T) {
 			t.Errorf("missingPort(%q) = true, want false", ok)
 		}
 	}
+}
+
+// TestAgentHealthAndMetrics: with --metrics the agent serves /healthz,
+// 200 while its tunnel is open, 503 saying why once the gateway is gone,
+// and its metrics at /metrics.
+func TestAgentHealthAndMetrics(t *testing.T) {
+	ctx := testContext(t)
+	gw, addr := startGatewayCmd(t)
+	ag := startAgentCmd(t, "--gateway", addr, "--key", "k", "--target", "127.0.0.1:1", "--metrics", "127.0.0.1:0")
+	metricsAddr, _ := ag.stderr.waitMsg(t, ctx, "metrics listening")["addr"].(string)
+	ag.stderr.waitMsg(t, ctx, "tunnel open")
+	get := func(path string) (int, string) {
+		resp, err := http.Get("http://" + metricsAddr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body)
+	}
+	if code, body := get("/healthz"); code != http.StatusOK || !strings.HasPrefix(body, "ok: 1 tunnels open") {
+		t.Errorf("/healthz with the tunnel open: %d %q", code, body)
+	}
+	if _, body := get("/metrics"); !strings.Contains(body, `grpctunnel_agent_tunnels_open{key="k"} 1`) {
+		t.Errorf("/metrics lacks the open tunnel:\n%s", body)
+	}
+	stopAll(t, gw)
+	testkit.WaitFor(t, func() bool { code, _ := get("/healthz"); return code == http.StatusServiceUnavailable })
+	if _, body := get("/healthz"); body != "no tunnel open to the gateway\n" {
+		t.Errorf("/healthz without the gateway says %q", body)
+	}
+	ag.stop(t)
 }
