@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
+	"github.com/grpctunnel/grpctunnel/internal/agentkey"
 	"github.com/grpctunnel/grpctunnel/internal/window"
 	"github.com/grpctunnel/grpctunnel/proxy"
 	"github.com/grpctunnel/grpctunnel/tunnel"
@@ -30,7 +31,7 @@ import (
 const DefaultKeyHeader = "tunnel-key"
 
 // maxKeyLen bounds an agent's key, which also becomes a metric label.
-const maxKeyLen = 256
+const maxKeyLen = agentkey.MaxLen
 
 // DefaultMaxStreamsPerConnection is how many calls one client connection
 // may have in progress through the gateway unless

@@ -4,14 +4,13 @@ import (
 	"context"
 	"slices"
 	"strings"
-	"unicode"
-	"unicode/utf8"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/grpctunnel/grpctunnel/internal/agentkey"
 	"github.com/grpctunnel/grpctunnel/internal/errtext"
 	"github.com/grpctunnel/grpctunnel/proxy"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
@@ -153,25 +152,10 @@ func (g *Gateway) checkTunnel(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 }
 
 // validKey accepts keys a caller can name in a header and an operator can
-// read in a log: printable, without commas (which separate keys in a call)
-// or surrounding spaces, and not too long.
+// read in a log (see agentkey.Problem, which agents check at start too).
 func validKey(key string) error {
-	bad := func(why string) error {
-		return status.Errorf(codes.InvalidArgument, "grpctunnel gateway: agent key %s %s", errtext.Quote(key), why)
-	}
-	switch {
-	case key == "":
-		return bad("is empty")
-	case len(key) > maxKeyLen:
-		return bad("is too long")
-	case !utf8.ValidString(key):
-		return bad("is not UTF-8")
-	case strings.TrimSpace(key) != key:
-		return bad("has surrounding spaces")
-	case strings.ContainsRune(key, ','):
-		return bad("contains a comma")
-	case strings.IndexFunc(key, func(r rune) bool { return !unicode.IsPrint(r) }) >= 0:
-		return bad("has characters that are not printable")
+	if problem := agentkey.Problem(key); problem != "" {
+		return status.Errorf(codes.InvalidArgument, "grpctunnel gateway: agent key %s %s", errtext.Quote(key), problem)
 	}
 	return nil
 }
