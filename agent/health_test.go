@@ -2,10 +2,8 @@ package agent_test
 
 import (
 	"context"
-	"log/slog"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/fullstorydev/grpchan/grpchantesting"
@@ -19,26 +17,6 @@ import (
 	"github.com/grpctunnel/grpctunnel/gateway"
 	"github.com/grpctunnel/grpctunnel/internal/testkit"
 )
-
-// logLines is a slog handler's output, line by line, safe to read while
-// the agent writes.
-type logLines struct {
-	mu  sync.Mutex
-	buf strings.Builder
-}
-
-func (l *logLines) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-// count returns how many lines contain s.
-func (l *logLines) count(s string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Count(l.buf.String(), s)
-}
 
 // TestServiceDownAndBack: calls through the gateway to an agent whose
 // service is down fail with Unavailable; the agent logs that once, not per
@@ -65,11 +43,11 @@ func TestServiceDownAndBack(t *testing.T) {
 	}
 	defer toService.Close()
 
-	var logs logLines
+	var logs testkit.JSONLog
 	reg := prometheus.NewRegistry()
 	a, err := agent.New(toGateway, toService, agent.Options{
 		Key: "site", Registerer: reg,
-		Logger: slog.New(slog.NewTextHandler(&logs, nil)),
+		Logger: logs.Logger(),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -97,8 +75,8 @@ func TestServiceDownAndBack(t *testing.T) {
 			t.Fatalf("a call while the service is down: %v", err)
 		}
 	}
-	if n := logs.count("service unreachable"); n != 1 {
-		t.Errorf("%d log lines say the service is unreachable after 5 failed calls, want 1:\n%s", n, logs.buf.String())
+	if n := len(logs.Records(t, "service unreachable: calls fail with Unavailable until it is back")); n != 1 {
+		t.Errorf("%d log lines say the service is unreachable after 5 failed calls, want 1:\n%s", n, logs.String())
 	}
 	if h := a.Health(); h.ServiceReachable {
 		t.Errorf("health after the failed calls: %+v, want the service unreachable", h)
@@ -125,8 +103,8 @@ func TestServiceDownAndBack(t *testing.T) {
 	if _, err := client.Unary(t.Context(), &grpchantesting.Message{}); err != nil {
 		t.Fatalf("a call once the service is back: %v", err)
 	}
-	if n := logs.count("service reachable again"); n != 1 || !strings.Contains(logs.buf.String(), "failed_calls=5") {
-		t.Errorf("%d lines say the service is back (want 1, with failed_calls=5):\n%s", n, logs.buf.String())
+	if back := logs.Records(t, "service reachable again"); len(back) != 1 || back[0]["failed_calls"] != float64(5) {
+		t.Errorf("lines that say the service is back: %v; want 1, with failed_calls 5:\n%s", back, logs.String())
 	}
 	if v := metricValue(t, reg, "grpctunnel_agent_service_reachable"); v != 1 {
 		t.Errorf("grpctunnel_agent_service_reachable = %v once back, want 1", v)

@@ -1,13 +1,9 @@
 package gateway_test
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"io"
-	"log/slog"
-	"sync"
+	"strings"
 	"testing"
 
 	"github.com/fullstorydev/grpchan/grpchantesting"
@@ -17,51 +13,18 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/gateway"
+	"github.com/grpctunnel/grpctunnel/internal/testkit"
 )
-
-// jsonLog is a JSON slog destination that tests read back record by
-// record. Servers log from their own goroutines, hence the lock.
-type jsonLog struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *jsonLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *jsonLog) logger() *slog.Logger { return slog.New(slog.NewJSONHandler(l, nil)) }
-
-// records returns the records written so far whose msg is msg.
-func (l *jsonLog) records(t *testing.T, msg string) []map[string]any {
-	t.Helper()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var recs []map[string]any
-	sc := bufio.NewScanner(bytes.NewReader(l.buf.Bytes()))
-	for sc.Scan() {
-		var rec map[string]any
-		if err := json.Unmarshal(sc.Bytes(), &rec); err != nil {
-			t.Fatalf("a log line is not JSON: %v: %s", err, sc.Text())
-		}
-		if rec["msg"] == msg {
-			recs = append(recs, rec)
-		}
-	}
-	return recs
-}
 
 // TestAccessLog: every call that ends at the gateway gets one line with
 // its method, key, code and payload bytes each way; calls of all four
 // kinds through an agent, a refused call, a call to an unknown agent and
 // one to the gateway's own health.
 func TestAccessLog(t *testing.T) {
-	var access, log jsonLog
+	var access, log testkit.JSONLog
 	g, gw := startGateway(t, gateway.Options{
-		AccessLog: access.logger(),
-		Logger:    log.logger(),
+		AccessLog: access.Logger(),
+		Logger:    log.Logger(),
 		AuthorizeCall: func(ctx context.Context, _ string, _ []string) error {
 			if len(metadata.ValueFromIncomingContext(ctx, "deny")) > 0 {
 				return status.Error(codes.PermissionDenied, "denied")
@@ -144,8 +107,8 @@ func TestAccessLog(t *testing.T) {
 		{"/grpc.health.v1.Health/Check", "", "OK", false},
 	}
 	// A call's line is written after its caller has the answer.
-	waitFor(t, func() bool { return len(access.records(t, gateway.AccessLogMessage)) >= len(want) })
-	recs := access.records(t, gateway.AccessLogMessage)
+	waitFor(t, func() bool { return len(access.Records(t, gateway.AccessLogMessage)) >= len(want) })
+	recs := access.Records(t, gateway.AccessLogMessage)
 	if len(recs) != len(want) {
 		t.Fatalf("%d access log lines, want %d: %v", len(recs), len(want), recs)
 	}
@@ -171,7 +134,7 @@ func TestAccessLog(t *testing.T) {
 		t.Errorf("client stream: req_bytes %v, want at least %d", req, 3*len(payload))
 	}
 	// The refused call is a refusal too, in the gateway's own log.
-	waitFor(t, func() bool { return len(log.records(t, "caller refused")) == 1 })
+	waitFor(t, func() bool { return len(log.Records(t, "caller refused")) == 1 })
 	// The tunnel itself is not a call.
 	for _, r := range recs {
 		if m, _ := r["method"].(string); m == "/grpctunnel.v1.TunnelService/OpenReverseTunnel" {
@@ -183,16 +146,16 @@ func TestAccessLog(t *testing.T) {
 // TestAccessLogBoundsCallerText: a method name and a key the caller makes
 // up are cut, not repeated whole.
 func TestAccessLogBoundsCallerText(t *testing.T) {
-	var access jsonLog
-	_, gw := startGateway(t, gateway.Options{AccessLog: access.logger()})
-	long := string(bytes.Repeat([]byte("k"), 4000))
+	var access testkit.JSONLog
+	_, gw := startGateway(t, gateway.Options{AccessLog: access.Logger()})
+	long := strings.Repeat("k", 4000)
 	err := gw.Invoke(metadata.AppendToOutgoingContext(context.Background(), gateway.DefaultKeyHeader, long),
 		"/"+long+"/M", &grpchantesting.Message{}, &grpchantesting.Message{})
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("call with a long key: %v", err)
 	}
-	waitFor(t, func() bool { return len(access.records(t, gateway.AccessLogMessage)) == 1 })
-	r := access.records(t, gateway.AccessLogMessage)[0]
+	waitFor(t, func() bool { return len(access.Records(t, gateway.AccessLogMessage)) == 1 })
+	r := access.Records(t, gateway.AccessLogMessage)[0]
 	for _, f := range []string{"method", "key"} {
 		if v, _ := r[f].(string); len(v) > 300 || len(v) < 100 {
 			t.Errorf("%s has %d bytes, want it cut near 256", f, len(v))

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/gateway"
+	"github.com/grpctunnel/grpctunnel/internal/testkit"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -27,8 +28,8 @@ func refused(who string, reason gateway.RefusalReason) string {
 }
 
 // logged reports whether log has a line msg with reason.
-func logged(t *testing.T, log *jsonLog, msg string, reason gateway.RefusalReason) bool {
-	for _, r := range log.records(t, msg) {
+func logged(t *testing.T, log *testkit.JSONLog, msg string, reason gateway.RefusalReason) bool {
+	for _, r := range log.Records(t, msg) {
 		if r["reason"] == string(reason) {
 			return true
 		}
@@ -40,10 +41,10 @@ func logged(t *testing.T, log *jsonLog, msg string, reason gateway.RefusalReason
 // counted and logged under its reason.
 func TestRefusedAgentsAndCallers(t *testing.T) {
 	reg := prometheus.NewRegistry()
-	var log jsonLog
+	var log testkit.JSONLog
 	opts := gateway.Options{
 		Registerer: reg,
-		Logger:     log.logger(),
+		Logger:     log.Logger(),
 		AuthorizeAgent: func(ctx context.Context, key string) error {
 			switch key {
 			case "bad-token":
@@ -118,7 +119,7 @@ func TestRefusedAgentsAndCallers(t *testing.T) {
 		series := refused(w.who, w.reason)
 		waitFor(t, func() bool { return samples(t, reg)[series] == 1 })
 		if !logged(t, &log, w.who+" refused", w.reason) {
-			t.Errorf("no %q line with reason %s:\n%v", w.who+" refused", w.reason, log.records(t, w.who+" refused"))
+			t.Errorf("no %q line with reason %s:\n%v", w.who+" refused", w.reason, log.Records(t, w.who+" refused"))
 		}
 	}
 	// The agent with its one tunnel was not refused.
@@ -133,8 +134,8 @@ func TestRefusedAgentsAndCallers(t *testing.T) {
 func TestRefusedHandshakes(t *testing.T) {
 	ca, stranger := newTestCA(t), newTestCA(t)
 	reg := prometheus.NewRegistry()
-	var log jsonLog
-	g, err := gateway.New(gateway.Options{Registerer: reg, Logger: log.logger()})
+	var log testkit.JSONLog
+	g, err := gateway.New(gateway.Options{Registerer: reg, Logger: log.Logger()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,7 +180,7 @@ func TestRefusedHandshakes(t *testing.T) {
 	check("no certificate", credentials.NewTLS(&tls.Config{RootCAs: ca.pool}), gateway.ReasonNoCertificate)
 	check("plaintext", insecure.NewCredentials(), gateway.ReasonPlaintext)
 
-	for _, r := range log.records(t, "TLS handshake refused") {
+	for _, r := range log.Records(t, "TLS handshake refused") {
 		if r["reason"] == string(gateway.ReasonUntrustedCertificate) && r["unverified_subject"] != "CN=intruder" {
 			t.Errorf("the untrusted certificate's line: %v", r)
 		}
