@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"log/slog"
@@ -48,6 +49,9 @@ type agentConfig struct {
 	drainTimeout  time.Duration
 	maxBackoff    time.Duration
 	keepalive     keepaliveFlags
+	// reload is what SIGHUP reloads; startAgent registers the files with
+	// it. nil, as in the demo, for none.
+	reload *reloader
 }
 
 // defaultMaxBackoff is tunnel.ReconnectOptions' own default.
@@ -122,6 +126,11 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	}
 	log := logs.logger(stderr)
 
+	// SIGHUP is taken before the agent starts, so that one sent as soon
+	// as it logs "agent starting" finds it handled rather than ending it.
+	cfg.reload = &reloader{log: log}
+	stopReload := cfg.reload.watch()
+	defer stopReload()
 	a, err := startAgent(cfg, log)
 	if err != nil {
 		log.Error("agent failed to start", "err", err)
@@ -157,21 +166,39 @@ type runningAgent struct {
 
 // startAgent dials the gateway and the target and starts the agent.
 func startAgent(cfg agentConfig, log *slog.Logger) (*runningAgent, error) {
+	reload := cfg.reload
+	if reload == nil {
+		reload = &reloader{log: log}
+	}
 	gwCreds := insecure.NewCredentials()
 	if cfg.gatewayTLS() {
-		tlsCfg, err := clientTLS(cfg.ca, cfg.tlsCert, cfg.tlsKey, cfg.serverName)
+		load := func() (*tls.Config, error) { return clientTLS(cfg.ca, cfg.tlsCert, cfg.tlsKey, cfg.serverName) }
+		tlsCfg, err := load()
 		if err != nil {
 			return nil, err
 		}
-		gwCreds = credentials.NewTLS(tlsCfg)
+		current := newReloadable(tlsCfg)
+		// Only files can change: with --tls alone (the system's CAs, no
+		// client certificate) a reload has nothing of its own to read.
+		if cfg.ca != "" || cfg.tlsCert != "" {
+			addReloadable(reload, "tls", current, load, func(c *tls.Config) []any { return describeTLS(c, "client_cert") })
+		}
+		gwCreds = reloadingTLS{current}
 	}
 	var callOpts []grpc.CallOption
 	if cfg.tokenFile != "" {
-		token, err := readAgentToken(cfg.tokenFile)
+		load := func() (*string, error) {
+			token, err := readAgentToken(cfg.tokenFile)
+			return &token, err
+		}
+		token, err := load()
 		if err != nil {
 			return nil, err
 		}
-		callOpts = append(callOpts, grpc.PerRPCCredentials(bearerToken{token: token, insecure: cfg.insecureToken}))
+		current := newReloadable(token)
+		// The token itself is a secret: the log says only that it was read.
+		addReloadable(reload, "token", current, load, func(*string) []any { return []any{"token_file", cfg.tokenFile} })
+		callOpts = append(callOpts, grpc.PerRPCCredentials(reloadingBearer{token: current, insecure: cfg.insecureToken}))
 	}
 	targetCreds := insecure.NewCredentials()
 	if cfg.targetTLS {

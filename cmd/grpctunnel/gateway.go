@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -15,7 +16,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
@@ -74,6 +74,9 @@ type gatewayConfig struct {
 	maxStreams   int
 	windowSize   int
 	accessLog    bool
+	// reload is what SIGHUP reloads; startGateway registers the files
+	// with it. nil, as in the demo, for none.
+	reload *reloader
 }
 
 func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -128,6 +131,11 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	}
 	log := logs.logger(stderr)
 
+	// SIGHUP is taken before the gateway starts, so that one sent as soon
+	// as it logs "listening" finds it handled rather than ending it.
+	cfg.reload = &reloader{log: log}
+	stopReload := cfg.reload.watch()
+	defer stopReload()
 	gw, err := startGateway(cfg, log)
 	if err != nil {
 		log.Error("gateway failed to start", "err", err)
@@ -181,13 +189,17 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 	if cfg.compress {
 		opts.CallOptions = []grpc.CallOption{grpc.UseCompressor(gzip.Name)}
 	}
+	reload := cfg.reload
+	if reload == nil {
+		reload = &reloader{log: log}
+	}
 	var admit []func(context.Context, string) error
 	if cfg.tokenFile != "" {
-		tokens, err := loadTokens(cfg.tokenFile)
+		tokens, err := reloadableTokens(reload, "tokens", cfg.tokenFile)
 		if err != nil {
 			return nil, err
 		}
-		admit = append(admit, tokens.authorize)
+		admit = append(admit, func(ctx context.Context, key string) error { return tokens.load().authorize(ctx, key) })
 	}
 	if cfg.keyFromCert {
 		admit = append(admit, certificateNamesKey)
@@ -203,11 +215,13 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 		}
 	}
 	if cfg.callerTokens != "" {
-		tokens, err := loadTokens(cfg.callerTokens)
+		tokens, err := reloadableTokens(reload, "caller_tokens", cfg.callerTokens)
 		if err != nil {
 			return nil, err
 		}
-		opts.AuthorizeCall = tokens.authorizeCall
+		opts.AuthorizeCall = func(ctx context.Context, method string, keys []string) error {
+			return tokens.load().authorizeCall(ctx, method, keys)
+		}
 		opts.DropHeaders = []string{callerTokenHeader}
 	}
 	var reg *prometheus.Registry
@@ -223,13 +237,16 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 
 	serverOpts := append(g.ServerOptions(), grpc.KeepaliveParams(cfg.keepalive.serverParams()), grpc.KeepaliveEnforcementPolicy(gatewayPingLimit))
 	if cfg.tlsCert != "" {
-		tlsCfg, err := serverTLS(cfg.tlsCert, cfg.tlsKey, cfg.clientCA)
+		load := func() (*tls.Config, error) { return serverTLS(cfg.tlsCert, cfg.tlsKey, cfg.clientCA) }
+		tlsCfg, err := load()
 		if err != nil {
 			return nil, err
 		}
+		current := newReloadable(tlsCfg)
+		addReloadable(reload, "tls", current, load, func(c *tls.Config) []any { return describeTLS(c, "cert") })
 		// Through the gateway's wrapper, so that the handshakes it
 		// refuses are logged and counted rather than dropped unseen.
-		serverOpts = append(serverOpts, grpc.Creds(g.Credentials(credentials.NewTLS(tlsCfg))))
+		serverOpts = append(serverOpts, grpc.Creds(g.Credentials(reloadingTLS{current})))
 	}
 	srv := grpc.NewServer(serverOpts...)
 	g.Register(srv)
@@ -322,6 +339,19 @@ func waitBounded(ctx context.Context, timeout time.Duration, graceful, hard func
 	hard()
 	<-done
 	return false
+}
+
+// reloadableTokens loads a gateway token file and registers it with
+// reload under name, the attribute that counts its tokens in the log.
+func reloadableTokens(reload *reloader, name, file string) (*reloadable[tokenSet], error) {
+	load := func() (*tokenSet, error) { return loadTokens(file) }
+	tokens, err := load()
+	if err != nil {
+		return nil, err
+	}
+	current := newReloadable(tokens)
+	addReloadable(reload, name, current, load, func(s *tokenSet) []any { return s.describe(name) })
+	return current, nil
 }
 
 // certificateNamesKey is gateway.CertificateNamesKey with its refusals

@@ -85,6 +85,11 @@ func parseTokens(r io.Reader) (*tokenSet, error) {
 	return s, nil
 }
 
+// describe is the log's account of a reloaded token set: how many tokens,
+// which tells an operator that the file read was the one meant, without
+// writing a secret to the log.
+func (s *tokenSet) describe(name string) []any { return []any{name, len(s.tokens)} }
+
 // tokenLine splits a line of a token file into words; ok is false for a
 // blank line or a comment.
 func tokenLine(line string) (fields []string, ok bool) {
@@ -209,3 +214,19 @@ func (b bearerToken) GetRequestMetadata(context.Context, ...string) (map[string]
 
 // RequireTransportSecurity implements credentials.PerRPCCredentials.
 func (b bearerToken) RequireTransportSecurity() bool { return !b.insecure }
+
+// reloadingBearer is bearerToken with a token that a reload may replace:
+// every opening RPC sends the token current at that moment, so that the
+// agent's next tunnels present the new one while those open stay open.
+type reloadingBearer struct {
+	token    *reloadable[string]
+	insecure bool
+}
+
+// GetRequestMetadata implements credentials.PerRPCCredentials.
+func (b reloadingBearer) GetRequestMetadata(ctx context.Context, uri ...string) (map[string]string, error) {
+	return bearerToken{token: *b.token.load()}.GetRequestMetadata(ctx, uri...)
+}
+
+// RequireTransportSecurity implements credentials.PerRPCCredentials.
+func (b reloadingBearer) RequireTransportSecurity() bool { return !b.insecure }
