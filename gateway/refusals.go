@@ -168,6 +168,8 @@ type refusals struct {
 
 	mu    sync.Mutex
 	kinds map[refusalKind]*refusalState
+
+	recent refusalRing // the last refusals, for RecentRefusals
 }
 
 // refusalState is one kind of refusal's counter and log limiter.
@@ -202,6 +204,7 @@ func (r *refusals) refuse(who string, reason RefusalReason, err error, attrs ...
 		st.counter.Inc()
 	}
 	now := r.now()
+	r.recent.add(now, who, reason, err, attrs)
 	r.mu.Lock()
 	if !st.logged.IsZero() && now.Sub(st.logged) < refusalLogInterval {
 		st.suppressed++
