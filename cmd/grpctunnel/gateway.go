@@ -95,7 +95,7 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	fs.StringVar(&cfg.tokenFile, "token-file", "", "admit only agents that present a token of this `file`: one token a line,\noptionally followed by the one agent key it may open tunnels for;\nblank lines and # comments are skipped")
 	fs.BoolVar(&cfg.keyFromCert, "agent-key-from-cert", false, "admit an agent only for a key its client certificate names, as common name\nor DNS name, so that no agent can take a share of another's calls;\nneeds --client-ca")
 	fs.StringVar(&cfg.callerTokens, "caller-token-file", "", "admit only callers that present a token of this `file` in the\n"+callerTokenHeader+" header (Bearer <token>), which is not forwarded:\none token a line, optionally followed by the one agent key it may call;\nhealth checks need no token")
-	fs.StringVar(&cfg.metrics, "metrics", "", "serve Prometheus metrics over HTTP at `addr`ess/metrics")
+	fs.StringVar(&cfg.metrics, "metrics", "", "serve Prometheus metrics over HTTP at `addr`ess/metrics, and a live dashboard of agents and refusals at address/")
 	fs.StringVar(&cfg.keyHeader, "key-header", gateway.DefaultKeyHeader, "`header` that names the agent, on agents' tunnels and callers' calls")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
 	fs.BoolVar(&cfg.compress, "compress", false, "gzip the calls forwarded to agents, and their answers, on the tunnels;\nagents of other implementations get them uncompressed")
@@ -278,6 +278,7 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 	if metricsLis != nil {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.Handle("/", g.DashboardHandler())
 		s.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			defer func() { served <- struct{}{} }()
