@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -71,27 +72,7 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 			"through them to the gRPC service at --target.",
 		stdout, stderr)
 	fs := c.fs
-	fs.StringVar(&cfg.gateway, "gateway", "", "the gateway's `addr`ess host:port (required)")
-	fs.StringVar(&cfg.key, "key", "", "the agent `key` callers name in the key header to reach this agent (required)")
-	fs.StringVar(&cfg.target, "target", "", "the local gRPC service's `addr`ess, host:port (required)")
-	fs.BoolVar(&cfg.tls, "tls", false, "dial the gateway with TLS, trusting the system's CAs (implied by --ca and --tls-cert)")
-	fs.StringVar(&cfg.ca, "ca", "", "trust only the CAs in this PEM `file` for the gateway's certificate")
-	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "present the PEM client certificate in `file` to the gateway (mutual TLS); needs --tls-key")
-	fs.StringVar(&cfg.tlsKey, "tls-key", "", "PEM private key `file` of --tls-cert")
-	fs.StringVar(&cfg.serverName, "server-name", "", "expect the gateway's certificate to be for `name` rather than the host of --gateway")
-	fs.StringVar(&cfg.tokenFile, "token-file", "", "send the token in `file` (its first line that is not blank or a # comment)\nas authorization: Bearer on every tunnel; needs TLS")
-	fs.BoolVar(&cfg.insecureToken, "insecure-token", false, "send --token-file's token even without TLS, where anyone on the path can read it")
-	fs.BoolVar(&cfg.targetTLS, "target-tls", false, "dial the target with TLS, trusting the system's CAs (plaintext otherwise)")
-	fs.IntVar(&cfg.maxMsgSize, "max-msg-size", defaultMaxMsgSize, "accept messages of up to `bytes` from the gateway and the target; the\ngateway needs the same --max-msg-size for requests that large")
-	fs.IntVar(&cfg.windowSize, "window-size", agent.DefaultWindowSize, windowSizeUsage)
-	fs.StringVar(&cfg.metrics, "metrics", "", "serve Prometheus metrics at http://`addr`ess/metrics, and /healthz: 200 while\na tunnel is open and the service reachable, 503 saying why otherwise")
-	fs.IntVar(&cfg.tunnels, "tunnels", 1, "keep `n` tunnels open over the agent's connection; one carries 1,000\ncalls at once, more spread a very busy agent's calls over more readers")
-	fs.StringVar(&cfg.keyHeader, "key-header", agent.DefaultKeyHeader, "`header` the key is announced in; must match the gateway's")
-	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
-	fs.DurationVar(&cfg.maxBackoff, "max-backoff", defaultMaxBackoff, "wait at most `duration` between attempts to reach the gateway (the wait\nstarts at 100ms, doubles with each failure and is drawn at random below\nthat); a gateway that drains or restarts is tried again within 400ms")
-	cfg.keepalive.add(fs,
-		"ping the gateway when a tunnel has been silent for `duration`, and the\nconnection under it too (every 10s at most)",
-		"give the gateway up when a ping has had no answer for `duration`: the\ntunnel, or the connection, closes and the agent reconnects")
+	cfg.addFlags(fs)
 	logs := addLogFlags(fs, slog.LevelInfo)
 	if code, ok := c.parse(args); !ok {
 		return code
@@ -388,4 +369,39 @@ func (r *reachability) explain(err error) string {
 		return gw + " closed the connection after the TLS handshake: it may have rejected the agent's certificate (check --tls-cert and the gateway's --client-ca)"
 	}
 	return "cannot reach " + gw
+}
+
+// addFlags defines the agent's flags on fs, each with cfg's field as its
+// destination and the command's default, which it sets. The demo takes its
+// configuration from here too (see defaultAgentConfig), so that it runs with
+// what the command runs with.
+func (cfg *agentConfig) addFlags(fs *flag.FlagSet) {
+	fs.StringVar(&cfg.gateway, "gateway", "", "the gateway's `addr`ess host:port (required)")
+	fs.StringVar(&cfg.key, "key", "", "the agent `key` callers name in the key header to reach this agent (required)")
+	fs.StringVar(&cfg.target, "target", "", "the local gRPC service's `addr`ess, host:port (required)")
+	fs.BoolVar(&cfg.tls, "tls", false, "dial the gateway with TLS, trusting the system's CAs (implied by --ca and --tls-cert)")
+	fs.StringVar(&cfg.ca, "ca", "", "trust only the CAs in this PEM `file` for the gateway's certificate")
+	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "present the PEM client certificate in `file` to the gateway (mutual TLS); needs --tls-key")
+	fs.StringVar(&cfg.tlsKey, "tls-key", "", "PEM private key `file` of --tls-cert")
+	fs.StringVar(&cfg.serverName, "server-name", "", "expect the gateway's certificate to be for `name` rather than the host of --gateway")
+	fs.StringVar(&cfg.tokenFile, "token-file", "", "send the token in `file` (its first line that is not blank or a # comment)\nas authorization: Bearer on every tunnel; needs TLS")
+	fs.BoolVar(&cfg.insecureToken, "insecure-token", false, "send --token-file's token even without TLS, where anyone on the path can read it")
+	fs.BoolVar(&cfg.targetTLS, "target-tls", false, "dial the target with TLS, trusting the system's CAs (plaintext otherwise)")
+	fs.IntVar(&cfg.maxMsgSize, "max-msg-size", defaultMaxMsgSize, "accept messages of up to `bytes` from the gateway and the target; the\ngateway needs the same --max-msg-size for requests that large")
+	fs.IntVar(&cfg.windowSize, "window-size", agent.DefaultWindowSize, windowSizeUsage)
+	fs.StringVar(&cfg.metrics, "metrics", "", "serve Prometheus metrics at http://`addr`ess/metrics, and /healthz: 200 while\na tunnel is open and the service reachable, 503 saying why otherwise")
+	fs.IntVar(&cfg.tunnels, "tunnels", 1, "keep `n` tunnels open over the agent's connection; one carries 1,000\ncalls at once, more spread a very busy agent's calls over more readers")
+	fs.StringVar(&cfg.keyHeader, "key-header", agent.DefaultKeyHeader, "`header` the key is announced in; must match the gateway's")
+	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
+	fs.DurationVar(&cfg.maxBackoff, "max-backoff", defaultMaxBackoff, "wait at most `duration` between attempts to reach the gateway (the wait\nstarts at 100ms, doubles with each failure and is drawn at random below\nthat); a gateway that drains or restarts is tried again within 400ms")
+	cfg.keepalive.add(fs,
+		"ping the gateway when a tunnel has been silent for `duration`, and the\nconnection under it too (every 10s at most)",
+		"give the gateway up when a ping has had no answer for `duration`: the\ntunnel, or the connection, closes and the agent reconnects")
+}
+
+// defaultAgentConfig is the configuration of the agent when no flag is given.
+func defaultAgentConfig() agentConfig {
+	var cfg agentConfig
+	cfg.addFlags(flag.NewFlagSet("defaults", flag.ContinueOnError))
+	return cfg
 }

@@ -4,6 +4,9 @@ import (
 	"io"
 	"path/filepath"
 	"testing"
+
+	"github.com/grpctunnel/grpctunnel/agent"
+	"github.com/grpctunnel/grpctunnel/gateway"
 )
 
 // TestFlagSources: a flag is read from the command line, else from its
@@ -81,4 +84,18 @@ func TestAgentFromConfigFile(t *testing.T) {
 	}
 	ag.stderr.waitMsg(t, testContext(t), "tunnel open")
 	stopAll(t, ag, gw)
+}
+
+// TestDefaultConfigsAreTheFlagsDefaults: what the demo runs with is what
+// the commands run with when no flag is given.
+func TestDefaultConfigsAreTheFlagsDefaults(t *testing.T) {
+	gw := defaultGatewayConfig()
+	if gw.maxStreams != gateway.DefaultMaxStreamsPerConnection || gw.windowSize != gateway.DefaultWindowSize ||
+		gw.maxMsgSize != defaultMaxMsgSize || gw.keyHeader != gateway.DefaultKeyHeader || gw.keepalive.interval != defaultKeepaliveInterval {
+		t.Errorf("default gateway configuration: %+v", gw)
+	}
+	ag := defaultAgentConfig()
+	if ag.tunnels != 1 || ag.windowSize != agent.DefaultWindowSize || ag.maxBackoff != defaultMaxBackoff || ag.keepalive.interval != defaultKeepaliveInterval {
+		t.Errorf("default agent configuration: %+v", ag)
+	}
 }

@@ -118,7 +118,10 @@ func demoRun(ctx context.Context, cfg demoConfig, out io.Writer, log *slog.Logge
 	}()
 	fmt.Fprintf(out, "device service listening on %s (only the agent calls it)\n", devLis.Addr())
 
-	gw, err := startGateway(gatewayConfig{listen: cfg.listen, keyHeader: gateway.DefaultKeyHeader}, log)
+	// The gateway and the agent run with the commands' defaults.
+	gwCfg := defaultGatewayConfig()
+	gwCfg.listen = cfg.listen
+	gw, err := startGateway(gwCfg, log)
 	if err != nil {
 		return listenError("gateway", "--listen", err)
 	}
@@ -126,13 +129,9 @@ func demoRun(ctx context.Context, cfg demoConfig, out io.Writer, log *slog.Logge
 	gwAddr := dialAddr(gw.addr)
 	fmt.Fprintf(out, "gateway listening on %s (agents and callers both dial it)\n", gw.addr)
 
-	ag, err := startAgent(agentConfig{
-		gateway:   gwAddr,
-		key:       demoKey,
-		target:    dialAddr(devLis.Addr()),
-		tunnels:   1,
-		keyHeader: gateway.DefaultKeyHeader,
-	}, log)
+	agCfg := defaultAgentConfig()
+	agCfg.gateway, agCfg.key, agCfg.target = gwAddr, demoKey, dialAddr(devLis.Addr())
+	ag, err := startAgent(agCfg, log)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}

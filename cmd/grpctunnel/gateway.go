@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -88,25 +89,7 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 			"gateway's own health, reflection and grpctunnel.admin.v1.AdminService.",
 		stdout, stderr)
 	fs := c.fs
-	fs.StringVar(&cfg.listen, "listen", "", "serve agents and callers on `addr`ess host:port; port 0 picks one (required)")
-	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "serve TLS with the PEM certificate (chain) in `file`; needs --tls-key")
-	fs.StringVar(&cfg.tlsKey, "tls-key", "", "PEM private key `file` of --tls-cert")
-	fs.StringVar(&cfg.clientCA, "client-ca", "", "require client certificates issued by a CA in this PEM `file`, from agents\nand callers alike; needs --tls-cert")
-	fs.StringVar(&cfg.tokenFile, "token-file", "", "admit only agents that present a token of this `file`: one token a line,\noptionally followed by the one agent key it may open tunnels for;\nblank lines and # comments are skipped")
-	fs.BoolVar(&cfg.keyFromCert, "agent-key-from-cert", false, "admit an agent only for a key its client certificate names, as common name\nor DNS name, so that no agent can take a share of another's calls;\nneeds --client-ca")
-	fs.StringVar(&cfg.callerTokens, "caller-token-file", "", "admit only callers that present a token of this `file` in the\n"+callerTokenHeader+" header (Bearer <token>), which is not forwarded:\none token a line, optionally followed by the one agent key it may call;\nhealth checks need no token")
-	fs.StringVar(&cfg.metrics, "metrics", "", "serve Prometheus metrics over HTTP at `addr`ess/metrics, and a live dashboard of agents and refusals at address/")
-	fs.StringVar(&cfg.keyHeader, "key-header", gateway.DefaultKeyHeader, "`header` that names the agent, on agents' tunnels and callers' calls")
-	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
-	fs.BoolVar(&cfg.compress, "compress", false, "gzip the calls forwarded to agents, and their answers, on the tunnels;\nagents of other implementations get them uncompressed")
-	fs.IntVar(&cfg.maxMsgSize, "max-msg-size", defaultMaxMsgSize, "accept messages of up to `bytes` from callers and agents; agents need\nthe same --max-msg-size for requests that large")
-	fs.IntVar(&cfg.maxStreams, "max-streams-per-conn", gateway.DefaultMaxStreamsPerConnection, "let one client connection have at most `n` calls in progress, so that\nno caller can hold an agent's whole capacity (further calls wait in the\ncaller's gRPC client); 0 for no bound")
-	fs.IntVar(&cfg.windowSize, "window-size", gateway.DefaultWindowSize, windowSizeUsage)
-	fs.BoolVar(&cfg.accessLog, "access-log", false, "log a \""+gateway.AccessLogMessage+"\" line for every call: method, agent key, code, duration,\n"+
-		"payload bytes each way, the caller's address and certificate subject;\nwritten with the other lines (--log-format) even under --log-level warn")
-	cfg.keepalive.add(fs,
-		"ping an agent when its tunnel, or its connection, has been silent for `duration`",
-		"give an agent up when a ping has had no answer for `duration`: its tunnel,\nor its connection, closes with the calls on it")
+	cfg.addFlags(fs)
 	logs := addLogFlags(fs, slog.LevelInfo)
 	if code, ok := c.parse(args); !ok {
 		return code
@@ -379,3 +362,36 @@ func (h infoFloor) WithAttrs(attrs []slog.Attr) slog.Handler {
 }
 
 func (h infoFloor) WithGroup(name string) slog.Handler { return infoFloor{h.Handler.WithGroup(name)} }
+
+// addFlags defines the gateway's flags on fs, each with cfg's field as its
+// destination and the command's default, which it sets. The demo takes its
+// configuration from here too (see defaultGatewayConfig), so that it runs with
+// what the command runs with.
+func (cfg *gatewayConfig) addFlags(fs *flag.FlagSet) {
+	fs.StringVar(&cfg.listen, "listen", "", "serve agents and callers on `addr`ess host:port; port 0 picks one (required)")
+	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "serve TLS with the PEM certificate (chain) in `file`; needs --tls-key")
+	fs.StringVar(&cfg.tlsKey, "tls-key", "", "PEM private key `file` of --tls-cert")
+	fs.StringVar(&cfg.clientCA, "client-ca", "", "require client certificates issued by a CA in this PEM `file`, from agents\nand callers alike; needs --tls-cert")
+	fs.StringVar(&cfg.tokenFile, "token-file", "", "admit only agents that present a token of this `file`: one token a line,\noptionally followed by the one agent key it may open tunnels for;\nblank lines and # comments are skipped")
+	fs.BoolVar(&cfg.keyFromCert, "agent-key-from-cert", false, "admit an agent only for a key its client certificate names, as common name\nor DNS name, so that no agent can take a share of another's calls;\nneeds --client-ca")
+	fs.StringVar(&cfg.callerTokens, "caller-token-file", "", "admit only callers that present a token of this `file` in the\n"+callerTokenHeader+" header (Bearer <token>), which is not forwarded:\none token a line, optionally followed by the one agent key it may call;\nhealth checks need no token")
+	fs.StringVar(&cfg.metrics, "metrics", "", "serve Prometheus metrics over HTTP at `addr`ess/metrics, and a live dashboard of agents and refusals at address/")
+	fs.StringVar(&cfg.keyHeader, "key-header", gateway.DefaultKeyHeader, "`header` that names the agent, on agents' tunnels and callers' calls")
+	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGINT or SIGTERM, wait up to `duration` for calls in progress before closing them")
+	fs.BoolVar(&cfg.compress, "compress", false, "gzip the calls forwarded to agents, and their answers, on the tunnels;\nagents of other implementations get them uncompressed")
+	fs.IntVar(&cfg.maxMsgSize, "max-msg-size", defaultMaxMsgSize, "accept messages of up to `bytes` from callers and agents; agents need\nthe same --max-msg-size for requests that large")
+	fs.IntVar(&cfg.maxStreams, "max-streams-per-conn", gateway.DefaultMaxStreamsPerConnection, "let one client connection have at most `n` calls in progress, so that\nno caller can hold an agent's whole capacity (further calls wait in the\ncaller's gRPC client); 0 for no bound")
+	fs.IntVar(&cfg.windowSize, "window-size", gateway.DefaultWindowSize, windowSizeUsage)
+	fs.BoolVar(&cfg.accessLog, "access-log", false, "log a \""+gateway.AccessLogMessage+"\" line for every call: method, agent key, code, duration,\n"+
+		"payload bytes each way, the caller's address and certificate subject;\nwritten with the other lines (--log-format) even under --log-level warn")
+	cfg.keepalive.add(fs,
+		"ping an agent when its tunnel, or its connection, has been silent for `duration`",
+		"give an agent up when a ping has had no answer for `duration`: its tunnel,\nor its connection, closes with the calls on it")
+}
+
+// defaultGatewayConfig is the configuration of the gateway when no flag is given.
+func defaultGatewayConfig() gatewayConfig {
+	var cfg gatewayConfig
+	cfg.addFlags(flag.NewFlagSet("defaults", flag.ContinueOnError))
+	return cfg
+}
