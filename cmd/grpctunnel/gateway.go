@@ -3,9 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"flag"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -143,10 +141,10 @@ type gatewayServer struct {
 	g       *gateway.Gateway
 	srv     *grpc.Server
 	addr    net.Addr
-	metrics *http.Server // nil without --metrics
+	metrics *opsServer // nil without --metrics
 	log     *slog.Logger
 	failed  chan error    // a server that stopped on its own
-	done    chan struct{} // closed when both servers have returned
+	done    chan struct{} // closed when the gRPC server has returned
 }
 
 // startGateway builds the gateway from cfg, binds its listeners and starts
@@ -238,18 +236,18 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 	if err != nil {
 		return nil, err
 	}
-	var metricsLis net.Listener
+	s := &gatewayServer{g: g, srv: srv, addr: lis.Addr(), log: log, failed: make(chan error, 2), done: make(chan struct{})}
 	if cfg.metrics != "" {
-		if metricsLis, err = net.Listen("tcp", cfg.metrics); err != nil {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.Handle("/", g.DashboardHandler())
+		if s.metrics, err = startOpsServer(cfg.metrics, mux, "metrics", log, s.failed); err != nil {
 			lis.Close()
-			return nil, fmt.Errorf("metrics: %w", err)
+			return nil, err
 		}
 	}
-
-	s := &gatewayServer{g: g, srv: srv, addr: lis.Addr(), log: log, failed: make(chan error, 2), done: make(chan struct{})}
-	served := make(chan struct{}, 2)
 	go func() {
-		defer func() { served <- struct{}{} }()
+		defer close(s.done)
 		if err := srv.Serve(lis); err != nil {
 			s.failed <- err
 		}
@@ -258,26 +256,6 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 	if cfg.tlsCert == "" {
 		log.Warn("serving without TLS: agents' tokens and every call travel in plaintext; give --tls-cert and --tls-key unless a TLS proxy stands in front")
 	}
-	if metricsLis != nil {
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-		mux.Handle("/", g.DashboardHandler())
-		s.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		go func() {
-			defer func() { served <- struct{}{} }()
-			if err := s.metrics.Serve(metricsLis); !errors.Is(err, http.ErrServerClosed) {
-				s.failed <- fmt.Errorf("metrics: %w", err)
-			}
-		}()
-		log.Info("metrics listening", "addr", metricsLis.Addr().String())
-	} else {
-		served <- struct{}{}
-	}
-	go func() {
-		<-served
-		<-served
-		close(s.done)
-	}()
 	return s, nil
 }
 
@@ -291,13 +269,7 @@ func (s *gatewayServer) stop(ctx context.Context, drain time.Duration) {
 		s.log.Warn("drain cut short: closed the calls still in progress")
 	}
 	if s.metrics != nil {
-		// Scrapes take milliseconds; one that has not finished by now is
-		// not worth holding the exit for.
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-		if err := s.metrics.Shutdown(sctx); err != nil {
-			s.metrics.Close()
-		}
-		cancel()
+		s.metrics.shutdown()
 	}
 	<-s.done
 }
