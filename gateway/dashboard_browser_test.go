@@ -25,13 +25,13 @@ import (
 )
 
 // chromium is the browser the dashboard's test drives: $CHROMIUM, or
-// Debian's package's path. Without it the test is skipped, unless
+// Debian's chromium found on PATH. Without it the test is skipped, unless
 // GRPCTUNNEL_REQUIRE_BROWSER=1 (as in CI) makes that a failure.
 func chromium(t *testing.T) string {
 	t.Helper()
 	path := os.Getenv("CHROMIUM")
 	if path == "" {
-		path = "/usr/bin/chromium"
+		path = "chromium"
 	}
 	found, err := exec.LookPath(path)
 	if err == nil {
