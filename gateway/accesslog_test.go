@@ -2,7 +2,6 @@ package gateway_test
 
 import (
 	"context"
-	"io"
 	"strings"
 	"testing"
 
@@ -37,51 +36,10 @@ func TestAccessLog(t *testing.T) {
 	client := grpchantesting.NewTestServiceClient(keyed(gw, "site-a"))
 	payload := []byte("0123456789")
 
-	if _, err := client.Unary(ctx, &grpchantesting.Message{Payload: payload}); err != nil {
+	if err := testkit.CallEveryKind(ctx, client, payload, 3); err != nil {
 		t.Fatal(err)
 	}
-	cs, err := client.ClientStream(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for range 3 {
-		if err := cs.Send(&grpchantesting.Message{Payload: payload}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if _, err := cs.CloseAndRecv(); err != nil {
-		t.Fatal(err)
-	}
-	ss, err := client.ServerStream(ctx, &grpchantesting.Message{Payload: payload, Count: 3})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := ss.Recv(); err == io.EOF {
-			break
-		} else if err != nil {
-			t.Fatal(err)
-		}
-	}
-	bidi, err := client.BidiStream(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for range 2 {
-		if err := bidi.Send(&grpchantesting.Message{Payload: payload}); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := bidi.Recv(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := bidi.CloseSend(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := bidi.Recv(); err != io.EOF {
-		t.Fatalf("bidi stream ended with %v", err)
-	}
-	_, err = client.Unary(metadata.AppendToOutgoingContext(ctx, "deny", "1"), &grpchantesting.Message{Payload: payload})
+	_, err := client.Unary(metadata.AppendToOutgoingContext(ctx, "deny", "1"), &grpchantesting.Message{Payload: payload})
 	if status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("refused call: %v", err)
 	}

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"io"
 	"log/slog"
 	"net"
 	"strings"
@@ -19,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/gateway"
+	"github.com/grpctunnel/grpctunnel/internal/testkit"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -92,50 +92,11 @@ func TestGatewayAccessLog(t *testing.T) {
 	callCtx := metadata.AppendToOutgoingContext(authed, "tunnel-key", "sensor-1")
 	client := grpchantesting.NewTestServiceClient(conn)
 	payload := []byte("0123456789")
-	if _, err := client.Unary(callCtx, &grpchantesting.Message{Payload: payload}); err != nil {
+	if err := testkit.CallEveryKind(callCtx, client, payload, 2); err != nil {
 		t.Fatal(err)
-	}
-	cs, err := client.ClientStream(callCtx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for range 2 {
-		if err := cs.Send(&grpchantesting.Message{Payload: payload}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if _, err := cs.CloseAndRecv(); err != nil {
-		t.Fatal(err)
-	}
-	ss, err := client.ServerStream(callCtx, &grpchantesting.Message{Payload: payload, Count: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := ss.Recv(); err == io.EOF {
-			break
-		} else if err != nil {
-			t.Fatal(err)
-		}
-	}
-	bidi, err := client.BidiStream(callCtx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := bidi.Send(&grpchantesting.Message{Payload: payload}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := bidi.Recv(); err != nil {
-		t.Fatal(err)
-	}
-	if err := bidi.CloseSend(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := bidi.Recv(); err != io.EOF {
-		t.Fatalf("bidi stream ended with %v", err)
 	}
 	// Without the caller token.
-	_, err = client.Unary(metadata.AppendToOutgoingContext(ctx, "tunnel-key", "sensor-1"), &grpchantesting.Message{Payload: payload})
+	_, err := client.Unary(metadata.AppendToOutgoingContext(ctx, "tunnel-key", "sensor-1"), &grpchantesting.Message{Payload: payload})
 	if status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("call without a token: %v", err)
 	}
