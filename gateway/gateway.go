@@ -136,6 +136,21 @@ type Options struct {
 	// uncompressed (see the compression extension in PROTOCOL.md). The
 	// compressor must be registered in the gateway's program.
 	CallOptions []grpc.CallOption
+	// Peers, if set, makes this gateway one replica of several serving one
+	// set of agents: a call naming one agent this replica holds no tunnel
+	// for is forwarded, once, to a replica Peers says holds one (see
+	// Peers and PeerHeader). It applies to RouteByKey, hence to the
+	// default routing; a call that fans out to several agents is routed
+	// to this replica's own tunnels only.
+	Peers Peers
+	// ClusterToken is the secret the replicas of one cluster share: a
+	// replica sends it in PeerHeader on the calls it forwards, and accepts
+	// a call carrying that header only with this token, compared in
+	// constant time. Such a call is not authorized again (AuthorizeCall
+	// ran on the replica the caller reached) and is never forwarded
+	// again. Empty refuses every call that carries the header, so that
+	// a gateway that is no replica cannot be made to skip AuthorizeCall.
+	ClusterToken string
 	// Tunnel configures the handler that accepts the agents' tunnels:
 	// limits, keepalive, flow control. Its AffinityKey is set by the
 	// gateway; OnReverseTunnelOpen and OnReverseTunnelClose, if set, are
@@ -161,6 +176,9 @@ type Gateway struct {
 	metrics   *metrics // nil without a Registerer
 	refusals  *refusals
 	access    *accessLog // nil without Options.AccessLog
+	// peers and clusterToken are Options.Peers and Options.ClusterToken.
+	peers        Peers
+	clusterToken string
 	// maxStreams is the HTTP/2 bound of calls per client connection; 0
 	// for none.
 	maxStreams uint32
@@ -181,6 +199,9 @@ func New(opts Options) (*Gateway, error) {
 		allowCall: opts.AuthorizeCall,
 		log:       opts.Logger,
 		health:    health.NewServer(),
+
+		peers:        opts.Peers,
+		clusterToken: opts.ClusterToken,
 	}
 	if g.keyHeader == "" {
 		g.keyHeader = DefaultKeyHeader
@@ -193,7 +214,8 @@ func New(opts Options) (*Gateway, error) {
 	}
 	g.maxMsg = max(opts.MaxMessageSize, 0)
 	g.window = opts.WindowSize
-	g.drop = []string{g.keyHeader}
+	// The peer header is for replicas only: never for an agent.
+	g.drop = []string{g.keyHeader, PeerHeader}
 	for _, h := range opts.DropHeaders {
 		g.drop = append(g.drop, strings.ToLower(h))
 	}
@@ -304,11 +326,17 @@ func (g *Gateway) Shutdown() {
 }
 
 // handle serves every call but the agents' tunnels: the gateway's own
-// services for a call that names no agent, the director for the rest.
+// services for a call that names no agent, the director for the rest. A
+// call another replica forwarded was authorized there, and is not again.
 func (g *Gateway) handle(srv any, ss grpc.ServerStream) error {
 	method, _ := grpc.MethodFromServerStream(ss)
 	keys := g.keys(ss.Context())
-	if g.allowCall != nil {
+	fromPeer, err := g.fromPeer(ss.Context())
+	if err != nil {
+		g.refuseCall(ss.Context(), method, keys, err)
+		return refusal(err)
+	}
+	if g.allowCall != nil && !fromPeer {
 		if err := g.allowCall(ss.Context(), method, keys); err != nil {
 			g.refuseCall(ss.Context(), method, keys, err)
 			return refusal(err)

@@ -26,6 +26,10 @@ const maxFanout = 100
 // key header. A call that names no agent fails with InvalidArgument, and
 // one that names an agent that is not connected with Unavailable, both
 // saying so, so that a caller can tell a typo from an outage.
+//
+// With Options.Peers, a call naming one agent this replica holds no
+// tunnel for goes to a replica that holds one, unless another replica
+// forwarded it here: a call crosses at most one hop between replicas.
 func (g *Gateway) RouteByKey(ctx context.Context, call *proxy.Call) (proxy.Route, error) {
 	keys := g.keys(ctx)
 	if len(keys) == 0 {
@@ -39,6 +43,13 @@ func (g *Gateway) RouteByKey(ctx context.Context, call *proxy.Call) (proxy.Route
 	for _, key := range keys {
 		ch := g.Agent(key)
 		if len(keys) == 1 && !g.agents.has(key) {
+			// handle has refused a peer header without the cluster's
+			// token, so one present here is a replica's.
+			if len(metadata.ValueFromIncomingContext(ctx, PeerHeader)) == 0 {
+				if route, ok := g.viaPeers(ctx, key); ok {
+					return route, nil
+				}
+			}
 			return proxy.Route{}, status.Errorf(codes.Unavailable, "grpctunnel gateway: no agent is connected with %s %s", g.keyHeader, errtext.Quote(key))
 		}
 		// When fanning out, a missing agent is one labelled error among

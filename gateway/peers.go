@@ -1,0 +1,140 @@
+package gateway
+
+import (
+	"context"
+	"crypto/subtle"
+	"fmt"
+	"strings"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/grpctunnel/grpctunnel/internal/errtext"
+	"github.com/grpctunnel/grpctunnel/proxy"
+)
+
+// PeerHeader is the header one gateway replica sends, with the cluster's
+// token (Options.ClusterToken), on a call it forwards to another replica.
+// It tells the receiving replica that the call was already authorized and
+// must be routed locally only, so that a call crosses at most one hop
+// between replicas however stale their views of the cluster are. The
+// gateway removes it before a call goes to an agent.
+const PeerHeader = "grpctunnel-peer"
+
+// Peers, if set in Options, makes this gateway one replica of several that
+// serve one set of agents: a caller may reach any replica, and a replica
+// that holds no tunnel for the agent a call names forwards the call, once,
+// to a replica that does. It is an interface so that the gateway does not
+// depend on how the replicas learn who holds what (a directory in etcd, a
+// static list in a test).
+type Peers interface {
+	// Holders returns the other replicas that hold tunnels for key, best
+	// first; none if no other replica does. It is called on every call
+	// this replica cannot route locally, so it must not block.
+	Holders(key string) []Peer
+}
+
+// Peer is another gateway replica, as Peers.Holders returns it.
+type Peer struct {
+	// ID names the replica in the errors callers get, so that a caller
+	// or operator can tell which hop failed.
+	ID string
+	// Conn is a connection to the replica's gateway port. The gateway
+	// makes its calls on it with the raw codec of package proxy; it must
+	// not add a codec of its own.
+	Conn grpc.ClientConnInterface
+}
+
+// errNotReplica refuses a call that claims to come from a replica but
+// does not carry this cluster's token.
+var errNotReplica = status.Error(codes.PermissionDenied, "grpctunnel gateway: not a replica of this cluster")
+
+// fromPeer checks a call's peer header: it reports whether another
+// replica of this cluster forwarded the call, and refuses the call if it
+// carries the header without this cluster's token (or this gateway has
+// none), so that a caller cannot skip authorization by claiming to be a
+// replica.
+func (g *Gateway) fromPeer(ctx context.Context) (bool, error) {
+	values := metadata.ValueFromIncomingContext(ctx, PeerHeader)
+	if len(values) == 0 {
+		return false, nil
+	}
+	if g.clusterToken == "" || len(values) != 1 ||
+		subtle.ConstantTimeCompare([]byte(values[0]), []byte(g.clusterToken)) != 1 {
+		return false, Refuse(ReasonBadToken, errNotReplica)
+	}
+	return true, nil
+}
+
+// viaPeers is the route of a call for key, which this gateway does not
+// hold, through the replicas that do, if there are any: the call's
+// metadata without the dropped headers, with the key again (the next
+// replica routes by it) and the cluster's token.
+func (g *Gateway) viaPeers(ctx context.Context, key string) (proxy.Route, bool) {
+	if g.peers == nil {
+		return proxy.Route{}, false
+	}
+	holders := g.peers.Holders(key)
+	if len(holders) == 0 {
+		return proxy.Route{}, false
+	}
+	md := g.outgoing(ctx)
+	md.Set(g.keyHeader, key)
+	md.Set(PeerHeader, g.clusterToken)
+	return proxy.Route{
+		Backends: []proxy.Backend{{Name: key, Conn: &peerConn{key: key, holders: holders}}},
+		Metadata: md,
+	}, true
+}
+
+// peerConn forwards one call to the first of the replicas holding its
+// agent that accepts it. The next replica is tried only when a replica
+// cannot start the call at all (its connection is down): once a call has
+// started, its requests may already have reached the agent, and only the
+// caller may decide to repeat it. A replica that answers (even to say
+// that its agent has just gone) ends the call with its answer.
+type peerConn struct {
+	key     string
+	holders []Peer
+}
+
+// Invoke is never used: the proxy makes every call as a stream.
+func (c *peerConn) Invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
+	return status.Error(codes.Internal, "grpctunnel gateway: unary call on a peer route")
+}
+
+// NewStream starts the call on the first holder that can take it, or
+// fails with Unavailable naming the replicas that could not.
+func (c *peerConn) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	var ids, causes []string
+	for _, p := range c.holders {
+		if p.Conn == nil {
+			continue
+		}
+		cs, err := p.Conn.NewStream(ctx, desc, method, opts...)
+		if err == nil {
+			return cs, nil
+		}
+		if ctx.Err() != nil || status.Code(err) != codes.Unavailable {
+			// The caller gave up, or the replica refused the call for
+			// a reason another replica would share.
+			return nil, err
+		}
+		ids = append(ids, p.ID)
+		causes = append(causes, status.Convert(err).Message())
+	}
+	agent := errtext.Quote(c.key)
+	switch len(ids) {
+	case 0:
+		return nil, status.Errorf(codes.Unavailable, "grpctunnel gateway: no replica holding agent %s can be called", agent)
+	case 1:
+		return nil, status.Errorf(codes.Unavailable, "grpctunnel gateway: replica %s holding agent %s is unreachable: %s", ids[0], agent, causes[0])
+	}
+	var why []string
+	for i, id := range ids {
+		why = append(why, fmt.Sprintf("%s: %s", id, causes[i]))
+	}
+	return nil, status.Errorf(codes.Unavailable, "grpctunnel gateway: replicas holding agent %s are unreachable: %s", agent, strings.Join(why, "; "))
+}
