@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"runtime"
 	"strings"
@@ -20,6 +19,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
+	"github.com/grpctunnel/grpctunnel/internal/loopback"
 )
 
 // TestReloadAllOrNothing: a reload installs every item or, when one fails,
@@ -98,22 +98,9 @@ var echoDesc = grpc.ServiceDesc{
 // startEchoTarget serves echoDesc on loopback until the end of the test.
 func startEchoTarget(t *testing.T) string {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	srv := grpc.NewServer()
 	srv.RegisterService(&echoDesc, struct{}{})
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = srv.Serve(lis)
-	}()
-	t.Cleanup(func() {
-		srv.Stop()
-		<-served
-	})
-	return lis.Addr().String()
+	return loopback.ServeAddr(t, srv)
 }
 
 // echo sends text on the stream and checks that it comes back.

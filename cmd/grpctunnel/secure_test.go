@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,6 +19,7 @@ import (
 	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
 	"github.com/grpctunnel/grpctunnel/internal/demo"
 	"github.com/grpctunnel/grpctunnel/internal/demopb"
+	"github.com/grpctunnel/grpctunnel/internal/loopback"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -28,22 +28,9 @@ import (
 // service beside an agent, until the end of the test.
 func startTarget(t *testing.T, name string) string {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	srv := grpc.NewServer()
 	demo.Register(srv, demo.NewDeviceService(name))
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = srv.Serve(lis)
-	}()
-	t.Cleanup(func() {
-		srv.Stop()
-		<-served
-	})
-	return lis.Addr().String()
+	return loopback.ServeAddr(t, srv)
 }
 
 // dial connects to addr with creds until the end of the test.

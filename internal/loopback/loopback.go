@@ -16,6 +16,20 @@ import (
 // that leak checks see nothing left behind.
 func Serve(t testing.TB, srv *grpc.Server) *grpc.ClientConn {
 	t.Helper()
+	conn, err := grpc.NewClient(ServeAddr(t, srv), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() }) // runs before ServeAddr's cleanup
+	return conn
+}
+
+// ServeAddr serves srv on a free loopback port until the test ends, and
+// returns its address, for a test whose client is a command that dials
+// the address itself. At cleanup the server is stopped and its Serve
+// goroutine waited for.
+func ServeAddr(t testing.TB, srv *grpc.Server) string {
+	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -25,14 +39,9 @@ func Serve(t testing.TB, srv *grpc.Server) *grpc.ClientConn {
 		defer close(done)
 		_ = srv.Serve(lis)
 	}()
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
 	t.Cleanup(func() {
-		_ = conn.Close()
 		srv.Stop()
 		<-done
 	})
-	return conn
+	return lis.Addr().String()
 }
