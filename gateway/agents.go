@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"cmp"
-	"context"
 	"slices"
 	"sync"
 	"time"
@@ -29,6 +28,8 @@ type agentTunnel struct {
 	peer     string
 	identity string
 	opened   time.Time
+	// release tells the cluster, if any, that the tunnel closed.
+	release func()
 }
 
 func newAgentSet() *agentSet {
@@ -72,8 +73,9 @@ func (s *agentSet) has(key string) bool {
 	return len(s.byKey[key]) > 0
 }
 
-// list describes the agents with key, or all agents if key is empty.
-func (s *agentSet) list(key string) []*adminpb.Agent {
+// list describes the agents with key, or all agents if key is empty, with
+// replica as the holder of each tunnel.
+func (s *agentSet) list(key, replica string) []*adminpb.Agent {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var agents []*adminpb.Agent
@@ -92,6 +94,7 @@ func (s *agentSet) list(key string) []*adminpb.Agent {
 				StreamsStarted: info.StreamsStarted,
 				BytesSent:      info.BytesSent,
 				BytesReceived:  info.BytesReceived,
+				Replica:        replica,
 			})
 		}
 		agents = append(agents, a)
@@ -107,6 +110,11 @@ func (g *Gateway) opened(ch tunnel.TunnelChannel) {
 		t.peer = p.Addr.String()
 		t.identity = identity(p.AuthInfo)
 	}
+	if g.cluster != nil {
+		// Before the tunnel is listed: a tunnel closed at once may find
+		// its release already set, never the other way round.
+		t.release = g.cluster.Hold(t.key)
+	}
 	n := g.agents.add(t)
 	if g.metrics != nil {
 		g.metrics.tunnelOpened(t.key)
@@ -119,6 +127,9 @@ func (g *Gateway) closed(ch tunnel.TunnelChannel) {
 	t, n := g.agents.remove(ch)
 	if t == nil {
 		return
+	}
+	if t.release != nil {
+		t.release()
 	}
 	if g.metrics != nil {
 		g.metrics.tunnelClosed(t.key)
@@ -136,14 +147,4 @@ func identity(info credentials.AuthInfo) string {
 		return cert.Subject.String()
 	}
 	return ""
-}
-
-// adminService answers the gateway's AdminService.
-type adminService struct {
-	adminpb.UnimplementedAdminServiceServer
-	agents *agentSet
-}
-
-func (a adminService) ListAgents(_ context.Context, req *adminpb.ListAgentsRequest) (*adminpb.ListAgentsResponse, error) {
-	return &adminpb.ListAgentsResponse{Agents: a.agents.list(req.GetKey())}, nil
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
 	"github.com/grpctunnel/grpctunnel/internal/agentkey"
+	"github.com/grpctunnel/grpctunnel/internal/replica"
 	"github.com/grpctunnel/grpctunnel/internal/window"
 	"github.com/grpctunnel/grpctunnel/proxy"
 	"github.com/grpctunnel/grpctunnel/tunnel"
@@ -136,13 +137,14 @@ type Options struct {
 	// uncompressed (see the compression extension in PROTOCOL.md). The
 	// compressor must be registered in the gateway's program.
 	CallOptions []grpc.CallOption
-	// Peers, if set, makes this gateway one replica of several serving one
-	// set of agents: a call naming one agent this replica holds no tunnel
-	// for is forwarded, once, to a replica Peers says holds one (see
-	// Peers and PeerHeader). It applies to RouteByKey, hence to the
-	// default routing; a call that fans out to several agents is routed
-	// to this replica's own tunnels only.
-	Peers Peers
+	// Cluster, if set, makes this gateway one replica of several serving
+	// one set of agents: it tells Cluster of every tunnel it opens and
+	// closes, and a call for an agent this replica holds no tunnel for is
+	// forwarded, once, to a replica Cluster says holds one (see Cluster
+	// and PeerHeader), through the other replica's peer port (see
+	// PeerServerOptions). It applies to RouteByKey, hence to the default
+	// routing, fan-out included; ListAgents lists the whole cluster.
+	Cluster Cluster
 	// ClusterToken is the secret the replicas of one cluster share: a
 	// replica sends it in PeerHeader on the calls it forwards, and accepts
 	// a call carrying that header only with this token, compared in
@@ -176,8 +178,9 @@ type Gateway struct {
 	metrics   *metrics // nil without a Registerer
 	refusals  *refusals
 	access    *accessLog // nil without Options.AccessLog
-	// peers and clusterToken are Options.Peers and Options.ClusterToken.
-	peers        Peers
+	// cluster and clusterToken are Options.Cluster and
+	// Options.ClusterToken.
+	cluster      Cluster
 	clusterToken string
 	// maxStreams is the HTTP/2 bound of calls per client connection; 0
 	// for none.
@@ -200,7 +203,7 @@ func New(opts Options) (*Gateway, error) {
 		log:       opts.Logger,
 		health:    health.NewServer(),
 
-		peers:        opts.Peers,
+		cluster:      opts.Cluster,
 		clusterToken: opts.ClusterToken,
 	}
 	if g.keyHeader == "" {
@@ -265,7 +268,7 @@ func New(opts Options) (*Gateway, error) {
 
 	g.local = localServices{grpchan.HandlerMap{}}
 	healthpb.RegisterHealthServer(g.local, g.health)
-	adminpb.RegisterAdminServiceServer(g.local, adminService{agents: g.agents})
+	adminpb.RegisterAdminServiceServer(g.local, &adminService{g: g})
 	reflection.Register(g.local)
 	return g, nil
 }
@@ -311,9 +314,19 @@ func (g *Gateway) Agent(key string) tunnel.ReverseClientConnInterface {
 	return g.handler.KeyAsChannel(key)
 }
 
-// Agents returns the connected agents, sorted by key, with their tunnels.
+// Agents returns the agents connected to this gateway, sorted by key, with
+// their tunnels; on a replica of a cluster, only this replica's (ListAgents
+// asks the others too).
 func (g *Gateway) Agents() []*adminpb.Agent {
-	return g.agents.list("")
+	return g.agents.list("", g.self())
+}
+
+// self is this replica's id, or "" for a gateway alone.
+func (g *Gateway) self() string {
+	if g.cluster == nil {
+		return ""
+	}
+	return g.cluster.Self()
 }
 
 // Shutdown starts draining the gateway: health reports NOT_SERVING, agents
@@ -326,28 +339,76 @@ func (g *Gateway) Shutdown() {
 }
 
 // handle serves every call but the agents' tunnels: the gateway's own
-// services for a call that names no agent, the director for the rest. A
-// call another replica forwarded was authorized there, and is not again.
+// services for a call that names no agent, the director for the rest.
+// Replicas forward to each other's peer ports, never here: a call that
+// claims to come from one is refused, so that the callers' port is never
+// where a stolen or guessed cluster token gets a caller past
+// AuthorizeCall.
 func (g *Gateway) handle(srv any, ss grpc.ServerStream) error {
 	method, _ := grpc.MethodFromServerStream(ss)
 	keys := g.keys(ss.Context())
-	fromPeer, err := g.fromPeer(ss.Context())
-	if err != nil {
+	if len(metadata.ValueFromIncomingContext(ss.Context(), PeerHeader)) > 0 {
+		err := Refuse(ReasonBadToken, errNotReplica)
 		g.refuseCall(ss.Context(), method, keys, err)
 		return refusal(err)
 	}
-	if g.allowCall != nil && !fromPeer {
+	if g.allowCall != nil {
 		if err := g.allowCall(ss.Context(), method, keys); err != nil {
 			g.refuseCall(ss.Context(), method, keys, err)
 			return refusal(err)
 		}
 	}
+	return g.serve(srv, ss, method, keys)
+}
+
+// serve answers a call with the gateway's own services if it names no
+// agent and one of them serves its method, and with the director
+// otherwise.
+func (g *Gateway) serve(srv any, ss grpc.ServerStream, method string, keys []string) error {
 	if len(keys) == 0 {
 		if h := g.local.lookup(method); h != nil {
 			return h(ss)
 		}
 	}
 	return g.forward(srv, ss)
+}
+
+// PeerServerOptions returns what a *grpc.Server needs to be this replica's
+// peer port, where the other replicas of its cluster (Options.Cluster)
+// forward the calls of callers they cannot route themselves: the raw codec
+// and a handler that accepts only calls carrying the cluster's token in
+// PeerHeader, routes them to this replica's own tunnels, and does not
+// authorize them again (AuthorizeCall ran on the replica the caller
+// reached). Serve it on its own listener, with credentials that admit the
+// replicas only (mutual TLS where the gateway has TLS); register nothing
+// else on it. Calls are counted and logged by the replica their caller
+// reached, so it has no metrics or access log of its own.
+func (g *Gateway) PeerServerOptions() []grpc.ServerOption {
+	opts := []grpc.ServerOption{
+		grpc.ForceServerCodecV2(proxy.CodecOver(tunnel.Codec())),
+		grpc.UnknownServiceHandler(g.handlePeer),
+	}
+	opts = append(opts, window.ServerOptions(g.window)...)
+	if g.maxMsg > 0 {
+		opts = append(opts, grpc.MaxRecvMsgSize(g.maxMsg))
+	}
+	return opts
+}
+
+// handlePeer serves a call on the peer port: only a replica's, which
+// names its agent (or none, to ask this replica for its own agents).
+func (g *Gateway) handlePeer(srv any, ss grpc.ServerStream) error {
+	method, _ := grpc.MethodFromServerStream(ss)
+	keys := g.keys(ss.Context())
+	fromPeer, err := g.fromPeer(ss.Context())
+	if err == nil && !fromPeer {
+		err = Refuse(ReasonBadToken, errPeerPortOnly)
+	}
+	if err != nil {
+		g.refuseCall(ss.Context(), method, keys, err)
+		return refusal(err)
+	}
+	return g.serve(srv, ss, method, keys)
 }
 
 // refuseCall logs and counts a call AuthorizeCall refused.
@@ -369,6 +430,11 @@ func (g *Gateway) vetTunnel(srv any, ss grpc.ServerStream, info *grpc.StreamServ
 	admitted := false
 	err := g.checkTunnel(srv, ss, info, func(srv any, ss grpc.ServerStream) error {
 		admitted = true
+		if g.cluster != nil {
+			// Sent with the tunnel library's own headers: the agent
+			// learns which replica holds this tunnel.
+			_ = ss.SetHeader(metadata.Pairs(replica.Header, g.cluster.Self()))
+		}
 		err := handler(srv, ss)
 		if tooManyTunnels(err) {
 			g.refuseAgent(ss.Context(), ReasonTooManyTunnels, err)

@@ -382,11 +382,32 @@ func TestFanOutToSeveralAgents(t *testing.T) {
 	startAgent(t, g, gw, backend, "a", 1)
 	startAgent(t, g, gw, backend, "b", 1)
 
-	// A unary method called as server-streaming: one labelled result per
-	// agent named, including the one that is not connected.
-	ctx := metadata.AppendToOutgoingContext(context.Background(), gateway.DefaultKeyHeader, "a, b", gateway.DefaultKeyHeader, "gone")
+	// One labelled result per agent named, including the one that is not
+	// connected.
+	got := fanOut(t, gw, "a, b", "gone")
+	want := map[string]string{"a": "ping", "b": "ping", "gone": "Unavailable"}
+	if len(got) != len(want) {
+		t.Fatalf("results %v, want %v", got, want)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("result of %s: %q, want %q", k, got[k], v)
+		}
+	}
+}
+
+// fanOut calls a unary method as server-streaming on conn with the key
+// header's values, and returns the payload of each labelled result by the
+// agent that gave it, or its status code if it failed.
+func fanOut(t *testing.T, conn grpc.ClientConnInterface, keys ...string) map[string]string {
+	t.Helper()
+	var kv []string
+	for _, k := range keys {
+		kv = append(kv, gateway.DefaultKeyHeader, k)
+	}
+	ctx := metadata.AppendToOutgoingContext(context.Background(), kv...)
 	desc := &grpc.StreamDesc{ServerStreams: true}
-	cs, err := gw.NewStream(ctx, desc, "/grpchantesting.TestService/Unary", grpc.ForceCodecV2(proxy.Codec()))
+	cs, err := conn.NewStream(ctx, desc, "/grpchantesting.TestService/Unary", grpc.ForceCodecV2(proxy.Codec()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -403,7 +424,7 @@ func TestFanOutToSeveralAgents(t *testing.T) {
 			if status.Code(err) != codes.OK && err != io.EOF {
 				t.Fatalf("the call failed as a whole: %v", err)
 			}
-			break
+			return got
 		}
 		payload, label, err := proxy.SplitLabel(f.Bytes(), proxy.DefaultLabelField)
 		if err != nil || label == nil {
@@ -418,15 +439,6 @@ func TestFanOutToSeveralAgents(t *testing.T) {
 			t.Fatal(err)
 		}
 		got[label.GetBackend()] = string(m.GetPayload())
-	}
-	want := map[string]string{"a": "ping", "b": "ping", "gone": "Unavailable"}
-	if len(got) != len(want) {
-		t.Fatalf("results %v, want %v", got, want)
-	}
-	for k, v := range want {
-		if got[k] != v {
-			t.Errorf("result of %s: %q, want %q", k, got[k], v)
-		}
 	}
 }
 

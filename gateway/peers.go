@@ -23,17 +23,30 @@ import (
 // gateway removes it before a call goes to an agent.
 const PeerHeader = "grpctunnel-peer"
 
-// Peers, if set in Options, makes this gateway one replica of several that
-// serve one set of agents: a caller may reach any replica, and a replica
-// that holds no tunnel for the agent a call names forwards the call, once,
-// to a replica that does. It is an interface so that the gateway does not
-// depend on how the replicas learn who holds what (a directory in etcd, a
-// static list in a test).
-type Peers interface {
+// Cluster, if set in Options, makes this gateway one replica of several
+// that serve one set of agents: a caller may reach any replica, and a
+// replica that holds no tunnel for the agent a call names forwards the
+// call, once, to a replica that does. It is an interface so that the
+// gateway does not depend on how the replicas learn who holds what (a
+// directory in etcd, as package gateway/cluster keeps, or a static list
+// in a test).
+type Cluster interface {
+	// Self names this replica: to agents, in the response header of
+	// the tunnels it accepts, so that an agent can spread its tunnels
+	// over replicas; and in ListAgents, next to each tunnel it holds.
+	Self() string
+	// Hold records that this replica holds one more tunnel for key, so
+	// that the other replicas forward calls for key here; release
+	// records that the tunnel closed. It is called as a tunnel opens
+	// and must not block on the network.
+	Hold(key string) (release func())
 	// Holders returns the other replicas that hold tunnels for key, best
 	// first; none if no other replica does. It is called on every call
 	// this replica cannot route locally, so it must not block.
 	Holders(key string) []Peer
+	// Replicas returns every other replica, for the calls that ask the
+	// whole cluster (ListAgents).
+	Replicas() []Peer
 }
 
 // Peer is another gateway replica, as Peers.Holders returns it.
@@ -41,21 +54,25 @@ type Peer struct {
 	// ID names the replica in the errors callers get, so that a caller
 	// or operator can tell which hop failed.
 	ID string
-	// Conn is a connection to the replica's gateway port. The gateway
-	// makes its calls on it with the raw codec of package proxy; it must
-	// not add a codec of its own.
+	// Conn is a connection to the replica's peer port, the server built
+	// with its PeerServerOptions. The gateway forwards calls on it with
+	// the raw codec of package proxy, and asks it for its agents with
+	// the protobuf codec; it must not force a codec of its own.
 	Conn grpc.ClientConnInterface
 }
 
 // errNotReplica refuses a call that claims to come from a replica but
-// does not carry this cluster's token.
+// does not carry this cluster's token, or comes to the callers' port.
 var errNotReplica = status.Error(codes.PermissionDenied, "grpctunnel gateway: not a replica of this cluster")
 
-// fromPeer checks a call's peer header: it reports whether another
-// replica of this cluster forwarded the call, and refuses the call if it
-// carries the header without this cluster's token (or this gateway has
-// none), so that a caller cannot skip authorization by claiming to be a
-// replica.
+// errPeerPortOnly refuses a caller's call on the peer port.
+var errPeerPortOnly = status.Error(codes.PermissionDenied, "grpctunnel gateway: this is a peer port, for the replicas of the cluster only; call the gateway's own address")
+
+// fromPeer checks the peer header of a call on the peer port: it reports
+// whether another replica of this cluster forwarded the call, and refuses
+// the call if it carries the header without this cluster's token (or this
+// gateway has none), so that a caller cannot skip authorization by
+// claiming to be a replica.
 func (g *Gateway) fromPeer(ctx context.Context) (bool, error) {
 	values := metadata.ValueFromIncomingContext(ctx, PeerHeader)
 	if len(values) == 0 {
@@ -68,25 +85,21 @@ func (g *Gateway) fromPeer(ctx context.Context) (bool, error) {
 	return true, nil
 }
 
-// viaPeers is the route of a call for key, which this gateway does not
-// hold, through the replicas that do, if there are any: the call's
-// metadata without the dropped headers, with the key again (the next
-// replica routes by it) and the cluster's token.
-func (g *Gateway) viaPeers(ctx context.Context, key string) (proxy.Route, bool) {
-	if g.peers == nil {
-		return proxy.Route{}, false
+// viaPeers is the backend of a call for key, which this gateway does not
+// hold, through the replicas that do, if there are any. A call another
+// replica forwarded here is never forwarded again (handle has refused a
+// peer header without the cluster's token, so one present here is a
+// replica's), so that a call crosses at most one hop between replicas
+// however stale the replicas' views of the cluster are.
+func (g *Gateway) viaPeers(ctx context.Context, key string) (proxy.Backend, bool) {
+	if g.cluster == nil || len(metadata.ValueFromIncomingContext(ctx, PeerHeader)) > 0 {
+		return proxy.Backend{}, false
 	}
-	holders := g.peers.Holders(key)
+	holders := g.cluster.Holders(key)
 	if len(holders) == 0 {
-		return proxy.Route{}, false
+		return proxy.Backend{}, false
 	}
-	md := g.outgoing(ctx)
-	md.Set(g.keyHeader, key)
-	md.Set(PeerHeader, g.clusterToken)
-	return proxy.Route{
-		Backends: []proxy.Backend{{Name: key, Conn: &peerConn{key: key, holders: holders}}},
-		Metadata: md,
-	}, true
+	return proxy.Backend{Name: key, Conn: &peerConn{g: g, key: key, holders: holders}}, true
 }
 
 // peerConn forwards one call to the first of the replicas holding its
@@ -96,6 +109,7 @@ func (g *Gateway) viaPeers(ctx context.Context, key string) (proxy.Route, bool) 
 // caller may decide to repeat it. A replica that answers (even to say
 // that its agent has just gone) ends the call with its answer.
 type peerConn struct {
+	g       *Gateway
 	key     string
 	holders []Peer
 }
@@ -108,6 +122,10 @@ func (c *peerConn) Invoke(ctx context.Context, method string, req, reply any, op
 // NewStream starts the call on the first holder that can take it, or
 // fails with Unavailable naming the replicas that could not.
 func (c *peerConn) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	// The route's metadata lacks the key header, which the next replica
+	// routes by: this backend's own key goes back in (one of several
+	// when the call fans out), with the cluster's token.
+	ctx = metadata.AppendToOutgoingContext(ctx, c.g.keyHeader, c.key, PeerHeader, c.g.clusterToken)
 	var ids, causes []string
 	for _, p := range c.holders {
 		if p.Conn == nil {

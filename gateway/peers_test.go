@@ -3,6 +3,7 @@ package gateway_test
 import (
 	"context"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,41 +19,109 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/gateway"
+	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
+	"github.com/grpctunnel/grpctunnel/internal/loopback"
+	"github.com/grpctunnel/grpctunnel/internal/replica"
 	"github.com/grpctunnel/grpctunnel/internal/testkit"
+	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
 
-// staticPeers is a cluster directory fixed by the test: which other
+// staticCluster is a cluster directory fixed by the test: which other
 // replicas hold each key. The replicas' connections exist only once they
-// are started, so holders are added afterwards, under a lock.
-type staticPeers struct {
+// are started, so holders are added afterwards, under a lock. It counts
+// the tunnels its replica holds, as a directory would record them.
+type staticCluster struct {
+	self string
+
 	mu      sync.Mutex
 	holders map[string][]gateway.Peer
+	held    map[string]int
 }
 
-func (p *staticPeers) Holders(key string) []gateway.Peer {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.holders[key]
-}
+func (c *staticCluster) Self() string { return c.self }
 
-func (p *staticPeers) set(key string, holders ...gateway.Peer) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.holders == nil {
-		p.holders = make(map[string][]gateway.Peer)
+func (c *staticCluster) Hold(key string) func() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.held == nil {
+		c.held = make(map[string]int)
 	}
-	p.holders[key] = holders
+	c.held[key]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			c.held[key]--
+		})
+	}
+}
+
+func (c *staticCluster) heldBy(key string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.held[key]
+}
+
+func (c *staticCluster) Holders(key string) []gateway.Peer {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.holders[key]
+}
+
+// Replicas is every replica that holds anything.
+func (c *staticCluster) Replicas() []gateway.Peer {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var all []gateway.Peer
+	for _, ps := range c.holders {
+		for _, p := range ps {
+			if !slices.ContainsFunc(all, func(q gateway.Peer) bool { return q.ID == p.ID }) {
+				all = append(all, p)
+			}
+		}
+	}
+	return all
+}
+
+func (c *staticCluster) set(key string, holders ...gateway.Peer) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.holders == nil {
+		c.holders = make(map[string][]gateway.Peer)
+	}
+	c.holders[key] = holders
 }
 
 const clusterToken = "the-cluster-secret"
 
-// startReplica starts a gateway that is a replica of the test cluster,
-// with peers as its directory.
-func startReplica(t *testing.T, peers *staticPeers, opts gateway.Options) (*gateway.Gateway, *grpc.ClientConn) {
+// testReplica is one gateway replica of a test cluster: its gateway, a
+// connection to its callers' port, and one to its peer port, as the other
+// replicas reach it.
+type testReplica struct {
+	g       *gateway.Gateway
+	callers *grpc.ClientConn
+	peer    gateway.Peer
+	cluster *staticCluster
+}
+
+// startReplica starts a gateway that is replica id of the test cluster,
+// serving callers and agents on one port and its peers on another.
+func startReplica(t *testing.T, id string, opts gateway.Options) *testReplica {
 	t.Helper()
-	opts.Peers = peers
-	opts.ClusterToken = clusterToken
-	return startGateway(t, opts)
+	c := &staticCluster{self: id}
+	opts.Cluster = c
+	if opts.ClusterToken == "" {
+		opts.ClusterToken = clusterToken
+	}
+	g, callers := startGateway(t, opts)
+	return &testReplica{g: g, callers: callers, cluster: c, peer: gateway.Peer{ID: id, Conn: servePeerPort(t, g)}}
+}
+
+// servePeerPort serves g's peer port and returns a connection to it.
+func servePeerPort(t *testing.T, g *gateway.Gateway) *grpc.ClientConn {
+	t.Helper()
+	return loopback.Serve(t, grpc.NewServer(g.PeerServerOptions()...))
 }
 
 // downConn is a connection to an address nothing listens on.
@@ -77,13 +146,12 @@ func downConn(t *testing.T) *grpc.ClientConn {
 // details and deadline intact; the agent sees neither the key header nor
 // the peer header.
 func TestCallReachesAgentOnAnotherReplica(t *testing.T) {
-	var peers1, peers2 staticPeers
-	g1, gw1 := startReplica(t, &peers1, gateway.Options{})
-	_, gw2 := startReplica(t, &peers2, gateway.Options{})
-	startAgent(t, g1, gw1, startBackend(t), "site-a", 1)
-	peers2.set("site-a", gateway.Peer{ID: "gw-1", Conn: gw1})
+	r1 := startReplica(t, "gw-1", gateway.Options{})
+	r2 := startReplica(t, "gw-2", gateway.Options{})
+	startAgent(t, r1.g, r1.callers, startBackend(t), "site-a", 1)
+	r2.cluster.set("site-a", r1.peer)
 
-	conn := keyed(gw2, "site-a")
+	conn := keyed(r2.callers, "site-a")
 	grpchantesting.RunChannelTestCases(t, conn, true)
 	client := grpchantesting.NewTestServiceClient(conn)
 	if err := testkit.CallEveryKind(context.Background(), client, []byte("payload"), 3); err != nil {
@@ -122,56 +190,63 @@ func TestCallReachesAgentOnAnotherReplica(t *testing.T) {
 // directories disagree (each replica thinks the other holds the agent),
 // the call fails at the second replica instead of bouncing between them.
 func TestForwardedCallIsNotForwardedAgain(t *testing.T) {
-	var peers1, peers2 staticPeers
-	_, gw1 := startReplica(t, &peers1, gateway.Options{})
-	_, gw2 := startReplica(t, &peers2, gateway.Options{})
-	peers1.set("loop", gateway.Peer{ID: "gw-2", Conn: gw2})
-	peers2.set("loop", gateway.Peer{ID: "gw-1", Conn: gw1})
+	r1 := startReplica(t, "gw-1", gateway.Options{})
+	r2 := startReplica(t, "gw-2", gateway.Options{})
+	r1.cluster.set("loop", r2.peer)
+	r2.cluster.set("loop", r1.peer)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := grpchantesting.NewTestServiceClient(keyed(gw2, "loop")).Unary(ctx, &grpchantesting.Message{})
+	_, err := grpchantesting.NewTestServiceClient(keyed(r2.callers, "loop")).Unary(ctx, &grpchantesting.Message{})
 	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), `no agent is connected with tunnel-key "loop"`) {
 		t.Errorf("a call whose replicas point at each other: %v; want Unavailable, no agent connected", err)
 	}
 }
 
 // Only a replica of the cluster may send the peer header, which skips
-// authorization: a wrong token, or any token where none is configured, is
-// refused with PermissionDenied, counted and logged as a bad token.
+// authorization, and only to the peer port: a wrong token, any token where
+// none is configured, the header on the callers' port and a call without
+// it on the peer port are all refused with PermissionDenied, counted and
+// logged as a bad token.
 func TestPeerHeaderNeedsTheClusterToken(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	var log testkit.JSONLog
-	var peers staticPeers
-	g1, gw1 := startReplica(t, &peers, gateway.Options{Registerer: reg, Logger: log.Logger()})
-	startAgent(t, g1, gw1, startBackend(t), "site-a", 1)
+	r1 := startReplica(t, "gw-1", gateway.Options{Registerer: reg, Logger: log.Logger()})
+	startAgent(t, r1.g, r1.callers, startBackend(t), "site-a", 1)
 	g2, gw2 := startGateway(t, gateway.Options{}) // no cluster token
 	startAgent(t, g2, gw2, startBackend(t), "site-a", 1)
+	peerPort2 := servePeerPort(t, g2)
 
 	for _, c := range []struct {
 		name, token string
 		conn        *grpc.ClientConn
+		want        string
 	}{
-		{"wrong token", "not-" + clusterToken, gw1},
-		{"empty token", "", gw1},
-		{"no cluster token configured", clusterToken, gw2},
+		{"wrong token", "not-" + clusterToken, r1.peer.Conn.(*grpc.ClientConn), "not a replica of this cluster"},
+		{"empty token", "", r1.peer.Conn.(*grpc.ClientConn), "not a replica of this cluster"},
+		{"the right token on the callers' port", clusterToken, r1.callers, "not a replica of this cluster"},
+		{"a caller on the peer port", "", r1.peer.Conn.(*grpc.ClientConn), "this is a peer port"},
+		{"no cluster token configured", clusterToken, peerPort2, "not a replica of this cluster"},
 	} {
-		ctx := metadata.AppendToOutgoingContext(context.Background(), gateway.PeerHeader, c.token)
+		ctx := context.Background()
+		if c.want != "this is a peer port" {
+			ctx = metadata.AppendToOutgoingContext(ctx, gateway.PeerHeader, c.token)
+		}
 		_, err := grpchantesting.NewTestServiceClient(keyed(c.conn, "site-a")).Unary(ctx, &grpchantesting.Message{})
-		if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "grpctunnel gateway: not a replica of this cluster") {
-			t.Errorf("%s: %v; want PermissionDenied, not a replica", c.name, err)
+		if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "grpctunnel gateway: "+c.want) {
+			t.Errorf("%s: %v; want PermissionDenied, %s", c.name, err, c.want)
 		}
 	}
-	if n := samples(t, reg)[refused("caller", gateway.ReasonBadToken)]; n != 2 {
-		t.Errorf("refused callers with a bad token: %v, want 2", n)
+	if n := samples(t, reg)[refused("caller", gateway.ReasonBadToken)]; n != 4 {
+		t.Errorf("refused callers with a bad token: %v, want 4", n)
 	}
 	if !logged(t, &log, "caller refused", gateway.ReasonBadToken) {
 		t.Errorf("no refusal logged: %s", log.String())
 	}
 
-	// The right token goes through.
+	// The right token on the peer port goes through.
 	ctx := metadata.AppendToOutgoingContext(context.Background(), gateway.PeerHeader, clusterToken)
-	if _, err := grpchantesting.NewTestServiceClient(keyed(gw1, "site-a")).Unary(ctx, &grpchantesting.Message{}); err != nil {
+	if _, err := grpchantesting.NewTestServiceClient(keyed(r1.peer.Conn, "site-a")).Unary(ctx, &grpchantesting.Message{}); err != nil {
 		t.Errorf("a call with the cluster's token: %v", err)
 	}
 }
@@ -180,15 +255,14 @@ func TestPeerHeaderNeedsTheClusterToken(t *testing.T) {
 // replica that holds the agent.
 func TestCallIsAuthorizedOnTheFirstReplicaOnly(t *testing.T) {
 	var first, second atomic.Int64
-	var peers1, peers2 staticPeers
-	g1, gw1 := startReplica(t, &peers1, gateway.Options{
+	r1 := startReplica(t, "gw-1", gateway.Options{
 		AuthorizeCall: func(context.Context, string, []string) error {
 			second.Add(1)
 			return status.Error(codes.PermissionDenied, "the holding replica authorized the call")
 		},
 	})
 	allow := atomic.Bool{}
-	_, gw2 := startReplica(t, &peers2, gateway.Options{
+	r2 := startReplica(t, "gw-2", gateway.Options{
 		AuthorizeCall: func(context.Context, string, []string) error {
 			first.Add(1)
 			if !allow.Load() {
@@ -197,9 +271,9 @@ func TestCallIsAuthorizedOnTheFirstReplicaOnly(t *testing.T) {
 			return nil
 		},
 	})
-	startAgent(t, g1, gw1, startBackend(t), "site-a", 1)
-	peers2.set("site-a", gateway.Peer{ID: "gw-1", Conn: gw1})
-	client := grpchantesting.NewTestServiceClient(keyed(gw2, "site-a"))
+	startAgent(t, r1.g, r1.callers, startBackend(t), "site-a", 1)
+	r2.cluster.set("site-a", r1.peer)
+	client := grpchantesting.NewTestServiceClient(keyed(r2.callers, "site-a"))
 
 	_, err := client.Unary(context.Background(), &grpchantesting.Message{})
 	if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "refused by the first replica") {
@@ -217,21 +291,119 @@ func TestCallIsAuthorizedOnTheFirstReplicaOnly(t *testing.T) {
 // A holder that cannot be reached is named in the caller's error; when
 // another holder can take the call, it does.
 func TestUnreachableReplicaIsNamed(t *testing.T) {
-	var peers1, peers2 staticPeers
-	g1, gw1 := startReplica(t, &peers1, gateway.Options{})
-	_, gw2 := startReplica(t, &peers2, gateway.Options{})
-	startAgent(t, g1, gw1, startBackend(t), "site-a", 1)
+	r1 := startReplica(t, "gw-1", gateway.Options{})
+	r2 := startReplica(t, "gw-2", gateway.Options{})
+	startAgent(t, r1.g, r1.callers, startBackend(t), "site-a", 1)
 	down := gateway.Peer{ID: "gw-b", Conn: downConn(t)}
-	client := grpchantesting.NewTestServiceClient(keyed(gw2, "site-a"))
+	client := grpchantesting.NewTestServiceClient(keyed(r2.callers, "site-a"))
 
-	peers2.set("site-a", down)
+	r2.cluster.set("site-a", down)
 	_, err := client.Unary(context.Background(), &grpchantesting.Message{})
 	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), `grpctunnel gateway: replica gw-b holding agent "site-a" is unreachable: `) {
 		t.Errorf("a call whose only holder is down: %v; want Unavailable naming gw-b", err)
 	}
 
-	peers2.set("site-a", down, gateway.Peer{ID: "gw-1", Conn: gw1})
+	r2.cluster.set("site-a", down, r1.peer)
 	if _, err := client.Unary(context.Background(), &grpchantesting.Message{}); err != nil {
 		t.Errorf("a call whose first holder is down and second is up: %v", err)
+	}
+}
+
+// A fan-out names agents held by different replicas: each result comes
+// from its own agent, labelled with its key, whichever replica holds it.
+func TestFanOutAcrossReplicas(t *testing.T) {
+	r1 := startReplica(t, "gw-1", gateway.Options{})
+	r2 := startReplica(t, "gw-2", gateway.Options{})
+	backend := startBackend(t)
+	startAgent(t, r1.g, r1.callers, backend, "a", 1)
+	startAgent(t, r2.g, r2.callers, backend, "b", 1)
+	r2.cluster.set("a", r1.peer)
+
+	got := fanOut(t, r2.callers, "a,b", "gone")
+	want := map[string]string{"a": "ping", "b": "ping", "gone": "Unavailable"}
+	if len(got) != len(want) {
+		t.Fatalf("results %v, want %v", got, want)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("result of %s: %q, want %q", k, got[k], v)
+		}
+	}
+}
+
+// A replica tells its cluster of each tunnel it opens and closes, and
+// names itself to the agent in the response header of each tunnel.
+func TestReplicaHoldsItsTunnels(t *testing.T) {
+	r1 := startReplica(t, "gw-1", gateway.Options{})
+	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), gateway.DefaultKeyHeader, "site-a"))
+	defer cancel()
+	stream, err := tunnelpb.NewTunnelServiceClient(r1.callers).OpenReverseTunnel(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	header, err := stream.Header()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := header.Get(replica.Header); len(got) != 1 || got[0] != "gw-1" {
+		t.Errorf("replica header of the tunnel: %v, want gw-1", got)
+	}
+	testkit.WaitFor(t, func() bool { return r1.cluster.heldBy("site-a") == 1 })
+	cancel()
+	testkit.WaitFor(t, func() bool { return r1.cluster.heldBy("site-a") == 0 })
+
+	// A gateway alone names no replica.
+	_, gw := startGateway(t, gateway.Options{})
+	ctx2, cancel2 := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), gateway.DefaultKeyHeader, "site-a"))
+	defer cancel2()
+	stream, err = tunnelpb.NewTunnelServiceClient(gw).OpenReverseTunnel(ctx2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if header, err = stream.Header(); err != nil || len(header.Get(replica.Header)) != 0 {
+		t.Errorf("a gateway alone: header %v, err %v; want no replica header", header, err)
+	}
+}
+
+// ListAgents on any replica lists the agents of the whole cluster, each
+// tunnel with the replica that holds it, and names a replica that did not
+// answer.
+func TestListAgentsCoversTheCluster(t *testing.T) {
+	r1 := startReplica(t, "gw-1", gateway.Options{})
+	r2 := startReplica(t, "gw-2", gateway.Options{})
+	backend := startBackend(t)
+	startAgent(t, r1.g, r1.callers, backend, "a", 1)
+	startAgent(t, r2.g, r2.callers, backend, "a", 1)
+	startAgent(t, r2.g, r2.callers, backend, "b", 1)
+	r1.cluster.set("b", r2.peer)
+
+	resp, err := adminpb.NewAdminServiceClient(r1.callers).ListAgents(context.Background(), &adminpb.ListAgentsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, a := range resp.GetAgents() {
+		for _, tn := range a.GetTunnels() {
+			got = append(got, a.GetKey()+"@"+tn.GetReplica())
+		}
+	}
+	slices.Sort(got)
+	if want := []string{"a@gw-1", "a@gw-2", "b@gw-2"}; !slices.Equal(got, want) {
+		t.Errorf("ListAgents on gw-1: %v, want %v", got, want)
+	}
+	if len(resp.GetUnreachableReplicas()) != 0 {
+		t.Errorf("unreachable replicas: %v", resp.GetUnreachableReplicas())
+	}
+
+	r1.cluster.set("c", gateway.Peer{ID: "gw-down", Conn: downConn(t)})
+	resp, err = adminpb.NewAdminServiceClient(r1.callers).ListAgents(context.Background(), &adminpb.ListAgentsRequest{Key: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(resp.GetAgents()); n != 1 || len(resp.GetAgents()[0].GetTunnels()) != 2 {
+		t.Errorf("ListAgents for key a: %v, want one agent with two tunnels", resp.GetAgents())
+	}
+	if u := resp.GetUnreachableReplicas(); len(u) != 1 || u[0].GetReplica() != "gw-down" || u[0].GetError() == "" {
+		t.Errorf("unreachable replicas: %v, want gw-down with its error", u)
 	}
 }

@@ -27,9 +27,10 @@ const maxFanout = 100
 // one that names an agent that is not connected with Unavailable, both
 // saying so, so that a caller can tell a typo from an outage.
 //
-// With Options.Peers, a call naming one agent this replica holds no
-// tunnel for goes to a replica that holds one, unless another replica
-// forwarded it here: a call crosses at most one hop between replicas.
+// With Options.Cluster, a call for an agent this replica holds no tunnel
+// for goes to a replica that holds one (each such agent of a fan-out to
+// its own), unless another replica forwarded it here: a call crosses at
+// most one hop between replicas.
 func (g *Gateway) RouteByKey(ctx context.Context, call *proxy.Call) (proxy.Route, error) {
 	keys := g.keys(ctx)
 	if len(keys) == 0 {
@@ -41,20 +42,18 @@ func (g *Gateway) RouteByKey(ctx context.Context, call *proxy.Call) (proxy.Route
 	}
 	route := proxy.Route{Metadata: g.outgoing(ctx)}
 	for _, key := range keys {
-		ch := g.Agent(key)
-		if len(keys) == 1 && !g.agents.has(key) {
-			// handle has refused a peer header without the cluster's
-			// token, so one present here is a replica's.
-			if len(metadata.ValueFromIncomingContext(ctx, PeerHeader)) == 0 {
-				if route, ok := g.viaPeers(ctx, key); ok {
-					return route, nil
-				}
+		if !g.agents.has(key) {
+			if b, ok := g.viaPeers(ctx, key); ok {
+				route.Backends = append(route.Backends, b)
+				continue
 			}
-			return proxy.Route{}, status.Errorf(codes.Unavailable, "grpctunnel gateway: no agent is connected with %s %s", g.keyHeader, errtext.Quote(key))
+			if len(keys) == 1 {
+				return proxy.Route{}, status.Errorf(codes.Unavailable, "grpctunnel gateway: no agent is connected with %s %s", g.keyHeader, errtext.Quote(key))
+			}
 		}
 		// When fanning out, a missing agent is one labelled error among
 		// the results; the tunnel library reports it as Unavailable.
-		route.Backends = append(route.Backends, proxy.Backend{Name: key, Conn: ch})
+		route.Backends = append(route.Backends, proxy.Backend{Name: key, Conn: g.Agent(key)})
 	}
 	return route, nil
 }

@@ -76,10 +76,14 @@ func (x *ListAgentsRequest) GetKey() string {
 // ListAgentsResponse lists connected agents.
 type ListAgentsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The agents, sorted by key.
-	Agents        []*Agent `protobuf:"bytes,1,rep,name=agents,proto3" json:"agents,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// The agents, sorted by key. A gateway that is one replica of a cluster
+	// lists the agents of every replica that answered.
+	Agents []*Agent `protobuf:"bytes,1,rep,name=agents,proto3" json:"agents,omitempty"`
+	// The replicas of the cluster that did not answer in time: their tunnels
+	// are missing from agents.
+	UnreachableReplicas []*ReplicaFailure `protobuf:"bytes,2,rep,name=unreachable_replicas,json=unreachableReplicas,proto3" json:"unreachable_replicas,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *ListAgentsResponse) Reset() {
@@ -119,6 +123,68 @@ func (x *ListAgentsResponse) GetAgents() []*Agent {
 	return nil
 }
 
+func (x *ListAgentsResponse) GetUnreachableReplicas() []*ReplicaFailure {
+	if x != nil {
+		return x.UnreachableReplicas
+	}
+	return nil
+}
+
+// ReplicaFailure is a replica that could not be asked for its agents.
+type ReplicaFailure struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The replica's id.
+	Replica string `protobuf:"bytes,1,opt,name=replica,proto3" json:"replica,omitempty"`
+	// Why it could not be asked.
+	Error         string `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReplicaFailure) Reset() {
+	*x = ReplicaFailure{}
+	mi := &file_grpctunnel_admin_v1_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReplicaFailure) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReplicaFailure) ProtoMessage() {}
+
+func (x *ReplicaFailure) ProtoReflect() protoreflect.Message {
+	mi := &file_grpctunnel_admin_v1_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReplicaFailure.ProtoReflect.Descriptor instead.
+func (*ReplicaFailure) Descriptor() ([]byte, []int) {
+	return file_grpctunnel_admin_v1_admin_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ReplicaFailure) GetReplica() string {
+	if x != nil {
+		return x.Replica
+	}
+	return ""
+}
+
+func (x *ReplicaFailure) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 // Agent is everything connected under one key. Several processes may share
 // a key; each call for the key goes to the least loaded of all their
 // tunnels, round-robin among equals.
@@ -134,7 +200,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_grpctunnel_admin_v1_admin_proto_msgTypes[2]
+	mi := &file_grpctunnel_admin_v1_admin_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -146,7 +212,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_grpctunnel_admin_v1_admin_proto_msgTypes[2]
+	mi := &file_grpctunnel_admin_v1_admin_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -159,7 +225,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_grpctunnel_admin_v1_admin_proto_rawDescGZIP(), []int{2}
+	return file_grpctunnel_admin_v1_admin_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Agent) GetKey() string {
@@ -195,13 +261,16 @@ type Tunnel struct {
 	// framing are not counted.
 	BytesSent     uint64 `protobuf:"varint,6,opt,name=bytes_sent,json=bytesSent,proto3" json:"bytes_sent,omitempty"`
 	BytesReceived uint64 `protobuf:"varint,7,opt,name=bytes_received,json=bytesReceived,proto3" json:"bytes_received,omitempty"`
+	// The id of the gateway replica holding the tunnel; empty for a gateway
+	// that is not part of a cluster.
+	Replica       string `protobuf:"bytes,8,opt,name=replica,proto3" json:"replica,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Tunnel) Reset() {
 	*x = Tunnel{}
-	mi := &file_grpctunnel_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_grpctunnel_admin_v1_admin_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -213,7 +282,7 @@ func (x *Tunnel) String() string {
 func (*Tunnel) ProtoMessage() {}
 
 func (x *Tunnel) ProtoReflect() protoreflect.Message {
-	mi := &file_grpctunnel_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_grpctunnel_admin_v1_admin_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -226,7 +295,7 @@ func (x *Tunnel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tunnel.ProtoReflect.Descriptor instead.
 func (*Tunnel) Descriptor() ([]byte, []int) {
-	return file_grpctunnel_admin_v1_admin_proto_rawDescGZIP(), []int{3}
+	return file_grpctunnel_admin_v1_admin_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Tunnel) GetPeer() string {
@@ -278,18 +347,29 @@ func (x *Tunnel) GetBytesReceived() uint64 {
 	return 0
 }
 
+func (x *Tunnel) GetReplica() string {
+	if x != nil {
+		return x.Replica
+	}
+	return ""
+}
+
 var File_grpctunnel_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_grpctunnel_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"\x1fgrpctunnel/admin/v1/admin.proto\x12\x13grpctunnel.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n" +
 	"\x11ListAgentsRequest\x12\x10\n" +
-	"\x03key\x18\x01 \x01(\tR\x03key\"H\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\"\xa0\x01\n" +
 	"\x12ListAgentsResponse\x122\n" +
-	"\x06agents\x18\x01 \x03(\v2\x1a.grpctunnel.admin.v1.AgentR\x06agents\"P\n" +
+	"\x06agents\x18\x01 \x03(\v2\x1a.grpctunnel.admin.v1.AgentR\x06agents\x12V\n" +
+	"\x14unreachable_replicas\x18\x02 \x03(\v2#.grpctunnel.admin.v1.ReplicaFailureR\x13unreachableReplicas\"@\n" +
+	"\x0eReplicaFailure\x12\x18\n" +
+	"\areplica\x18\x01 \x01(\tR\areplica\x12\x14\n" +
+	"\x05error\x18\x02 \x01(\tR\x05error\"P\n" +
 	"\x05Agent\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x125\n" +
-	"\atunnels\x18\x02 \x03(\v2\x1b.grpctunnel.admin.v1.TunnelR\atunnels\"\x83\x02\n" +
+	"\atunnels\x18\x02 \x03(\v2\x1b.grpctunnel.admin.v1.TunnelR\atunnels\"\x9d\x02\n" +
 	"\x06Tunnel\x12\x12\n" +
 	"\x04peer\x18\x01 \x01(\tR\x04peer\x127\n" +
 	"\topened_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\bopenedAt\x12\x1a\n" +
@@ -298,7 +378,8 @@ const file_grpctunnel_admin_v1_admin_proto_rawDesc = "" +
 	"\x0fstreams_started\x18\x05 \x01(\x04R\x0estreamsStarted\x12\x1d\n" +
 	"\n" +
 	"bytes_sent\x18\x06 \x01(\x04R\tbytesSent\x12%\n" +
-	"\x0ebytes_received\x18\a \x01(\x04R\rbytesReceived2m\n" +
+	"\x0ebytes_received\x18\a \x01(\x04R\rbytesReceived\x12\x18\n" +
+	"\areplica\x18\b \x01(\tR\areplica2m\n" +
 	"\fAdminService\x12]\n" +
 	"\n" +
 	"ListAgents\x12&.grpctunnel.admin.v1.ListAgentsRequest\x1a'.grpctunnel.admin.v1.ListAgentsResponseB2Z0github.com/grpctunnel/grpctunnel/gateway/adminpbb\x06proto3"
@@ -315,25 +396,27 @@ func file_grpctunnel_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_grpctunnel_admin_v1_admin_proto_rawDescData
 }
 
-var file_grpctunnel_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_grpctunnel_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_grpctunnel_admin_v1_admin_proto_goTypes = []any{
 	(*ListAgentsRequest)(nil),     // 0: grpctunnel.admin.v1.ListAgentsRequest
 	(*ListAgentsResponse)(nil),    // 1: grpctunnel.admin.v1.ListAgentsResponse
-	(*Agent)(nil),                 // 2: grpctunnel.admin.v1.Agent
-	(*Tunnel)(nil),                // 3: grpctunnel.admin.v1.Tunnel
-	(*timestamppb.Timestamp)(nil), // 4: google.protobuf.Timestamp
+	(*ReplicaFailure)(nil),        // 2: grpctunnel.admin.v1.ReplicaFailure
+	(*Agent)(nil),                 // 3: grpctunnel.admin.v1.Agent
+	(*Tunnel)(nil),                // 4: grpctunnel.admin.v1.Tunnel
+	(*timestamppb.Timestamp)(nil), // 5: google.protobuf.Timestamp
 }
 var file_grpctunnel_admin_v1_admin_proto_depIdxs = []int32{
-	2, // 0: grpctunnel.admin.v1.ListAgentsResponse.agents:type_name -> grpctunnel.admin.v1.Agent
-	3, // 1: grpctunnel.admin.v1.Agent.tunnels:type_name -> grpctunnel.admin.v1.Tunnel
-	4, // 2: grpctunnel.admin.v1.Tunnel.opened_at:type_name -> google.protobuf.Timestamp
-	0, // 3: grpctunnel.admin.v1.AdminService.ListAgents:input_type -> grpctunnel.admin.v1.ListAgentsRequest
-	1, // 4: grpctunnel.admin.v1.AdminService.ListAgents:output_type -> grpctunnel.admin.v1.ListAgentsResponse
-	4, // [4:5] is the sub-list for method output_type
-	3, // [3:4] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	3, // 0: grpctunnel.admin.v1.ListAgentsResponse.agents:type_name -> grpctunnel.admin.v1.Agent
+	2, // 1: grpctunnel.admin.v1.ListAgentsResponse.unreachable_replicas:type_name -> grpctunnel.admin.v1.ReplicaFailure
+	4, // 2: grpctunnel.admin.v1.Agent.tunnels:type_name -> grpctunnel.admin.v1.Tunnel
+	5, // 3: grpctunnel.admin.v1.Tunnel.opened_at:type_name -> google.protobuf.Timestamp
+	0, // 4: grpctunnel.admin.v1.AdminService.ListAgents:input_type -> grpctunnel.admin.v1.ListAgentsRequest
+	1, // 5: grpctunnel.admin.v1.AdminService.ListAgents:output_type -> grpctunnel.admin.v1.ListAgentsResponse
+	5, // [5:6] is the sub-list for method output_type
+	4, // [4:5] is the sub-list for method input_type
+	4, // [4:4] is the sub-list for extension type_name
+	4, // [4:4] is the sub-list for extension extendee
+	0, // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_grpctunnel_admin_v1_admin_proto_init() }
@@ -347,7 +430,7 @@ func file_grpctunnel_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_grpctunnel_admin_v1_admin_proto_rawDesc), len(file_grpctunnel_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -33,7 +33,8 @@ const (
 // AdminService describes the state of a gateway.
 type AdminServiceClient interface {
 	// ListAgents returns the agents connected now, one entry per key, sorted
-	// by key, each with its open tunnels.
+	// by key, each with its open tunnels; on a replica of a cluster, those of
+	// the whole cluster.
 	ListAgents(ctx context.Context, in *ListAgentsRequest, opts ...grpc.CallOption) (*ListAgentsResponse, error)
 }
 
@@ -62,7 +63,8 @@ func (c *adminServiceClient) ListAgents(ctx context.Context, in *ListAgentsReque
 // AdminService describes the state of a gateway.
 type AdminServiceServer interface {
 	// ListAgents returns the agents connected now, one entry per key, sorted
-	// by key, each with its open tunnels.
+	// by key, each with its open tunnels; on a replica of a cluster, those of
+	// the whole cluster.
 	ListAgents(context.Context, *ListAgentsRequest) (*ListAgentsResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
