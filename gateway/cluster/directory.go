@@ -24,7 +24,7 @@ const (
 	// to a dead replica for less time, at the price of more keepalives.
 	DefaultTTL = 10 * time.Second
 	// DefaultCluster is the cluster name used when Options.Cluster is empty.
-	DefaultCluster = "default"
+	DefaultCluster = "grpctunnel"
 	// DefaultProbeInterval is how often a replica checks that etcd answers.
 	DefaultProbeInterval = time.Second
 )
@@ -45,8 +45,8 @@ type Options struct {
 	// Cluster names the set of replicas that share a directory; replicas of
 	// different clusters may share one etcd. Default DefaultCluster.
 	Cluster string
-	// Prefix is the etcd key prefix of the directory. Default
-	// "/grpctunnel/" + Cluster. A trailing '/' is ignored.
+	// Prefix is the etcd key prefix of the directory. Default "/" +
+	// Cluster. A trailing '/' is ignored.
 	Prefix string
 	// ReplicaID identifies this replica in the directory. It must be unique
 	// among the live replicas of the cluster. Default: a random id, which is
@@ -132,7 +132,7 @@ func Join(ctx context.Context, cli *clientv3.Client, opts Options) (*Directory, 
 		opts.Cluster = DefaultCluster
 	}
 	if opts.Prefix == "" {
-		opts.Prefix = "/grpctunnel/" + opts.Cluster
+		opts.Prefix = "/" + opts.Cluster
 	}
 	opts.Prefix = strings.TrimRight(opts.Prefix, "/")
 	if opts.ReplicaID == "" {

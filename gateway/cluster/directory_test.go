@@ -86,11 +86,11 @@ func TestThreeReplicas(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, r3, 5*time.Second, "escaped tunnel", func() bool { return hasHolder(r3, agent, "r1") })
-	got, err := cli.Get(ctx, "/grpctunnel/test/tunnels/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	got, err := cli.Get(ctx, "/test/tunnels/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(got.Kvs) != 1 || string(got.Kvs[0].Key) != "/grpctunnel/test/tunnels/tenant%2Fagent%201%3Fx=%252F/r1/t%2F2" {
+	if len(got.Kvs) != 1 || string(got.Kvs[0].Key) != "/test/tunnels/tenant%2Fagent%201%3Fx=%252F/r1/t%2F2" {
 		t.Errorf("keys = %q", got.Kvs)
 	}
 

@@ -14,7 +14,8 @@
 // saying so its entries vanish after the TTL, and when it calls
 // [Directory.Close] the lease is revoked and they vanish at once.
 //
-// The keys, under a prefix that defaults to "/grpctunnel/" + the cluster name:
+// The keys, under a prefix that defaults to "/" + the cluster name
+// ("/grpctunnel" unless [Options.Cluster] names another):
 //
 //	<prefix>/replicas/<replicaID>                      = {"addr":"10.0.0.7:7443"}  (lease of replicaID)
 //	<prefix>/tunnels/<agentKey>/<replicaID>/<tunnelID> = ""                       (lease of replicaID)

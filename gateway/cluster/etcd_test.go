@@ -5,16 +5,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
-	"net/url"
 	"os"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/goleak"
-	"go.uber.org/zap"
+
+	"github.com/grpctunnel/grpctunnel/internal/embedetcd"
 )
 
 func TestMain(m *testing.M) {
@@ -24,80 +22,33 @@ func TestMain(m *testing.M) {
 // testEtcd is a one-member embedded etcd on loopback that a test can stop and
 // start again on the same data directory and ports, to play an outage.
 type testEtcd struct {
-	t    *testing.T
-	cfg  *embed.Config
-	e    *embed.Etcd
+	t *testing.T
+	*embedetcd.Server
 	addr string // client URL
-}
-
-// freeURL returns an http URL on a loopback port that was free a moment ago.
-// The port is reused across restarts, which is why it is picked here rather
-// than left to the server.
-func freeURL(t *testing.T) url.URL {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	_ = l.Close()
-	return url.URL{Scheme: "http", Host: addr}
 }
 
 func startEtcd(t *testing.T) *testEtcd {
 	t.Helper()
-	cfg := embed.NewConfig()
-	cfg.Name = "test"
-	cfg.Dir = t.TempDir()
-	cfg.LogLevel = "error"
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	cu, pu := freeURL(t), freeURL(t)
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
-	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
-	te := &testEtcd{t: t, cfg: cfg, addr: cu.String()}
-	te.start()
-	t.Cleanup(te.stop)
-	return te
+	s, err := embedetcd.Start(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Stop)
+	return &testEtcd{t: t, Server: s, addr: s.URL}
 }
 
 func (te *testEtcd) start() {
 	te.t.Helper()
-	var err error
-	// A port just released by a stopped server may still be busy for a
-	// moment; try a few times.
-	for i := 0; i < 50; i++ {
-		te.e, err = embed.StartEtcd(te.cfg)
-		if err == nil {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if err != nil {
-		te.t.Fatalf("start etcd: %v", err)
-	}
-	select {
-	case <-te.e.Server.ReadyNotify():
-	case <-time.After(20 * time.Second):
-		te.e.Close()
-		te.t.Fatal("etcd not ready")
+	if err := te.Restart(context.Background()); err != nil {
+		te.t.Fatal(err)
 	}
 }
 
-func (te *testEtcd) stop() {
-	if te.e != nil {
-		te.e.Close()
-		te.e = nil
-	}
-}
+func (te *testEtcd) stop() { te.Stop() }
 
 func (te *testEtcd) client(t *testing.T) *clientv3.Client {
 	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   []string{te.addr},
-		DialTimeout: 2 * time.Second,
-		Logger:      zap.NewNop(),
-	})
+	cli, err := te.Client()
 	if err != nil {
 		t.Fatal(err)
 	}
