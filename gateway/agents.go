@@ -19,6 +19,9 @@ import (
 type agentSet struct {
 	mu    sync.Mutex
 	byKey map[string][]*agentTunnel // each oldest first
+	// withdrawn is set once the replica has withdrawn from its cluster:
+	// no tunnel is recorded in the directory any more.
+	withdrawn bool
 }
 
 // agentTunnel is what the gateway knows of one open tunnel.
@@ -36,10 +39,15 @@ func newAgentSet() *agentSet {
 	return &agentSet{byKey: make(map[string][]*agentTunnel)}
 }
 
-// add records t and returns how many tunnels its key has now.
-func (s *agentSet) add(t *agentTunnel) int {
+// add records t and returns how many tunnels its key has now; hold, if
+// set, records it in the cluster's directory too, unless the replica has
+// withdrawn.
+func (s *agentSet) add(t *agentTunnel, hold func(key string) func()) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if hold != nil && !s.withdrawn {
+		t.release = hold(t.key)
+	}
 	s.byKey[t.key] = append(s.byKey[t.key], t)
 	return len(s.byKey[t.key])
 }
@@ -64,6 +72,21 @@ func (s *agentSet) remove(ch tunnel.TunnelChannel) (*agentTunnel, int) {
 		}
 	}
 	return nil, 0
+}
+
+// releaseAll withdraws every tunnel from the cluster's directory, and
+// keeps the tunnels added later out of it.
+func (s *agentSet) releaseAll() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.withdrawn = true
+	for _, ts := range s.byKey {
+		for _, t := range ts {
+			if t.release != nil {
+				t.release()
+			}
+		}
+	}
 }
 
 // has reports whether an agent with key has a tunnel open.
@@ -110,12 +133,11 @@ func (g *Gateway) opened(ch tunnel.TunnelChannel) {
 		t.peer = p.Addr.String()
 		t.identity = identity(p.AuthInfo)
 	}
+	var hold func(string) func()
 	if g.cluster != nil {
-		// Before the tunnel is listed: a tunnel closed at once may find
-		// its release already set, never the other way round.
-		t.release = g.cluster.Hold(t.key)
+		hold = g.cluster.Hold
 	}
-	n := g.agents.add(t)
+	n := g.agents.add(t, hold)
 	if g.metrics != nil {
 		g.metrics.tunnelOpened(t.key)
 	}

@@ -6,6 +6,7 @@ import (
 	"math"
 	"slices"
 	"strings"
+	"sync/atomic"
 
 	"github.com/fullstorydev/grpchan"
 	"github.com/prometheus/client_golang/prometheus"
@@ -190,6 +191,9 @@ type Gateway struct {
 	maxMsg int
 	// window is Options.WindowSize.
 	window int
+	// withdrawn is set by Withdraw: this replica takes no new tunnels
+	// and sends new calls to the other replicas where it can.
+	withdrawn atomic.Bool
 }
 
 // New returns a gateway configured by opts. It fails only if the metrics
@@ -332,10 +336,31 @@ func (g *Gateway) self() string {
 // Shutdown starts draining the gateway: health reports NOT_SERVING, agents
 // may not open new tunnels, and each tunnel ends once its calls are done
 // (agents then reconnect, to another gateway if there is one). It returns
-// at once; grpc.Server.GracefulStop waits for the rest.
+// at once; grpc.Server.GracefulStop waits for the rest. A replica of a
+// cluster calls Withdraw first.
 func (g *Gateway) Shutdown() {
-	g.health.Shutdown()
+	g.Withdraw()
 	g.handler.InitiateShutdown()
+}
+
+// Serving reports whether the gateway takes new calls and tunnels: true
+// until Withdraw or Shutdown.
+func (g *Gateway) Serving() bool { return !g.withdrawn.Load() }
+
+// Withdraw is the first step of a replica's drain: health reports
+// NOT_SERVING, its tunnels leave the cluster's directory (Cluster.Hold's
+// releases), so that the other replicas stop forwarding calls here, it
+// refuses new tunnels as a server shutting down does, and it sends new
+// calls for agents that other replicas hold there too, while its own
+// tunnels still serve the rest. Wait until the other replicas have seen
+// the directory change, then call Shutdown: a call forwarded here after
+// the tunnels drain could not be served. It is idempotent.
+func (g *Gateway) Withdraw() {
+	if g.withdrawn.Swap(true) {
+		return
+	}
+	g.health.Shutdown()
+	g.agents.releaseAll()
 }
 
 // handle serves every call but the agents' tunnels: the gateway's own
@@ -426,6 +451,11 @@ func (g *Gateway) vetTunnel(srv any, ss grpc.ServerStream, info *grpc.StreamServ
 	case tunnelpb.TunnelService_OpenReverseTunnel_FullMethodName, tunnelpb.TunnelService_OpenTunnel_FullMethodName:
 	default:
 		return handler(srv, ss)
+	}
+	if g.withdrawn.Load() {
+		// The tunnel library's own refusal while it shuts down: an
+		// agent tries again soon, and elsewhere.
+		return errShuttingDown
 	}
 	admitted := false
 	err := g.checkTunnel(srv, ss, info, func(srv any, ss grpc.ServerStream) error {

@@ -37,8 +37,9 @@ type Cluster interface {
 	Self() string
 	// Hold records that this replica holds one more tunnel for key, so
 	// that the other replicas forward calls for key here; release
-	// records that the tunnel closed. It is called as a tunnel opens
-	// and must not block on the network.
+	// records that the tunnel closed, or that the replica withdrew it
+	// (see Gateway.Withdraw), and may be called more than once. It is
+	// called as a tunnel opens and must not block on the network.
 	Hold(key string) (release func())
 	// Holders returns the other replicas that hold tunnels for key, best
 	// first; none if no other replica does. It is called on every call
@@ -64,6 +65,10 @@ type Peer struct {
 // errNotReplica refuses a call that claims to come from a replica but
 // does not carry this cluster's token, or comes to the callers' port.
 var errNotReplica = status.Error(codes.PermissionDenied, "grpctunnel gateway: not a replica of this cluster")
+
+// errShuttingDown refuses a tunnel once the gateway has withdrawn, in the
+// words agents take for a restart (see tunnel.ServeWithReconnect).
+var errShuttingDown = status.Error(codes.Unavailable, "grpctunnel: server is shutting down")
 
 // errPeerPortOnly refuses a caller's call on the peer port.
 var errPeerPortOnly = status.Error(codes.PermissionDenied, "grpctunnel gateway: this is a peer port, for the replicas of the cluster only; call the gateway's own address")

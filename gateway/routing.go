@@ -42,12 +42,14 @@ func (g *Gateway) RouteByKey(ctx context.Context, call *proxy.Call) (proxy.Route
 	}
 	route := proxy.Route{Metadata: g.outgoing(ctx)}
 	for _, key := range keys {
-		if !g.agents.has(key) {
+		// A withdrawn replica's tunnels are draining: what others hold
+		// is better.
+		if !g.agents.has(key) || g.withdrawn.Load() {
 			if b, ok := g.viaPeers(ctx, key); ok {
 				route.Backends = append(route.Backends, b)
 				continue
 			}
-			if len(keys) == 1 {
+			if len(keys) == 1 && !g.agents.has(key) {
 				return proxy.Route{}, status.Errorf(codes.Unavailable, "grpctunnel gateway: no agent is connected with %s %s", g.keyHeader, errtext.Quote(key))
 			}
 		}

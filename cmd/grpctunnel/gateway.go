@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"flag"
 	"io"
 	"log/slog"
@@ -73,6 +74,7 @@ type gatewayConfig struct {
 	maxStreams   int
 	windowSize   int
 	accessLog    bool
+	cluster      clusterFlags
 	// reload is what SIGHUP reloads; startGateway registers the files
 	// with it. nil, as in the demo, for none.
 	reload *reloader
@@ -110,6 +112,9 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	if msg := cfg.keepalive.check(); msg != "" {
 		return c.fail("%s", msg)
 	}
+	if msg := cfg.cluster.check(cfg.tlsCert != "", cfg.clientCA); msg != "" {
+		return c.fail("%s", msg)
+	}
 	log := logs.logger(stderr)
 
 	// SIGHUP is taken before the gateway starts, so that one sent as soon
@@ -142,6 +147,7 @@ type gatewayServer struct {
 	srv     *grpc.Server
 	addr    net.Addr
 	metrics *opsServer // nil without --metrics
+	replica *replica   // nil without --etcd
 	log     *slog.Logger
 	failed  chan error    // a server that stopped on its own
 	done    chan struct{} // closed when the gRPC server has returned
@@ -211,20 +217,38 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 		opts.Registerer = reg
 	}
+	var tlsCfg *tls.Config
+	loadTLS := func() (*tls.Config, error) { return serverTLS(cfg.tlsCert, cfg.tlsKey, cfg.clientCA) }
+	if cfg.tlsCert != "" {
+		var err error
+		if tlsCfg, err = loadTLS(); err != nil {
+			return nil, err
+		}
+	}
+	var member *replica
+	if cfg.cluster.etcd != "" {
+		var err error
+		if member, err = joinCluster(cfg.cluster, tlsCfg, cfg.clientCA, log); err != nil {
+			return nil, err
+		}
+		opts.Cluster = member.peering
+		opts.ClusterToken = member.token
+		if reg != nil {
+			member.register(reg)
+		}
+	}
 	g, err := gateway.New(opts)
 	if err != nil {
+		if member != nil {
+			member.stop(context.Background(), 0)
+		}
 		return nil, err
 	}
 
 	serverOpts := append(g.ServerOptions(), grpc.KeepaliveParams(cfg.keepalive.serverParams()), grpc.KeepaliveEnforcementPolicy(gatewayPingLimit))
-	if cfg.tlsCert != "" {
-		load := func() (*tls.Config, error) { return serverTLS(cfg.tlsCert, cfg.tlsKey, cfg.clientCA) }
-		tlsCfg, err := load()
-		if err != nil {
-			return nil, err
-		}
+	if tlsCfg != nil {
 		current := newReloadable(tlsCfg)
-		addReloadable(reload, "tls", current, load, func(c *tls.Config) []any { return describeTLS(c, "cert") })
+		addReloadable(reload, "tls", current, loadTLS, func(c *tls.Config) []any { return describeTLS(c, "cert") })
 		// Through the gateway's wrapper, so that the handshakes it
 		// refuses are logged and counted rather than dropped unseen.
 		serverOpts = append(serverOpts, grpc.Creds(g.Credentials(reloadingTLS{current})))
@@ -234,17 +258,27 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 
 	lis, err := net.Listen("tcp", cfg.listen)
 	if err != nil {
+		if member != nil {
+			member.stop(context.Background(), 0)
+		}
 		return nil, err
 	}
-	s := &gatewayServer{g: g, srv: srv, addr: lis.Addr(), log: log, failed: make(chan error, 2), done: make(chan struct{})}
+	s := &gatewayServer{g: g, srv: srv, addr: lis.Addr(), log: log, replica: member, failed: make(chan error, 3), done: make(chan struct{})}
 	if cfg.metrics != "" {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.HandleFunc("/healthz", s.writeHealth)
 		mux.Handle("/", g.DashboardHandler())
 		if s.metrics, err = startOpsServer(cfg.metrics, mux, "metrics", log, s.failed); err != nil {
 			lis.Close()
+			if member != nil {
+				member.stop(context.Background(), 0)
+			}
 			return nil, err
 		}
+	}
+	if member != nil {
+		member.serve(g, s.failed)
 	}
 	go func() {
 		defer close(s.done)
@@ -263,15 +297,47 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 // tunnels, and the server waits for calls in progress, for at most drain or
 // until a second signal, before it closes what is left. A drain of 0 closes
 // everything at once.
+//
+// A replica of a cluster first withdraws its tunnels from the directory
+// and waits, for at most a fifth of drain, until its own copy of the
+// directory shows them gone, which the other replicas' copies show at
+// about the same moment: from then on they forward nothing here, and this
+// replica sends the new calls it gets to them. Only then do its tunnels
+// drain (their agents open them again on other replicas) and its servers
+// stop; last, it revokes its lease.
 func (s *gatewayServer) stop(ctx context.Context, drain time.Duration) {
+	deadline := time.Now().Add(drain)
+	if s.replica != nil && drain > 0 {
+		s.g.Withdraw()
+		s.replica.awaitWithdrawn(ctx, drain/5)
+		s.log.Info("withdrew this replica's tunnels from the cluster's directory; draining them")
+	}
 	s.g.Shutdown()
-	if !waitBounded(ctx, drain, s.srv.GracefulStop, s.srv.Stop) {
+	if !waitBounded(ctx, time.Until(deadline), s.srv.GracefulStop, s.srv.Stop) {
 		s.log.Warn("drain cut short: closed the calls still in progress")
+	}
+	if s.replica != nil {
+		s.replica.stop(ctx, max(time.Until(deadline), 0))
 	}
 	if s.metrics != nil {
 		s.metrics.shutdown()
 	}
 	<-s.done
+}
+
+// writeHealth answers /healthz: 200 while the gateway serves, 503 once it
+// drains, with the cluster's state for a replica (etcd reachable or not:
+// a replica keeps serving with its last directory when it is not).
+func (s *gatewayServer) writeHealth(w http.ResponseWriter, r *http.Request) {
+	body := map[string]any{"serving": s.g.Serving()}
+	if s.replica != nil {
+		body["cluster"] = s.replica.health()
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if !s.g.Serving() {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}
+	_ = json.NewEncoder(w).Encode(body)
 }
 
 // waitBounded runs graceful and waits for it, for at most timeout or until
@@ -356,6 +422,7 @@ func (cfg *gatewayConfig) addFlags(fs *flag.FlagSet) {
 	fs.IntVar(&cfg.windowSize, "window-size", gateway.DefaultWindowSize, windowSizeUsage)
 	fs.BoolVar(&cfg.accessLog, "access-log", false, "log a \""+gateway.AccessLogMessage+"\" line for every call: method, agent key, code, duration,\n"+
 		"payload bytes each way, the caller's address and certificate subject;\nwritten with the other lines (--log-format) even under --log-level warn")
+	cfg.cluster.add(fs)
 	cfg.keepalive.add(fs,
 		"ping an agent when its tunnel, or its connection, has been silent for `duration`",
 		"give an agent up when a ping has had no answer for `duration`: its tunnel,\nor its connection, closes with the calls on it")

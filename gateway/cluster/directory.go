@@ -274,6 +274,19 @@ func (d *Directory) Replicas() []Replica {
 	return out
 }
 
+// TunnelsOf returns how many tunnel entries of replicaID this replica's
+// copy of the directory holds. A replica that withdraws its tunnels waits
+// for its own count to reach zero: its copy follows the same watch as the
+// others', so by then theirs have about caught up too.
+func (d *Directory) TunnelsOf(replicaID string) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if r := d.view.replicas[replicaID]; r != nil {
+		return r.tunnels
+	}
+	return 0
+}
+
 // Revision returns the etcd revision the in-memory directory reflects. It
 // lets a test or an operator compare replicas' views.
 func (d *Directory) Revision() int64 {
