@@ -191,6 +191,8 @@ type Gateway struct {
 	maxMsg int
 	// window is Options.WindowSize.
 	window int
+	// peerTurn picks the holder a forwarded call tries first.
+	peerTurn atomic.Uint64
 	// withdrawn is set by Withdraw: this replica takes no new tunnels
 	// and sends new calls to the other replicas where it can.
 	withdrawn atomic.Bool

@@ -41,9 +41,10 @@ type Cluster interface {
 	// (see Gateway.Withdraw), and may be called more than once. It is
 	// called as a tunnel opens and must not block on the network.
 	Hold(key string) (release func())
-	// Holders returns the other replicas that hold tunnels for key, best
-	// first; none if no other replica does. It is called on every call
-	// this replica cannot route locally, so it must not block.
+	// Holders returns the other replicas that hold tunnels for key; none
+	// if no other replica does. The gateway spreads calls over them, and
+	// tries the next when one cannot be reached. It is called on every
+	// call this replica cannot route locally, so it must not block.
 	Holders(key string) []Peer
 	// Replicas returns every other replica, for the calls that ask the
 	// whole cluster (ListAgents).
@@ -108,7 +109,7 @@ func (g *Gateway) viaPeers(ctx context.Context, key string) (proxy.Backend, bool
 }
 
 // peerConn forwards one call to the first of the replicas holding its
-// agent that accepts it. The next replica is tried only when a replica
+// agent that accepts it, starting from a different one on each call. The next replica is tried only when a replica
 // cannot start the call at all (its connection is down): once a call has
 // started, its requests may already have reached the agent, and only the
 // caller may decide to repeat it. A replica that answers (even to say
@@ -132,7 +133,11 @@ func (c *peerConn) NewStream(ctx context.Context, desc *grpc.StreamDesc, method 
 	// when the call fans out), with the cluster's token.
 	ctx = metadata.AppendToOutgoingContext(ctx, c.g.keyHeader, c.key, PeerHeader, c.g.clusterToken)
 	var ids, causes []string
-	for _, p := range c.holders {
+	// Each call starts at the next holder, so that the calls for an
+	// agent with tunnels on several replicas share them.
+	first := int(c.g.peerTurn.Add(1) % uint64(len(c.holders)))
+	for i := range c.holders {
+		p := c.holders[(first+i)%len(c.holders)]
 		if p.Conn == nil {
 			continue
 		}
