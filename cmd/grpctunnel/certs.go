@@ -265,8 +265,10 @@ func makeCerts(cfg certsConfig, now time.Time) ([]certFile, error) {
 	gw := &x509.Certificate{
 		// Clients match the names, not the common name; it only makes the
 		// certificate recognisable.
-		Subject:     pkix.Name{CommonName: cfg.hosts[0], OrganizationalUnit: []string{"gateway"}, Organization: []string{"grpctunnel"}},
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		Subject: pkix.Name{CommonName: cfg.hosts[0], OrganizationalUnit: []string{"gateway"}, Organization: []string{"grpctunnel"}},
+		// Client authentication too: the replicas of a cluster present
+		// it to each other's peer ports (see peerTLS).
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 	}
 	for _, h := range cfg.hosts {
 		if ip := net.ParseIP(h); ip != nil {

@@ -146,8 +146,9 @@ func TestCertsChain(t *testing.T) {
 	if _, err := gw.Verify(x509.VerifyOptions{Roots: roots, DNSName: "other.example.net"}); err == nil {
 		t.Error("gateway.crt verifies for other.example.net")
 	}
-	if _, err := gw.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err == nil {
-		t.Error("gateway.crt verifies as a client certificate")
+	// The replicas of a cluster present it to each other's peer ports.
+	if _, err := gw.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		t.Errorf("gateway.crt as a replica's client certificate: %v", err)
 	}
 	if got := time.Until(gw.NotAfter); got < 29*24*time.Hour || got > 30*24*time.Hour {
 		t.Errorf("gateway.crt is valid for %v more, want --days 30", got)
@@ -157,6 +158,10 @@ func TestCertsChain(t *testing.T) {
 		cert := readCert(t, dir, base)
 		if _, err := cert.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
 			t.Errorf("%s.crt as a client certificate: %v", base, err)
+		}
+		// Nor can it pass for a replica on a peer port.
+		if isServerCert(cert) {
+			t.Errorf("%s.crt is good for server authentication, so it could pass for a replica", base)
 		}
 		if _, err := cert.Verify(x509.VerifyOptions{Roots: roots}); err == nil {
 			t.Errorf("%s.crt verifies as a server certificate", base)

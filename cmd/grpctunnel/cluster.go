@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"flag"
@@ -11,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -181,6 +183,13 @@ func joinCluster(c clusterFlags, gatewayTLS *tls.Config, clientCA string, log *s
 // cluster's CA issued. A replica is checked against its address like any
 // TLS server, so --peer-advertise must be a name or address its
 // certificate holds.
+//
+// The peer port admits only server certificates (those good for server
+// authentication as well as client authentication, as a gateway's
+// certificate from grpctunnel certs is): where the cluster's CA is also
+// the one of --client-ca, it issues the agents' and callers' certificates
+// too, which are for client authentication alone, and none of those may
+// pass for a replica's.
 func peerTLS(gatewayTLS *tls.Config, caFile string) (*tls.Config, error) {
 	pool, err := loadCAs(caFile)
 	if err != nil {
@@ -190,7 +199,30 @@ func peerTLS(gatewayTLS *tls.Config, caFile string) (*tls.Config, error) {
 	cfg.ClientAuth = tls.RequireAndVerifyClientCert
 	cfg.ClientCAs = pool
 	cfg.RootCAs = pool
+	cfg.VerifyPeerCertificate = func(_ [][]byte, chains [][]*x509.Certificate) error {
+		if len(chains) == 0 || len(chains[0]) == 0 {
+			return nil // a client verifying the server: crypto/tls did it all
+		}
+		if !isServerCert(chains[0][0]) {
+			return errNotReplicaCert
+		}
+		return nil
+	}
 	return cfg, nil
+}
+
+// errNotReplicaCert is the handshake error of a client certificate that is
+// not a replica's.
+var errNotReplicaCert = errors.New("the peer port admits gateway replicas only, and this certificate is not for a server")
+
+// isServerCert reports whether cert is good for server authentication.
+func isServerCert(cert *x509.Certificate) bool {
+	if len(cert.ExtKeyUsage) == 0 {
+		return true // no restriction: good for anything
+	}
+	return slices.ContainsFunc(cert.ExtKeyUsage, func(u x509.ExtKeyUsage) bool {
+		return u == x509.ExtKeyUsageServerAuth || u == x509.ExtKeyUsageAny
+	})
 }
 
 // peerCreds are the credentials of the connections to the other replicas.
@@ -238,7 +270,9 @@ func defaultReplicaID() string {
 func (r *replica) serve(g *gateway.Gateway, failed chan<- error) {
 	opts := g.PeerServerOptions()
 	if r.tls != nil {
-		opts = append(opts, grpc.Creds(credentials.NewTLS(r.tls)))
+		// Through the gateway's wrapper, so that a refused handshake (a
+		// certificate that is not a replica's) is logged and counted.
+		opts = append(opts, grpc.Creds(g.Credentials(credentials.NewTLS(r.tls))))
 	}
 	r.peerSrv = grpc.NewServer(opts...)
 	go func() {
