@@ -233,3 +233,83 @@ func TestKilledReplica(t *testing.T) {
 	}
 	t.Logf("%d of %d calls failed, those running through the replica that died", failures.Load(), calls.Load())
 }
+
+// TestEtcdOutageUnderLoad: with etcd stopped, the replicas keep routing
+// with the directory they last saw, and say they are out of touch; a
+// tunnel that opens meanwhile is routed to by the other replicas once
+// etcd is back. No call fails.
+func TestEtcdOutageUnderLoad(t *testing.T) {
+	te := startEtcd(t)
+	r1 := startTestGateway(t, te, "gw-1", 5*time.Second)
+	r2 := startTestGateway(t, te, "gw-2", 5*time.Second)
+	r3 := startTestGateway(t, te, "gw-3", 5*time.Second)
+	service := startService(t)
+	startTestAgent(t, r1, "site-a", service)
+	for _, r := range []*testGateway{r2, r3} {
+		testkit.WaitFor(t, func() bool { return hasHolder(r.dir, "site-a", "gw-1") })
+	}
+
+	var calls, failures atomic.Int64
+	var firstErr atomic.Value
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, r := range []*testGateway{r2, r3} {
+		wg.Go(func() {
+			client := keyed(r.callers, "site-a")
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				_, err := client.Unary(context.Background(), &grpchantesting.Message{Payload: []byte("x")})
+				calls.Add(1)
+				if err != nil {
+					failures.Add(1)
+					firstErr.CompareAndSwap(nil, err)
+				}
+			}
+		})
+	}
+	testkit.WaitFor(t, func() bool { return calls.Load() > 50 })
+
+	te.stop()
+	for _, r := range []*testGateway{r1, r2, r3} {
+		waitFor(t, r.dir, 10*time.Second, "the outage noticed", func() bool { ok, _ := r.dir.Healthy(); return !ok })
+	}
+	during := calls.Load()
+	testkit.WaitFor(t, func() bool { return calls.Load() > during+200 })
+	// A tunnel opened during the outage is known to its own replica only.
+	startTestAgent(t, r3, "late", service)
+	testkit.WaitFor(t, func() bool { return hasLocal(r3.g, "late") })
+	if h := r3.dir.Holders("late", false); len(h) != 0 {
+		t.Errorf("a tunnel opened while etcd is down is in the directory already: %v", h)
+	}
+
+	te.start()
+	for _, r := range []*testGateway{r1, r2, r3} {
+		waitFor(t, r.dir, 20*time.Second, "etcd back", func() bool { ok, _ := r.dir.Healthy(); return ok })
+	}
+	waitFor(t, r2.dir, 10*time.Second, "the late tunnel registered", func() bool { return hasHolder(r2.dir, "late", "gw-3") })
+	if _, err := keyed(r2.callers, "late").Unary(context.Background(), &grpchantesting.Message{}); err != nil {
+		t.Errorf("a call through replica 2 to the agent that connected to replica 3 during the outage: %v", err)
+	}
+	after := calls.Load()
+	testkit.WaitFor(t, func() bool { return calls.Load() > after+100 })
+	close(stop)
+	wg.Wait()
+	if n := failures.Load(); n != 0 {
+		t.Errorf("%d of %d calls failed across an etcd outage; first: %v", n, calls.Load(), firstErr.Load())
+	}
+	t.Logf("%d calls across an etcd outage, %d failed", calls.Load(), failures.Load())
+}
+
+// hasLocal reports whether g holds a tunnel of key itself.
+func hasLocal(g *gateway.Gateway, key string) bool {
+	for _, a := range g.Agents() {
+		if a.GetKey() == key && len(a.GetTunnels()) > 0 {
+			return true
+		}
+	}
+	return false
+}
