@@ -33,7 +33,16 @@ type metrics struct {
 	bytes        *prometheus.CounterVec
 	inFlight     prometheus.Gauge
 	refused      *prometheus.CounterVec
+	forwarded    *prometheus.CounterVec
 }
+
+// Results of forwarding a call to another replica, for the forwarded
+// metric.
+const (
+	forwardStarted     = "forwarded"          // a replica holding the agent took the call
+	forwardUnreachable = "holder_unreachable" // one holder could not be reached; the next was tried
+	forwardFailed      = "failed"             // no holder could be reached: the call failed
+)
 
 func newMetrics(reg prometheus.Registerer, maxKeys int) (*metrics, error) {
 	if maxKeys <= 0 {
@@ -65,13 +74,25 @@ func newMetrics(reg prometheus.Registerer, maxKeys int) (*metrics, error) {
 			Name: "grpctunnel_gateway_refused_total",
 			Help: "Agents' tunnels, callers' calls and clients' TLS handshakes the gateway refused, by who (agent, caller, connection) and reason.",
 		}, []string{"who", "reason"}),
+		forwarded: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "grpctunnel_gateway_forwarded_total",
+			Help: "Calls this replica sent to another replica of its cluster that holds their agent, by result: forwarded (a replica took it), holder_unreachable (one replica could not be reached; the next was tried), failed (none could).",
+		}, []string{"result"}),
 	}
-	for _, c := range []prometheus.Collector{m.tunnels, m.tunnelsTotal, m.rpcs, m.bytes, m.inFlight, m.refused} {
+	for _, c := range []prometheus.Collector{m.tunnels, m.tunnelsTotal, m.rpcs, m.bytes, m.inFlight, m.refused, m.forwarded} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
 	}
 	return m, nil
+}
+
+// forward counts one result of forwarding a call to another replica; m
+// may be nil.
+func (m *metrics) forward(result string) {
+	if m != nil {
+		m.forwarded.WithLabelValues(result).Inc()
+	}
 }
 
 func (m *metrics) tunnelOpened(key string) {

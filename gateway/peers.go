@@ -143,6 +143,7 @@ func (c *peerConn) NewStream(ctx context.Context, desc *grpc.StreamDesc, method 
 		}
 		cs, err := p.Conn.NewStream(ctx, desc, method, opts...)
 		if err == nil {
+			c.g.metrics.forward(forwardStarted)
 			return cs, nil
 		}
 		if ctx.Err() != nil || status.Code(err) != codes.Unavailable {
@@ -150,9 +151,11 @@ func (c *peerConn) NewStream(ctx context.Context, desc *grpc.StreamDesc, method 
 			// a reason another replica would share.
 			return nil, err
 		}
+		c.g.metrics.forward(forwardUnreachable)
 		ids = append(ids, p.ID)
 		causes = append(causes, status.Convert(err).Message())
 	}
+	c.g.metrics.forward(forwardFailed)
 	agent := errtext.Quote(c.key)
 	switch len(ids) {
 	case 0:

@@ -289,10 +289,11 @@ func TestCallIsAuthorizedOnTheFirstReplicaOnly(t *testing.T) {
 }
 
 // A holder that cannot be reached is named in the caller's error; when
-// another holder can take the call, it does.
+// another holder can take the call, it does. Each is counted.
 func TestUnreachableReplicaIsNamed(t *testing.T) {
+	reg := prometheus.NewRegistry()
 	r1 := startReplica(t, "gw-1", gateway.Options{})
-	r2 := startReplica(t, "gw-2", gateway.Options{})
+	r2 := startReplica(t, "gw-2", gateway.Options{Registerer: reg})
 	startAgent(t, r1.g, r1.callers, startBackend(t), "site-a", 1)
 	down := gateway.Peer{ID: "gw-b", Conn: downConn(t)}
 	client := grpchantesting.NewTestServiceClient(keyed(r2.callers, "site-a"))
@@ -303,9 +304,19 @@ func TestUnreachableReplicaIsNamed(t *testing.T) {
 		t.Errorf("a call whose only holder is down: %v; want Unavailable naming gw-b", err)
 	}
 
+	// Two calls: each starts at a different holder, so one of them
+	// meets the one that is down first.
 	r2.cluster.set("site-a", down, r1.peer)
-	if _, err := client.Unary(context.Background(), &grpchantesting.Message{}); err != nil {
-		t.Errorf("a call whose first holder is down and second is up: %v", err)
+	for range 2 {
+		if _, err := client.Unary(context.Background(), &grpchantesting.Message{}); err != nil {
+			t.Errorf("a call with one holder down and one up: %v", err)
+		}
+	}
+	got := samples(t, reg)
+	for result, want := range map[string]float64{"forwarded": 2, "holder_unreachable": 2, "failed": 1} {
+		if n := got[`grpctunnel_gateway_forwarded_total{result="`+result+`"}`]; n != want {
+			t.Errorf("forwarded calls with result %s: %v, want %v", result, n, want)
+		}
 	}
 }
 
