@@ -48,6 +48,7 @@ type demoConfig struct {
 	keep          bool
 	listen        string // the gateway's address
 	serviceListen string // the device service's
+	replicas      int    // gateways; 2 or more make a cluster (see demoClusterRun)
 }
 
 // resolve fills in the addresses left empty: fixed with keep, free ports
@@ -71,28 +72,45 @@ func (cfg *demoConfig) resolve() {
 // a newcomer can see it work before running its parts separately.
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var cfg demoConfig
-	c := newCLI("demo", "grpctunnel demo [--keep] [flags]",
+	c := newCLI("demo", "grpctunnel demo [--keep | --replicas N] [flags]",
 		"Runs a gateway, a sample DeviceService and an agent with key \""+demoKey+"\" for it,\n"+
 			"all in this process on loopback, then calls the service through the\n"+
 			"gateway as any gRPC client would and shuts everything down. With --keep\n"+
 			"it prints grpcurl commands to try instead, and runs until interrupted,\n"+
-			"on fixed ports so that the commands stay the same from run to run.",
+			"on fixed ports so that the commands stay the same from run to run.\n\n"+
+			"With --replicas N (2 to 9) it runs N gateway replicas as one cluster on an\n"+
+			"etcd embedded in the process, with agents for the service on replicas 1\n"+
+			"and 2, calls through every replica, then kills replica 1 as a crash would\n"+
+			"and shows the others still serving until its entries expire.",
 		stdout, stderr)
 	c.fs.BoolVar(&cfg.keep, "keep", false, "keep running and print grpcurl commands instead of calling through the gateway itself")
 	c.fs.StringVar(&cfg.listen, "listen", "", "serve the gateway on `addr`ess host:port\n(default "+demoKeepListen+" with --keep, else a free port)")
 	c.fs.StringVar(&cfg.serviceListen, "service-listen", "", "serve the device service on `addr`ess host:port\n(default "+demoKeepServiceListen+" with --keep, else a free port)")
+	c.fs.IntVar(&cfg.replicas, "replicas", 1, fmt.Sprintf("run `n` gateway replicas as one cluster on an embedded etcd, and kill one\n(1 to %d; 1 is the single gateway)", demoMaxReplicas))
 	// The gateway warns that it serves without TLS, which on loopback is
 	// noise in the middle of the demo's own account.
 	logs := addLogFlags(c.fs, slog.LevelError)
 	if code, ok := c.parse(args); !ok {
 		return code
 	}
+	switch {
+	case cfg.replicas < 1 || cfg.replicas > demoMaxReplicas:
+		return c.fail("--replicas must be from 1 to %d, not %d: 1 runs the single gateway, 2 or more a cluster of replicas", demoMaxReplicas, cfg.replicas)
+	case cfg.replicas > 1 && cfg.keep:
+		return c.fail("--keep runs the single gateway's demo only: drop --keep to run the cluster's demo through, or --replicas to keep a gateway running")
+	case cfg.replicas > 1 && cfg.listen != "":
+		return c.fail("--listen names the single gateway's address; with --replicas each replica takes a free port")
+	}
 	cfg.resolve()
-	if err := demoRun(ctx, cfg, stdout, logs.logger(stderr)); err != nil {
+	run, parts := demoRun, "the agent, the gateway and the device service"
+	if cfg.replicas > 1 {
+		run, parts = demoClusterRun, "the agents, the replicas, etcd and the device service"
+	}
+	if err := run(ctx, cfg, stdout, logs.logger(stderr)); err != nil {
 		fmt.Fprintln(stderr, "grpctunnel demo:", err)
 		return 1
 	}
-	fmt.Fprintln(stdout, "stopped the agent, the gateway and the device service")
+	fmt.Fprintln(stdout, "stopped", parts)
 	return 0
 }
 
@@ -100,23 +118,12 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 // waits for ctx; it stops everything it started before it returns.
 func demoRun(ctx context.Context, cfg demoConfig, out io.Writer, log *slog.Logger) error {
 	// The sample service: only the agent dials it.
-	devLis, err := net.Listen("tcp", cfg.serviceListen)
+	devAddr, stopDev, err := startDeviceService(cfg.serviceListen)
 	if err != nil {
-		return listenError("device service", "--service-listen", err)
+		return err
 	}
-	devSrv := grpc.NewServer()
-	devHealth := demo.Register(devSrv, demo.NewDeviceService(demoServiceName))
-	devServed := make(chan struct{})
-	go func() {
-		defer close(devServed)
-		_ = devSrv.Serve(devLis)
-	}()
-	defer func() {
-		devHealth.Shutdown()
-		devSrv.GracefulStop()
-		<-devServed
-	}()
-	fmt.Fprintf(out, "device service listening on %s (only the agent calls it)\n", devLis.Addr())
+	defer stopDev()
+	fmt.Fprintf(out, "device service listening on %s (only the agent calls it)\n", devAddr)
 
 	// The gateway and the agent run with the commands' defaults.
 	gwCfg := defaultGatewayConfig()
@@ -130,7 +137,7 @@ func demoRun(ctx context.Context, cfg demoConfig, out io.Writer, log *slog.Logge
 	fmt.Fprintf(out, "gateway listening on %s (agents and callers both dial it)\n", gw.addr)
 
 	agCfg := defaultAgentConfig()
-	agCfg.gateway, agCfg.key, agCfg.target = gwAddr, demoKey, dialAddr(devLis.Addr())
+	agCfg.gateway, agCfg.key, agCfg.target = gwAddr, demoKey, dialAddr(devAddr)
 	ag, err := startAgent(agCfg, log)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
@@ -161,6 +168,27 @@ func demoRun(ctx context.Context, cfg demoConfig, out io.Writer, log *slog.Logge
 	callCtx, cancel := context.WithTimeout(ctx, demoStepTimeout)
 	defer cancel()
 	return demoCalls(callCtx, conn, out)
+}
+
+// startDeviceService serves the sample DeviceService on listen, for the
+// demo's agents to call; stop drains it.
+func startDeviceService(listen string) (addr net.Addr, stop func(), err error) {
+	lis, err := net.Listen("tcp", listen)
+	if err != nil {
+		return nil, nil, listenError("device service", "--service-listen", err)
+	}
+	srv := grpc.NewServer()
+	health := demo.Register(srv, demo.NewDeviceService(demoServiceName))
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = srv.Serve(lis)
+	}()
+	return lis.Addr(), func() {
+		health.Shutdown()
+		srv.GracefulStop()
+		<-served
+	}, nil
 }
 
 // demoCalls calls through the gateway as an ordinary client would.
