@@ -1,12 +1,13 @@
 // Command grpctunnel runs the pieces of a gRPC tunnel gateway: the gateway
-// that agents and callers connect to, the agent that sits beside a service
-// behind NAT, and a demo that runs both in one process.
+// that agents and callers connect to (alone, or as one replica of a
+// cluster kept in etcd), the agent that sits beside a service behind NAT,
+// and a demo that runs them in one process.
 //
 // Usage:
 //
-//	grpctunnel gateway --listen ADDR [flags]
-//	grpctunnel agent --gateway ADDR --key KEY --target ADDR [flags]
-//	grpctunnel demo [--keep] [flags]
+//	grpctunnel gateway --listen ADDR [--etcd URL,... --peer-listen ADDR --cluster-token-file FILE] [flags]
+//	grpctunnel agent --gateway ADDR[,ADDR...] --key KEY --target ADDR [flags]
+//	grpctunnel demo [--keep | --replicas N] [flags]
 //	grpctunnel demo-service --listen ADDR [flags]
 //	grpctunnel certs --dir DIR --agents KEY,... --callers NAME,... [flags]
 //	grpctunnel version
