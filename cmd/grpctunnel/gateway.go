@@ -86,7 +86,10 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		"Accepts reverse tunnels from agents and routes gRPC calls to them: a caller\n"+
 			"names the agent in the key header, and the call goes through that agent's\n"+
 			"tunnel to the service beside it. Calls without the header reach the\n"+
-			"gateway's own health, reflection and grpctunnel.admin.v1.AdminService.",
+			"gateway's own health, reflection and grpctunnel.admin.v1.AdminService.\n\n"+
+			"With --etcd it is one replica of a cluster: agents and callers may reach\n"+
+			"any replica, and a call for an agent held by another replica crosses to\n"+
+			"it, once, on that replica's --peer-listen port.",
 		stdout, stderr)
 	fs := c.fs
 	cfg.addFlags(fs)
