@@ -9,6 +9,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -54,7 +55,31 @@ type StateChange struct {
 	// Delay is how long the tunnel waits before the next attempt, in
 	// TunnelWaiting.
 	Delay time.Duration
+	// Header is the response header of the opening RPC, on TunnelOpen and
+	// in the change given to ReconnectOptions.Admit; nil otherwise. A
+	// server tells its client there what the client may want to know about
+	// the tunnel it accepted: a replica of grpctunnel's gateway, one of
+	// several behind the client's addresses, names itself in it, so that
+	// the client can tell where each of its tunnels landed. It is shared
+	// with every observer: do not modify it.
+	Header metadata.MD
+	// GiveBack, set on TunnelOpen, gives this tunnel back as
+	// ReconnectOptions.Admit does, for a client that learns later that the
+	// tunnel would be better elsewhere: the tunnel is drained as
+	// GracefulStop drains it (the server starts no new call on it and the
+	// calls in progress finish), reported as TunnelWaiting with an Err
+	// that wraps ErrGivenBack and reason, and opened again after a short
+	// delay. It may be called from any goroutine and more than once; once
+	// the tunnel has ended it does nothing.
+	GiveBack func(reason error)
 }
+
+// ErrGivenBack is wrapped in the Err of the TunnelWaiting change that
+// follows a tunnel given back by its client: refused by
+// ReconnectOptions.Admit or ended with StateChange.GiveBack. It marks an
+// end the client chose, not a failure: the server was reachable and took
+// the tunnel, so nothing needs to be reported as an outage.
+var ErrGivenBack = errors.New("grpctunnel: tunnel given back by the client")
 
 // ReconnectOptions configure ServeWithReconnect.
 type ReconnectOptions struct {
@@ -72,8 +97,27 @@ type ReconnectOptions struct {
 	// starts again from MinBackoff.
 	MaxBackoff time.Duration
 	// OnStateChange, if set, is called on every change of every tunnel,
-	// from the tunnel's own goroutine; it must not block for long.
+	// from the tunnel's own goroutine; it must not block for long. It
+	// learns of an open tunnel before the tunnel serves its first call.
 	OnStateChange func(StateChange)
+	// Admit, if set, is asked about every tunnel that opens, before the
+	// tunnel serves any call, with the change that would report it open
+	// (Tunnel, State TunnelOpen, Header). Returning nil admits the tunnel,
+	// which is then reported open. Returning an error gives the tunnel
+	// back at once, so that its next opening RPC may land elsewhere: where
+	// the address dialled balances over several servers, a client can
+	// choose which of them hold its tunnels (see StateChange.Header). The
+	// tunnel is drained rather than cut, so the server learns straight
+	// away to start no call on it and a call it started before that is
+	// still served; it is reported as TunnelWaiting with an Err that wraps
+	// ErrGivenBack and the error returned, never as open, and opened again
+	// after a delay drawn below MinBackoff for the first refusal, doubling
+	// with each further one in a row up to four times MinBackoff. A refusal
+	// is not a failure: it leaves the backoff of failures as it was. Admit
+	// is called from the tunnel's own goroutine, concurrently for different
+	// tunnels, and must not block for long; it should not refuse without
+	// end, since each refusal costs an opening RPC.
+	Admit func(StateChange) error
 	// CallOptions apply to every opening RPC (credentials, for instance).
 	CallOptions []grpc.CallOption
 
@@ -123,7 +167,8 @@ const restartCapFactor = 4
 //
 // Any other failure, and a failure to reach the server once that minute
 // has passed or a tunnel has opened again, backs off exponentially up to
-// MaxBackoff.
+// MaxBackoff. A tunnel the client gives back itself (ReconnectOptions.Admit,
+// StateChange.GiveBack) is no failure and is reopened quickly.
 //
 // The gRPC connection under the tunnels has a backoff of its own, which
 // grows to two minutes and meanwhile fails every opening RPC at once. Dial
@@ -156,10 +201,19 @@ func (s *ReverseTunnelServer) keep(ctx context.Context, slot int, opts Reconnect
 	for {
 		report(StateChange{State: TunnelConnecting})
 		var openedAt time.Time
-		started, err := s.serve(ctx, func() {
+		started, err := s.serve(ctx, func(hdr metadata.MD, giveBack func(error)) error {
 			openedAt = b.now()
 			b.opened()
-			report(StateChange{State: TunnelOpen})
+			c := StateChange{Tunnel: slot, State: TunnelOpen, Header: hdr}
+			if opts.Admit != nil {
+				if err := opts.Admit(c); err != nil {
+					return err
+				}
+			}
+			b.admitted()
+			c.GiveBack = giveBack
+			report(c)
+			return nil
 		}, opts.CallOptions)
 		if errors.Is(err, ErrServerStopped) || s.isStopped() || ctx.Err() != nil {
 			report(StateChange{State: TunnelStopped, Err: ignoreStop(err, ctx)})
@@ -169,7 +223,12 @@ func (s *ReverseTunnelServer) keep(ctx context.Context, slot int, opts Reconnect
 		if started {
 			lived = b.now().Sub(openedAt)
 		}
-		delay := b.after(started, lived, err)
+		var delay time.Duration
+		if started && errors.Is(err, ErrGivenBack) {
+			delay = b.givenBack(lived)
+		} else {
+			delay = b.after(started, lived, err)
+		}
 		report(StateChange{State: TunnelWaiting, Err: err, Delay: delay})
 		t := time.NewTimer(delay)
 		select {
@@ -213,8 +272,11 @@ type backoff struct {
 	// restartUntil is when failures to reach the server stop being taken
 	// for a restart; zero when no restart is under way.
 	restartUntil time.Time
-	rand         func(n int64) int64
-	now          func() time.Time
+	// quick is the ceiling of the delay after the client gives a tunnel
+	// back; zero until it does, and again once a tunnel is admitted.
+	quick time.Duration
+	rand  func(n int64) int64
+	now   func() time.Time
 }
 
 func (b *backoff) init() {
@@ -240,6 +302,29 @@ func (b *backoff) reset() { b.ceiling = b.min }
 // opened notes that a tunnel opened: the server is back, whatever it went
 // through.
 func (b *backoff) opened() { b.restartUntil = time.Time{} }
+
+// admitted notes that the client kept a tunnel that opened: the next one
+// it gives back is reopened after the shortest delay again.
+func (b *backoff) admitted() { b.quick = 0 }
+
+// givenBack returns the delay after the client gave back a tunnel that had
+// been open for lived. The server took the tunnel, so this is no failure:
+// the delay is drawn below MinBackoff, and the ceiling doubles only while
+// the client keeps giving tunnels back without keeping one, up to the
+// restart cap, so that a client that refuses every tunnel costs the server
+// a few opening RPCs a second rather than a loop. A tunnel that lived as
+// long as a healthy one resets the backoff of failures too.
+func (b *backoff) givenBack(lived time.Duration) time.Duration {
+	if lived >= b.max {
+		b.reset()
+	}
+	if b.quick == 0 {
+		b.quick = b.min
+	}
+	d := time.Duration(b.rand(int64(b.quick) + 1))
+	b.quick = min(2*b.quick, b.restartCap)
+	return d
+}
 
 // after returns the delay before the next attempt, given how the last one
 // ended: started says whether the tunnel opened, lived how long it stayed

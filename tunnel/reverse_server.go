@@ -3,6 +3,7 @@ package tunnel
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 
 	"google.golang.org/grpc"
@@ -76,8 +77,12 @@ func (s *ReverseTunnelServer) Serve(ctx context.Context, opts ...grpc.CallOption
 	return s.serve(ctx, nil, opts)
 }
 
-// serve is Serve, calling opened (if not nil) once the tunnel is open.
-func (s *ReverseTunnelServer) serve(ctx context.Context, opened func(), opts []grpc.CallOption) (started bool, err error) {
+// serve is Serve, calling opened (if not nil) once the tunnel is open and
+// before it serves any call, with the opening RPC's response header and a
+// function that gives the tunnel back. opened returning an error gives it
+// back at once. A tunnel given back is drained; once it has ended cleanly,
+// serve returns an error that wraps ErrGivenBack and the reason.
+func (s *ReverseTunnelServer) serve(ctx context.Context, opened func(hdr metadata.MD, giveBack func(reason error)) error, opts []grpc.CallOption) (started bool, err error) {
 	openedMD, _ := metadata.FromOutgoingContext(ctx)
 	openedMD = openedMD.Copy()
 	streamCtx, cancel := context.WithCancel(ctx)
@@ -111,32 +116,96 @@ func (s *ReverseTunnelServer) serve(ctx context.Context, opened func(), opts []g
 		return false, err
 	}
 	p, _ := peer.FromContext(stream.Context())
-	t := newTunnelServer(streamCtx, stream, s.opts, s.svc, s.opts.agreed(hdr), true, p, openedMD)
+	agreed := s.opts.agreed(hdr)
+	frames := &reverseFrames{TunnelService_OpenReverseTunnelClient: stream, s: s, call: call}
+	t := newTunnelServer(streamCtx, frames, s.opts, s.svc, agreed, true, p, openedMD)
 	t.closeSend = stream.CloseSend
 	t.abort = cancel
 
 	s.mu.Lock()
 	call.t = t
+	// A negotiated tunnel sends its settings first; a drain notice queued
+	// before them would reach the peer first, and break the protocol.
+	call.drainable = !agreed.negotiated
 	drain := s.stopped && s.graceful
 	s.mu.Unlock()
 	if drain {
-		t.drain()
+		s.drain(call)
 	}
 	if opened != nil {
-		opened()
+		if reason := opened(hdr, func(reason error) { s.giveBack(call, reason) }); reason != nil {
+			s.giveBack(call, reason)
+		}
 	}
 
 	err = t.serve(true)
 	s.mu.Lock()
 	stopped := s.stopped
+	givenBack := call.givenBack
 	s.mu.Unlock()
 	switch {
 	case stopped:
 		return true, nil
 	case ctx.Err() != nil:
 		return true, ctx.Err()
+	case err == nil && givenBack != nil:
+		return true, fmt.Errorf("%w: %w", ErrGivenBack, givenBack)
 	}
 	return true, err
+}
+
+// giveBack drains call's tunnel on its client's initiative, recording the
+// first reason given.
+func (s *ReverseTunnelServer) giveBack(call *serveCall, reason error) {
+	if reason == nil {
+		reason = errors.New("no reason given")
+	}
+	s.mu.Lock()
+	if call.givenBack == nil {
+		call.givenBack = reason
+	}
+	s.mu.Unlock()
+	s.drain(call)
+}
+
+// drain drains call's tunnel, once it may: a negotiated tunnel not yet
+// serving has its drain noted, for its first read to carry out.
+func (s *ReverseTunnelServer) drain(call *serveCall) {
+	s.mu.Lock()
+	t := call.t
+	if t != nil && !call.drainable {
+		call.drainPending = true
+		t = nil
+	}
+	s.mu.Unlock()
+	if t != nil {
+		t.drain()
+	}
+}
+
+// reverseFrames is the outer stream of a reverse tunnel, which tells the
+// ReverseTunnelServer when the tunnel first reads: by then it has sent its
+// settings, so that a drain notice may follow them.
+type reverseFrames struct {
+	tunnelpb.TunnelService_OpenReverseTunnelClient
+	s       *ReverseTunnelServer
+	call    *serveCall
+	reading bool // only the tunnel's reader calls Recv
+}
+
+func (f *reverseFrames) Recv() (*tunnelpb.ClientToServer, error) {
+	if !f.reading {
+		f.reading = true
+		f.s.mu.Lock()
+		f.call.drainable = true
+		pending := f.call.drainPending
+		t := f.call.t
+		f.s.mu.Unlock()
+		if pending {
+			t.drain()
+		}
+	}
+	return f.TunnelService_OpenReverseTunnelClient.Recv()
 }
 
 // GracefulStop stops the server gently: every tunnel refuses new calls with
@@ -146,11 +215,17 @@ func (s *ReverseTunnelServer) GracefulStop() {
 	s.mu.Lock()
 	s.markStopped()
 	s.graceful = true
-	calls := s.snapshot()
+	calls := make([]*serveCall, 0, len(s.calls))
+	for c := range s.calls {
+		calls = append(calls, c)
+	}
 	s.mu.Unlock()
 	for _, c := range calls {
-		if c.t != nil {
-			c.t.drain()
+		s.mu.Lock()
+		open := c.t != nil
+		s.mu.Unlock()
+		if open {
+			s.drain(c)
 		} else {
 			c.cancel() // not open yet: nothing to finish
 		}
@@ -181,10 +256,16 @@ func (s *ReverseTunnelServer) markStopped() {
 	}
 }
 
-// serveCall is one Serve in progress.
+// serveCall is one Serve in progress. Fields other than cancel are
+// guarded by the server's mu.
 type serveCall struct {
 	cancel context.CancelFunc // ends the opening RPC and so the tunnel
-	t      *tunnelServer      // set once the tunnel is open; guarded by mu
+	t      *tunnelServer      // set once the tunnel is open
+	// drainable is set once t may be drained: it has sent its settings,
+	// or has none to send. Until then a drain only sets drainPending.
+	drainable    bool
+	drainPending bool
+	givenBack    error // why the client gave the tunnel back, if it did
 }
 
 // snapshot copies the calls in progress; s.mu must be held. Their t fields
