@@ -3,7 +3,10 @@
 //
 // An Agent dials out to the gateway, keeps reverse tunnels open to it
 // (opening them again with backoff whenever they fail), and announces its
-// key on each. Every call the gateway sends through a tunnel is forwarded,
+// key on each. Given the addresses of a gateway cluster's replicas
+// (DialGateway, Options.GatewayAddresses), it keeps its tunnels on
+// distinct replicas where it can, so that losing one replica never leaves
+// it unreachable. Every call the gateway sends through a tunnel is forwarded,
 // schema-free, to the local target: messages, metadata, deadlines,
 // cancellation and status pass unchanged, so reflection, health and
 // streaming calls work as they do when the target is called directly.
@@ -14,6 +17,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -80,8 +84,24 @@ type Options struct {
 	// continue while one reconnects, and spreads a busy agent's calls),
 	// how to back off, and which call options (credentials) go with every
 	// opening RPC. Its OnStateChange, if set, is called after the agent
-	// logs the change.
+	// logs the change. Its Admit, if set, is asked first about every
+	// tunnel that opens; the agent's own spreading over gateway replicas
+	// decides about the tunnels it admits.
 	Reconnect tunnel.ReconnectOptions
+	// GatewayAddresses is how many addresses the gateway connection
+	// balances its calls over, round-robin, as DialGateway does with
+	// several addresses (zero counts as one). The agent keeps its tunnels
+	// on distinct gateway replicas where it can, so that losing one replica
+	// never leaves it unreachable; the replicas it knows of are those that
+	// have taken one of its tunnels, and with more than one address it also
+	// expects as many replicas as addresses, before it has seen them. A
+	// gateway that names no replica (replica.Header) is not a cluster: its
+	// tunnels are kept wherever they land. A tunnel that lands beside
+	// another is given back and reopened a few times in a row at most;
+	// then it is kept there, and moved later (drained, so that its calls
+	// finish) if another replica is still expected: after
+	// Reconnect.MaxBackoff, then twice as long each time.
+	GatewayAddresses int
 	// MaxMessageSize is the largest message, in bytes, the agent accepts
 	// from the gateway and from its service (4 MiB, gRPC's default, if
 	// zero). It must match the gateway's for large messages to pass.
@@ -105,8 +125,18 @@ type Agent struct {
 	reach   *serviceReach
 	metrics *metrics // nil without a Registerer
 
-	mu        sync.Mutex
-	open      map[int]bool // the tunnels open now, by index
+	mu   sync.Mutex
+	open map[int]*openTunnel // the tunnels admitted and not ended, by index
+	// Spreading over gateway replicas; see spread.go.
+	gatewayAddresses int
+	spreadBudget     int             // times in a row a tunnel may be given back
+	seen             map[string]bool // replicas that may take a tunnel
+	refusals         map[int]int     // times each tunnel was given back in a row
+	firstRecheck     time.Duration   // the first wait before a later try
+	recheckWait      time.Duration   // the next wait; zero to start over
+	recheck          *time.Timer     // the later try scheduled, if any
+	running          bool            // Run is in progress
+
 	key       string
 	keyHeader string
 	reconnect tunnel.ReconnectOptions
@@ -128,11 +158,16 @@ func New(gateway, target grpc.ClientConnInterface, opts Options) (*Agent, error)
 		return nil, fmt.Errorf("agent: the key %s %s", errtext.Quote(opts.Key), problem)
 	}
 	a := &Agent{
-		key:       opts.Key,
-		keyHeader: opts.KeyHeader,
-		open:      make(map[int]bool),
-		reconnect: opts.Reconnect,
-		log:       opts.Logger,
+		key:              opts.Key,
+		keyHeader:        opts.KeyHeader,
+		open:             make(map[int]*openTunnel),
+		gatewayAddresses: opts.GatewayAddresses,
+		spreadBudget:     max(minSpreadBudget, opts.Reconnect.Tunnels),
+		seen:             make(map[string]bool),
+		refusals:         make(map[int]int),
+		firstRecheck:     cmp.Or(max(opts.Reconnect.MaxBackoff, 0), defaultMaxBackoff),
+		reconnect:        opts.Reconnect,
+		log:              opts.Logger,
 	}
 	if a.keyHeader == "" {
 		a.keyHeader = DefaultKeyHeader
@@ -180,9 +215,22 @@ func (a *Agent) Run(ctx context.Context) error {
 			report(c)
 		}
 	}
+	admit := opts.Admit
+	opts.Admit = func(c tunnel.StateChange) error {
+		if admit != nil {
+			if err := admit(c); err != nil {
+				return err
+			}
+		}
+		return a.admit(c)
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	waitWatcher := a.reach.run(ctx)
+	a.mu.Lock()
+	a.running = true
+	a.mu.Unlock()
 	defer func() {
+		a.stopSpreading()
 		cancel() // ends the watcher of an unreachable service, if any
 		waitWatcher()
 	}()
@@ -190,22 +238,39 @@ func (a *Agent) Run(ctx context.Context) error {
 	return a.server.ServeWithReconnect(ctx, opts)
 }
 
-// count follows which tunnels are open, for Health and the metrics.
+// count follows which tunnels are open, and on which replicas, for Health
+// and the metrics.
 func (a *Agent) count(c tunnel.StateChange) {
-	open := c.State == tunnel.TunnelOpen
+	var opened, closed bool
 	a.mu.Lock()
-	changed := a.open[c.Tunnel] != open
-	if open {
-		a.open[c.Tunnel] = true
-	} else {
-		delete(a.open, c.Tunnel)
+	switch c.State {
+	case tunnel.TunnelOpen:
+		t := a.open[c.Tunnel]
+		if t == nil { // admitted by admit, always; this is for safety
+			t = &openTunnel{replica: replicaOf(c.Header)}
+			a.open[c.Tunnel] = t
+		}
+		opened = !t.reported
+		t.reported = true
+		t.giveBack = c.GiveBack
+	case tunnel.TunnelWaiting, tunnel.TunnelStopped:
+		if t := a.open[c.Tunnel]; t != nil {
+			closed = t.reported
+			delete(a.open, c.Tunnel)
+		}
 	}
+	replicas := len(a.replicasLocked())
 	a.mu.Unlock()
-	if changed {
-		a.metrics.tunnelOpen(open)
+	if opened || closed {
+		a.metrics.tunnelOpen(opened)
 	}
+	a.metrics.gatewayReplicas(replicas)
 	if c.State == tunnel.TunnelWaiting && c.Err != nil {
-		a.metrics.tunnelFailed()
+		if givenBack(c.Err) {
+			a.metrics.tunnelGivenBack()
+		} else {
+			a.metrics.tunnelFailed()
+		}
 	}
 }
 
@@ -219,25 +284,45 @@ type Health struct {
 	// could not reach its service until the connection to it is ready
 	// again (as Options.Logger is told).
 	ServiceReachable bool
+	// Replicas are the distinct gateway replicas its open tunnels are on,
+	// sorted, as the replicas name themselves (replica.Header); empty for
+	// a gateway that is not a cluster. With fewer replicas than open
+	// tunnels, losing one replica cuts more than one tunnel, and with one
+	// replica, all of them: the agent is then unreachable until they have
+	// reopened elsewhere.
+	Replicas []string
 }
 
 // Health reports the agent's health now, for a health check or a
 // readiness probe (grpctunnel agent serves it at /healthz).
 func (a *Agent) Health() Health {
 	a.mu.Lock()
-	n := len(a.open)
+	n := 0
+	for _, t := range a.open {
+		if t.reported {
+			n++
+		}
+	}
+	replicas := a.replicasLocked()
 	a.mu.Unlock()
-	return Health{TunnelsOpen: n, ServiceReachable: a.reach.reachable()}
+	return Health{TunnelsOpen: n, ServiceReachable: a.reach.reachable(), Replicas: replicas}
 }
 
 func (a *Agent) logState(c tunnel.StateChange) {
 	switch c.State {
 	case tunnel.TunnelOpen:
-		a.log.Info("tunnel open", "tunnel", c.Tunnel, "key", a.key)
-	case tunnel.TunnelWaiting:
-		if c.Err != nil {
-			a.log.Warn("tunnel failed; retrying", "tunnel", c.Tunnel, "key", a.key, "err", c.Err, "retry_in", c.Delay.Round(time.Millisecond).String())
+		if id := replicaOf(c.Header); id != "" {
+			a.log.Info("tunnel open", "tunnel", c.Tunnel, "key", a.key, "replica", id)
 		} else {
+			a.log.Info("tunnel open", "tunnel", c.Tunnel, "key", a.key)
+		}
+	case tunnel.TunnelWaiting:
+		switch {
+		case givenBack(c.Err):
+			a.log.Info("tunnel given back to spread over gateway replicas; reopening", "tunnel", c.Tunnel, "key", a.key, "reason", c.Err, "retry_in", c.Delay.Round(time.Millisecond).String())
+		case c.Err != nil:
+			a.log.Warn("tunnel failed; retrying", "tunnel", c.Tunnel, "key", a.key, "err", c.Err, "retry_in", c.Delay.Round(time.Millisecond).String())
+		default:
 			a.log.Info("tunnel closed by the gateway; reopening", "tunnel", c.Tunnel, "key", a.key, "retry_in", c.Delay.Round(time.Millisecond).String())
 		}
 	case tunnel.TunnelStopped:

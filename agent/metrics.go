@@ -13,6 +13,8 @@ type metrics struct {
 	tunnelFailures   prometheus.Counter
 	reachable        prometheus.Gauge
 	unreachableCalls prometheus.Counter
+	replicas         prometheus.Gauge
+	givenBack        prometheus.Counter
 }
 
 // newMetrics registers the agent's metrics with reg, labelled with the
@@ -36,8 +38,16 @@ func newMetrics(reg prometheus.Registerer, key string) (*metrics, error) {
 			Name: "grpctunnel_agent_service_unreachable_calls_total", ConstLabels: labels,
 			Help: "Calls that failed with Unavailable because the agent could not reach its service.",
 		}),
+		replicas: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "grpctunnel_agent_gateway_replicas", ConstLabels: labels,
+			Help: "Distinct gateway replicas the agent's open tunnels are on (0 for a gateway that names none): with 1 and several tunnels, losing that replica leaves the agent unreachable until its tunnels reopen.",
+		}),
+		givenBack: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "grpctunnel_agent_tunnels_given_back_total", ConstLabels: labels,
+			Help: "Tunnels the agent gave back at once, to reopen them on another gateway replica than one that held another of its tunnels.",
+		}),
 	}
-	for _, c := range []prometheus.Collector{m.tunnelsOpen, m.tunnelFailures, m.reachable, m.unreachableCalls} {
+	for _, c := range []prometheus.Collector{m.tunnelsOpen, m.tunnelFailures, m.reachable, m.unreachableCalls, m.replicas, m.givenBack} {
 		if err := reg.Register(c); err != nil {
 			return nil, errors.Join(errors.New("agent: registering metrics"), err)
 		}
@@ -77,5 +87,19 @@ func (m *metrics) tunnelOpen(open bool) {
 func (m *metrics) tunnelFailed() {
 	if m != nil {
 		m.tunnelFailures.Inc()
+	}
+}
+
+// gatewayReplicas records how many distinct replicas the open tunnels are
+// on.
+func (m *metrics) gatewayReplicas(n int) {
+	if m != nil {
+		m.replicas.Set(float64(n))
+	}
+}
+
+func (m *metrics) tunnelGivenBack() {
+	if m != nil {
+		m.givenBack.Inc()
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -89,8 +90,8 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return c.fail("--token-file needs TLS (--tls or --ca): a token sent in plaintext can be read and reused by anyone on the path; --insecure-token sends it anyway")
 	case agentkey.Problem(cfg.key) != "":
 		return c.fail("--key %s %s: the gateway accepts no such key", errtext.Quote(cfg.key), agentkey.Problem(cfg.key))
-	case missingPort(cfg.gateway):
-		return c.fail("--gateway %s has no port: give host:port", errtext.Quote(cfg.gateway))
+	case gatewayProblem(cfg.gateway) != "":
+		return c.fail("%s", gatewayProblem(cfg.gateway))
 	case missingPort(cfg.target):
 		return c.fail("--target %s has no port: give host:port", errtext.Quote(cfg.target))
 	case cfg.tunnels < 1:
@@ -186,11 +187,16 @@ func startAgent(cfg agentConfig, log *slog.Logger) (*runningAgent, error) {
 		targetCreds = credentials.NewTLS(nil)
 	}
 
-	// The idle timeout lets the agent's backoff alone pace its attempts
-	// (see agent.IdleTimeout).
+	gateways, problem := gatewayAddrs(cfg.gateway)
+	if problem != "" {
+		return nil, errors.New(problem)
+	}
+	// DialGateway balances the tunnels round-robin over the gateway's
+	// addresses, and sets the idle timeout that lets the agent's backoff
+	// alone pace its attempts (see agent.IdleTimeout).
 	dialOpts := agent.DialOptions(windowSizeOption(cfg.windowSize))
-	gwConn, err := grpc.NewClient(cfg.gateway, slices.Concat(dialOpts, []grpc.DialOption{grpc.WithTransportCredentials(gwCreds),
-		grpc.WithKeepaliveParams(cfg.keepalive.clientParams()), grpc.WithIdleTimeout(agent.IdleTimeout)})...)
+	gwConn, err := agent.DialGateway(gateways, slices.Concat(dialOpts, []grpc.DialOption{grpc.WithTransportCredentials(gwCreds),
+		grpc.WithKeepaliveParams(cfg.keepalive.clientParams())})...)
 	if err != nil {
 		return nil, fmt.Errorf("gateway address: %w", err)
 	}
@@ -206,8 +212,9 @@ func startAgent(cfg agentConfig, log *slog.Logger) (*runningAgent, error) {
 		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
 	a, err := agent.New(gwConn, targetConn, agent.Options{
-		Key:       cfg.key,
-		KeyHeader: cfg.keyHeader,
+		Key:              cfg.key,
+		KeyHeader:        cfg.keyHeader,
+		GatewayAddresses: len(gateways),
 		Reconnect: tunnel.ReconnectOptions{
 			Tunnels:       cfg.tunnels,
 			MaxBackoff:    cfg.maxBackoff,
@@ -224,7 +231,7 @@ func startAgent(cfg agentConfig, log *slog.Logger) (*runningAgent, error) {
 		targetConn.Close()
 		return nil, err
 	}
-	log.Info("agent starting", "gateway", cfg.gateway, "key", cfg.key, "target", cfg.target, "tunnels", cfg.tunnels,
+	log.Info("agent starting", "gateway", cfg.gateway, "gateways", gateways, "key", cfg.key, "target", cfg.target, "tunnels", cfg.tunnels,
 		"tls", cfg.gatewayTLS(), "client_cert", cfg.tlsCert != "", "token", cfg.tokenFile != "")
 	r := &runningAgent{a: a, gateway: gwConn, target: targetConn, done: make(chan error, 1)}
 	if reg != nil {
@@ -284,9 +291,48 @@ func writeHealth(w http.ResponseWriter, h agent.Health) {
 	case !h.ServiceReachable:
 		w.WriteHeader(http.StatusServiceUnavailable)
 		fmt.Fprintln(w, "the service is unreachable")
+	case len(h.Replicas) > 0:
+		fmt.Fprintf(w, "ok: %d tunnels open, on gateway replicas %s, the service reachable\n", h.TunnelsOpen, strings.Join(h.Replicas, ", "))
 	default:
 		fmt.Fprintf(w, "ok: %d tunnels open, the service reachable\n", h.TunnelsOpen)
 	}
+}
+
+// gatewayAddrs splits --gateway into the addresses the agent balances its
+// tunnels over: one gRPC target, passed on as given (DNS resolves a
+// host:port, and the tunnels go round-robin over all it resolves to), or a
+// comma-separated list of host:port, one for each replica of a gateway
+// cluster. problem says what is wrong with the flag, naming the address at
+// fault, as the command line's error.
+func gatewayAddrs(flagValue string) (addrs []string, problem string) {
+	parts := strings.Split(flagValue, ",")
+	if len(parts) == 1 {
+		if missingPort(flagValue) {
+			return nil, fmt.Sprintf("--gateway %s has no port: give host:port", errtext.Quote(flagValue))
+		}
+		return []string{flagValue}, ""
+	}
+	for i, p := range parts {
+		a := strings.TrimSpace(p)
+		switch {
+		case a == "":
+			return nil, fmt.Sprintf("--gateway %s: address %d of %d is empty", errtext.Quote(flagValue), i+1, len(parts))
+		case strings.Contains(a, ":/") || strings.HasPrefix(a, "unix:"):
+			return nil, fmt.Sprintf("--gateway %s: %s is a gRPC target; a list takes host:port addresses only", errtext.Quote(flagValue), errtext.Quote(a))
+		case missingPort(a):
+			return nil, fmt.Sprintf("--gateway %s: %s has no port: give host:port for every address", errtext.Quote(flagValue), errtext.Quote(a))
+		case slices.Contains(addrs, a):
+			return nil, fmt.Sprintf("--gateway %s: %s is listed twice", errtext.Quote(flagValue), errtext.Quote(a))
+		}
+		addrs = append(addrs, a)
+	}
+	return addrs, ""
+}
+
+// gatewayProblem is what is wrong with --gateway, if anything.
+func gatewayProblem(flagValue string) string {
+	_, problem := gatewayAddrs(flagValue)
+	return problem
 }
 
 // missingPort reports whether addr, a host:port unless it is a gRPC target
@@ -324,6 +370,9 @@ func (r *reachability) changed(c tunnel.StateChange) {
 		if recovered {
 			r.log.Info("reached the gateway at " + r.gateway)
 		}
+	case c.State == tunnel.TunnelWaiting && errors.Is(c.Err, tunnel.ErrGivenBack):
+		// The agent's own choice, to move the tunnel to another replica:
+		// the gateway was reached, and the agent logs why.
 	case c.State == tunnel.TunnelWaiting && c.Err != nil:
 		why := r.explain(c.Err)
 		r.mu.Lock()
@@ -376,7 +425,7 @@ func (r *reachability) explain(err error) string {
 // configuration from here too (see defaultAgentConfig), so that it runs with
 // what the command runs with.
 func (cfg *agentConfig) addFlags(fs *flag.FlagSet) {
-	fs.StringVar(&cfg.gateway, "gateway", "", "the gateway's `addr`ess host:port (required)")
+	fs.StringVar(&cfg.gateway, "gateway", "", "the gateway's `addr`ess host:port, or the addresses of a gateway cluster's\nreplicas, comma-separated: the tunnels go round-robin over them, each on\nanother replica where it can (required)")
 	fs.StringVar(&cfg.key, "key", "", "the agent `key` callers name in the key header to reach this agent (required)")
 	fs.StringVar(&cfg.target, "target", "", "the local gRPC service's `addr`ess, host:port (required)")
 	fs.BoolVar(&cfg.tls, "tls", false, "dial the gateway with TLS, trusting the system's CAs (implied by --ca and --tls-cert)")
