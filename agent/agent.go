@@ -99,8 +99,9 @@ type Options struct {
 	// tunnels are kept wherever they land. A tunnel that lands beside
 	// another is given back and reopened a few times in a row at most;
 	// then it is kept there, and moved later (drained, so that its calls
-	// finish) if another replica is still expected: after
-	// Reconnect.MaxBackoff, then twice as long each time.
+	// finish) if another replica is still expected: after two seconds
+	// (or Reconnect.MaxBackoff if shorter), then twice as long each time,
+	// up to sixteen times that.
 	GatewayAddresses int
 	// MaxMessageSize is the largest message, in bytes, the agent accepts
 	// from the gateway and from its service (4 MiB, gRPC's default, if
@@ -165,7 +166,7 @@ func New(gateway, target grpc.ClientConnInterface, opts Options) (*Agent, error)
 		spreadBudget:     max(minSpreadBudget, opts.Reconnect.Tunnels),
 		seen:             make(map[string]bool),
 		refusals:         make(map[int]int),
-		firstRecheck:     cmp.Or(max(opts.Reconnect.MaxBackoff, 0), defaultMaxBackoff),
+		firstRecheck:     min(firstSpreadRecheck, cmp.Or(max(opts.Reconnect.MaxBackoff, 0), firstSpreadRecheck)),
 		reconnect:        opts.Reconnect,
 		log:              opts.Logger,
 	}

@@ -32,9 +32,9 @@ import (
 // back at most spreadBudget times in a row; then the agent keeps it where
 // it landed, forgets the replicas it saw before that hold none of its
 // tunnels (they did not take it: behind one load-balanced address they
-// may never be reached again), and tries again later, after MaxBackoff and
-// then twice as long each time, by giving back one tunnel of a crowded
-// replica. A gateway that names no replica is not a cluster: its tunnels
+// may never be reached again), and tries again later, after
+// firstSpreadRecheck and then twice as long each time, by giving back one
+// tunnel of a crowded replica. A gateway that names no replica is not a cluster: its tunnels
 // are kept wherever they land.
 
 // minSpreadBudget is the least number of times in a row a tunnel is given
@@ -43,13 +43,19 @@ import (
 // its replicas.
 const minSpreadBudget = 3
 
-// maxRecheckFactor caps the wait between later tries, as a multiple of
-// the first (MaxBackoff): an agent that cannot spread its tunnels, behind
-// one healthy replica, gives a tunnel back every eight minutes by default.
-const maxRecheckFactor = 16
+// firstSpreadRecheck is the first wait before a tunnel kept beside another
+// is moved. A replica that was down when the tunnel opened is usually one
+// restarting, as in a rolling restart; gRPC tries its address again a
+// second after it went (its first reconnect backoff), so two seconds lets
+// the move find it back, and an agent whose tunnels a rolling restart
+// crowded onto one replica spreads them again before the next replica
+// goes.
+const firstSpreadRecheck = 2 * time.Second
 
-// defaultMaxBackoff is tunnel.ReconnectOptions' own default MaxBackoff.
-const defaultMaxBackoff = 30 * time.Second
+// maxRecheckFactor caps the wait between later tries, as a multiple of
+// the first: an agent that cannot spread its tunnels, behind one healthy
+// replica, gives a tunnel back about every half minute at most.
+const maxRecheckFactor = 16
 
 // openTunnel is one of the agent's tunnels, from the moment it is
 // admitted until it ends.

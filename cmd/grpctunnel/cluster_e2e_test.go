@@ -204,8 +204,9 @@ func TestClusterEndToEnd(t *testing.T) {
 
 // TestClusterRollingRestart restarts each of three replicas in turn
 // (SIGTERM, then start again on the same ports) while callers call an
-// agent through all of them with client-side round-robin, and the agent
-// keeps a tunnel on each of two replicas: no call fails.
+// agent through all of them with client-side round-robin, and the agent,
+// given every replica's address, keeps its two tunnels on two distinct
+// replicas: no call fails.
 func TestClusterRollingRestart(t *testing.T) {
 	if runtime.GOOS == "windows" {
 		t.Skip("the test stops the processes with signals")
@@ -214,16 +215,20 @@ func TestClusterRollingRestart(t *testing.T) {
 	ctx := testContext(t)
 	c := startTestCluster(t, ctx, bin, 3)
 	target := startTarget(t, "rolling-device")
-	// The agent's two tunnels, on replicas 1 and 2.
-	for i := range 2 {
-		startProcess(t, fmt.Sprintf("agent-%d", i+1), bin, "agent", "--gateway", c.addrs[i], "--key", "site", "--target", target, "--log-format", "json")
-	}
+	startProcess(t, "agent", bin, "agent", "--gateway", strings.Join(c.addrs, ","), "--tunnels", "2",
+		"--key", "site", "--target", target, "--log-format", "json")
+	// waitTunnels waits until the agent's two tunnels are on two replicas
+	// and every replica routes to it.
 	waitTunnels := func() {
 		t.Helper()
 		admin := adminpb.NewAdminServiceClient(dial(t, c.addrs[2], insecure.NewCredentials()))
 		testkit.WaitFor(t, func() bool {
 			resp, err := admin.ListAgents(ctx, &adminpb.ListAgentsRequest{Key: "site"})
-			return err == nil && len(resp.GetUnreachableReplicas()) == 0 && len(resp.GetAgents()) == 1 && len(resp.GetAgents()[0].GetTunnels()) == 2
+			if err != nil || len(resp.GetUnreachableReplicas()) != 0 || len(resp.GetAgents()) != 1 {
+				return false
+			}
+			tunnels := resp.GetAgents()[0].GetTunnels()
+			return len(tunnels) == 2 && tunnels[0].GetReplica() != tunnels[1].GetReplica()
 		})
 		for _, addr := range c.addrs {
 			routes(t, ctx, dial(t, addr, insecure.NewCredentials()), "site")
