@@ -44,6 +44,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"time"
@@ -72,6 +73,7 @@ type config struct {
 	entries  int           // directory entries in the memory row
 	tunnels  int           // tunnels opened in the propagation and writes rows
 	only     []string      // measurements to make; nil for all
+	profile  string        // CPU profile file; "" for none
 }
 
 // parseFlags reads the command line. Usage and errors go to stderr.
@@ -85,6 +87,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.IntVar(&cfg.callers, "callers", 32, "concurrent callers in the throughput row")
 	fs.IntVar(&cfg.entries, "entries", 10000, "tunnel entries written to the directory in the memory row")
 	fs.IntVar(&cfg.tunnels, "tunnels", 20, "tunnels opened one after the other in the propagation and writes rows")
+	fs.StringVar(&cfg.profile, "cpuprofile", "", "write a CPU profile of the measurements to `file` (with -only throughput, of the cross-replica path and its baseline)")
 	fs.StringVar(&only, "only", "", "comma-separated measurements to make, of: "+strings.Join(measurementKeys(), ", "))
 	if err := fs.Parse(args); err != nil {
 		return config{}, err
@@ -141,8 +144,22 @@ func main() {
 	// Interrupting ends the measurements in progress; what was measured is
 	// still printed and everything is shut down.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	if cfg.profile != "" {
+		f, err := os.Create(cfg.profile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "clusterbench:", err)
+			os.Exit(2)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(os.Stderr, "clusterbench:", err)
+			os.Exit(2)
+		}
+	}
 	err = run(ctx, cfg, os.Stdout, os.Stderr)
 	stop()
+	if cfg.profile != "" {
+		pprof.StopCPUProfile()
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "clusterbench:", err)
 		os.Exit(1)
