@@ -1,9 +1,12 @@
 package gateway
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
 	"time"
+
+	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
 )
 
 // dashboardState is the JSON the dashboard polls at /api/state: a
@@ -12,6 +15,11 @@ type dashboardState struct {
 	Now      time.Time          `json:"now"`
 	Agents   []dashboardAgent   `json:"agents"`
 	Refusals []dashboardRefusal `json:"refusals"`
+	// Replica is this gateway's id in its cluster, empty for a gateway
+	// alone; Unreachable names the replicas that did not say which
+	// agents they hold, and why.
+	Replica     string            `json:"replica,omitempty"`
+	Unreachable map[string]string `json:"unreachable_replicas,omitempty"`
 }
 
 // dashboardAgent is an agent key with its open tunnels.
@@ -31,6 +39,7 @@ type dashboardTunnel struct {
 	StreamsStarted uint64    `json:"streams_started"`
 	BytesSent      uint64    `json:"bytes_sent"`
 	BytesReceived  uint64    `json:"bytes_received"`
+	Replica        string    `json:"replica,omitempty"`
 }
 
 // dashboardRefusal is a Refusal.
@@ -45,10 +54,29 @@ type dashboardRefusal struct {
 	Error    string    `json:"error,omitempty"`
 }
 
-// state is the dashboard's snapshot now.
-func (g *Gateway) state() dashboardState {
-	st := dashboardState{Now: time.Now(), Agents: []dashboardAgent{}, Refusals: []dashboardRefusal{}}
-	for _, a := range g.Agents() {
+// dashboardClusterTimeout bounds how long the dashboard waits for the
+// other replicas of a cluster, well within the page's own timeout.
+const dashboardClusterTimeout = 2 * time.Second
+
+// state is the dashboard's snapshot now: on a replica of a cluster, of the
+// agents of the whole cluster, as ListAgents gives them.
+func (g *Gateway) state(ctx context.Context) dashboardState {
+	st := dashboardState{Now: time.Now(), Agents: []dashboardAgent{}, Refusals: []dashboardRefusal{}, Replica: g.self()}
+	agents := g.Agents()
+	if g.cluster != nil {
+		ctx, cancel := context.WithTimeout(ctx, dashboardClusterTimeout)
+		defer cancel()
+		// Never an error: a replica that does not answer is named.
+		resp, _ := (&adminService{g: g}).ListAgents(ctx, &adminpb.ListAgentsRequest{})
+		agents = resp.GetAgents()
+		for _, u := range resp.GetUnreachableReplicas() {
+			if st.Unreachable == nil {
+				st.Unreachable = make(map[string]string)
+			}
+			st.Unreachable[u.GetReplica()] = u.GetError()
+		}
+	}
+	for _, a := range agents {
 		da := dashboardAgent{Key: a.GetKey(), Tunnels: []dashboardTunnel{}}
 		for _, t := range a.GetTunnels() {
 			da.Tunnels = append(da.Tunnels, dashboardTunnel{
@@ -59,6 +87,7 @@ func (g *Gateway) state() dashboardState {
 				StreamsStarted: t.GetStreamsStarted(),
 				BytesSent:      t.GetBytesSent(),
 				BytesReceived:  t.GetBytesReceived(),
+				Replica:        t.GetReplica(),
 			})
 		}
 		st.Agents = append(st.Agents, da)
@@ -75,5 +104,5 @@ func (g *Gateway) state() dashboardState {
 // serveDashboardState answers /api/state with the gateway's state as JSON.
 func (g *Gateway) serveDashboardState(w http.ResponseWriter, r *http.Request) {
 	dashboardHeaders(w, "application/json")
-	json.NewEncoder(w).Encode(g.state())
+	json.NewEncoder(w).Encode(g.state(r.Context()))
 }

@@ -207,6 +207,8 @@ func TestDashboardInBrowser(t *testing.T) {
 	if n, err := chromedp.Run(ctx, chromedp.Evaluate[int](`document.querySelectorAll("img").length`)); err != nil || n != 0 {
 		t.Errorf("the agent's key became markup: %d img elements (%v)", n, err)
 	}
+	// A gateway alone has no replica column.
+	waitPage(t, ctx, "no replica column", `getComputedStyle(document.querySelector("#agents th.replica")).display === "none"`)
 	screenshot(t, ctx, "dashboard.png")
 
 	siteA.Stop()
@@ -231,4 +233,40 @@ func TestDashboardInBrowser(t *testing.T) {
 		return s.classList.contains("unreachable") && s.textContent.startsWith("Cannot reach the gateway");
 	})()`)
 	screenshot(t, ctx, "dashboard-unreachable.png")
+}
+
+// TestDashboardOfAReplicaInBrowser: a replica's dashboard lists the agents
+// of the whole cluster with the replica holding each tunnel, and names a
+// replica that does not answer.
+func TestDashboardOfAReplicaInBrowser(t *testing.T) {
+	ctx := startBrowser(t)
+	r1 := startReplica(t, "gw-1", gateway.Options{})
+	r2 := startReplica(t, "gw-2", gateway.Options{})
+	backend := startBackend(t)
+	startAgent(t, r1.g, r1.callers, backend, "site-a", 1)
+	startAgent(t, r2.g, r2.callers, backend, "site-b", 1)
+	r1.cluster.set("site-b", r2.peer)
+	r1.cluster.set("site-c", gateway.Peer{ID: "gw-down", Conn: downConn(t)})
+	srv := httptest.NewServer(r1.g.DashboardHandler())
+	t.Cleanup(srv.Close)
+
+	var errs jsErrors
+	errs.listen(t, ctx)
+	if err := chromedp.Do(ctx, chromedp.Navigate(srv.URL+"/"), chromedp.WaitVisible("#agents")); err != nil {
+		t.Fatal(err)
+	}
+	waitPage(t, ctx, "both replicas' agents, each with its replica", `(() => {
+		const rows = [...document.querySelectorAll("#agents tbody tr")].map(tr =>
+			tr.querySelector("td.key").textContent + "@" + tr.querySelector("td.replica").textContent);
+		return rows.join(" ") === "site-a@gw-1 site-b@gw-2" &&
+			getComputedStyle(document.querySelector("#agents th.replica")).display !== "none";
+	})()`)
+	waitPage(t, ctx, "the silent replica named", `(() => {
+		const p = document.getElementById("unreachable");
+		return !p.hidden && p.textContent.includes("gw-down");
+	})()`)
+	screenshot(t, ctx, "dashboard-replica.png")
+	if e := errs.get(); len(e) > 0 {
+		t.Errorf("the page's script failed: %q", e)
+	}
 }

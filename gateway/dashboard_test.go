@@ -32,8 +32,11 @@ type dashboardState struct {
 			StreamsStarted uint64    `json:"streams_started"`
 			BytesSent      uint64    `json:"bytes_sent"`
 			BytesReceived  uint64    `json:"bytes_received"`
+			Replica        string    `json:"replica"`
 		} `json:"tunnels"`
 	} `json:"agents"`
+	Replica     string            `json:"replica"`
+	Unreachable map[string]string `json:"unreachable_replicas"`
 	Refusals []struct {
 		Time   time.Time `json:"time"`
 		Who    string    `json:"who"`

@@ -418,3 +418,37 @@ func TestListAgentsCoversTheCluster(t *testing.T) {
 		t.Errorf("unreachable replicas: %v, want gw-down with its error", u)
 	}
 }
+
+// The dashboard of a replica shows the agents of the whole cluster, each
+// tunnel with its replica, and names a replica that did not answer.
+func TestDashboardShowsTheCluster(t *testing.T) {
+	r1 := startReplica(t, "gw-1", gateway.Options{})
+	r2 := startReplica(t, "gw-2", gateway.Options{})
+	backend := startBackend(t)
+	startAgent(t, r1.g, r1.callers, backend, "a", 1)
+	startAgent(t, r2.g, r2.callers, backend, "b", 1)
+	r1.cluster.set("b", r2.peer)
+
+	st := getState(t, r1.g.DashboardHandler())
+	var got []string
+	for _, a := range st.Agents {
+		for _, tn := range a.Tunnels {
+			got = append(got, a.Key+"@"+tn.Replica)
+		}
+	}
+	if want := []string{"a@gw-1", "b@gw-2"}; !slices.Equal(got, want) || st.Replica != "gw-1" || len(st.Unreachable) != 0 {
+		t.Errorf("dashboard of gw-1: tunnels %v, replica %q, unreachable %v; want %v, gw-1, none", got, st.Replica, st.Unreachable, want)
+	}
+
+	r1.cluster.set("c", gateway.Peer{ID: "gw-down", Conn: downConn(t)})
+	st = getState(t, r1.g.DashboardHandler())
+	if st.Unreachable["gw-down"] == "" {
+		t.Errorf("dashboard with a replica down: unreachable %v, want gw-down named", st.Unreachable)
+	}
+
+	// A gateway alone names no replica.
+	g, _ := startGateway(t, gateway.Options{})
+	if st := getState(t, g.DashboardHandler()); st.Replica != "" || st.Unreachable != nil {
+		t.Errorf("dashboard of a gateway alone: replica %q, unreachable %v", st.Replica, st.Unreachable)
+	}
+}

@@ -53,6 +53,7 @@ function renderAgents(agents, now) {
       tr.className = "tunnel" + (i === 0 ? " first-tunnel" : "");
       tr.dataset.key = a.key;
       cell(tr, i === 0 ? a.key : "", "key");
+      cell(tr, t.replica, "replica");
       cell(tr, t.peer);
       cell(tr, t.identity);
       cell(tr, fmtSince(t.opened_at, now));
@@ -67,6 +68,17 @@ function renderAgents(agents, now) {
   document.getElementById("no-agents").hidden = agents.length > 0;
   document.getElementById("agent-count").textContent =
     "(" + agents.length + (agents.length === 1 ? " agent, " : " agents, ") + tunnels + (tunnels === 1 ? " tunnel)" : " tunnels)");
+}
+
+// renderCluster shows the replica column on a replica of a cluster, and
+// names the replicas whose agents are missing because they did not answer.
+function renderCluster(st) {
+  document.getElementById("agents").classList.toggle("clustered", Boolean(st.replica));
+  const p = document.getElementById("unreachable");
+  const down = Object.entries(st.unreachable_replicas || {});
+  p.hidden = down.length === 0;
+  p.textContent = down.length === 0 ? "" :
+    "Not listed: the agents of replica " + down.map(([id, why]) => id + " (" + why + ")").join(", replica ") + ", which did not answer.";
 }
 
 function renderRefusals(refusals) {
@@ -105,6 +117,7 @@ async function poll() {
     const st = await resp.json();
     const now = new Date(st.now);
     renderAgents(st.agents, now);
+    renderCluster(st);
     renderRefusals(st.refusals);
     lastOK = new Date();
     setStatus("live", "Live, updated " + lastOK.toLocaleTimeString());
