@@ -37,7 +37,7 @@ type dashboardState struct {
 	} `json:"agents"`
 	Replica     string            `json:"replica"`
 	Unreachable map[string]string `json:"unreachable_replicas"`
-	Refusals []struct {
+	Refusals    []struct {
 		Time   time.Time `json:"time"`
 		Who    string    `json:"who"`
 		Reason string    `json:"reason"`
