@@ -3,7 +3,6 @@ package gateway_test
 import (
 	"bytes"
 	"context"
-	"io"
 	"slices"
 	"strings"
 	"sync"
@@ -22,14 +21,12 @@ import (
 	"google.golang.org/grpc/reflection"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/grpctunnel/grpctunnel/agent"
 	"github.com/grpctunnel/grpctunnel/gateway"
 	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
 	"github.com/grpctunnel/grpctunnel/internal/loopback"
 	"github.com/grpctunnel/grpctunnel/internal/testkit"
-	"github.com/grpctunnel/grpctunnel/proxy"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -384,7 +381,7 @@ func TestFanOutToSeveralAgents(t *testing.T) {
 
 	// One labelled result per agent named, including the one that is not
 	// connected.
-	got := fanOut(t, gw, "a, b", "gone")
+	got := testkit.FanOut(t, gw, gateway.DefaultKeyHeader, "a, b", "gone")
 	want := map[string]string{"a": "ping", "b": "ping", "gone": "Unavailable"}
 	if len(got) != len(want) {
 		t.Fatalf("results %v, want %v", got, want)
@@ -393,52 +390,6 @@ func TestFanOutToSeveralAgents(t *testing.T) {
 		if got[k] != v {
 			t.Errorf("result of %s: %q, want %q", k, got[k], v)
 		}
-	}
-}
-
-// fanOut calls a unary method as server-streaming on conn with the key
-// header's values, and returns the payload of each labelled result by the
-// agent that gave it, or its status code if it failed.
-func fanOut(t *testing.T, conn grpc.ClientConnInterface, keys ...string) map[string]string {
-	t.Helper()
-	var kv []string
-	for _, k := range keys {
-		kv = append(kv, gateway.DefaultKeyHeader, k)
-	}
-	ctx := metadata.AppendToOutgoingContext(context.Background(), kv...)
-	desc := &grpc.StreamDesc{ServerStreams: true}
-	cs, err := conn.NewStream(ctx, desc, "/grpchantesting.TestService/Unary", grpc.ForceCodecV2(proxy.Codec()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	// The proxy's codec sends typed messages with the proto codec and
-	// receives frames as raw bytes.
-	if err := cs.SendMsg(&grpchantesting.Message{Payload: []byte("ping")}); err != nil {
-		t.Fatal(err)
-	}
-	_ = cs.CloseSend()
-	got := make(map[string]string)
-	for {
-		f := new(proxy.Frame)
-		if err := cs.RecvMsg(f); err != nil {
-			if status.Code(err) != codes.OK && err != io.EOF {
-				t.Fatalf("the call failed as a whole: %v", err)
-			}
-			return got
-		}
-		payload, label, err := proxy.SplitLabel(f.Bytes(), proxy.DefaultLabelField)
-		if err != nil || label == nil {
-			t.Fatalf("result without a label: %v %v", label, err)
-		}
-		if label.GetStatus() != nil {
-			got[label.GetBackend()] = codes.Code(label.GetStatus().GetCode()).String()
-			continue
-		}
-		var m grpchantesting.Message
-		if err := proto.Unmarshal(payload, &m); err != nil {
-			t.Fatal(err)
-		}
-		got[label.GetBackend()] = string(m.GetPayload())
 	}
 }
 

@@ -330,7 +330,7 @@ func TestFanOutAcrossReplicas(t *testing.T) {
 	startAgent(t, r2.g, r2.callers, backend, "b", 1)
 	r2.cluster.set("a", r1.peer)
 
-	got := fanOut(t, r2.callers, "a,b", "gone")
+	got := testkit.FanOut(t, r2.callers, gateway.DefaultKeyHeader, "a,b", "gone")
 	want := map[string]string{"a": "ping", "b": "ping", "gone": "Unavailable"}
 	if len(got) != len(want) {
 		t.Fatalf("results %v, want %v", got, want)

@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"bytes"
 	"context"
 	"net"
 	"sync"
@@ -12,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/agent"
@@ -162,6 +164,20 @@ func TestCallsCrossReplicas(t *testing.T) {
 	agents := r2.g.Agents()
 	if len(agents) != 0 {
 		t.Errorf("replica 2 holds %v itself; want nothing", agents)
+	}
+
+	// A compressed call crosses replicas compressed and comes back so.
+	payload := bytes.Repeat([]byte("compressible "), 1000)
+	resp, err := keyed(r2.callers, "site-a").Unary(context.Background(), &grpchantesting.Message{Payload: payload}, grpc.UseCompressor(gzip.Name))
+	if err != nil || !bytes.Equal(resp.GetPayload(), payload) {
+		t.Errorf("a gzip call through replica 2: %v", err)
+	}
+
+	// A fan-out through replica 2 reaches the agents of replicas 1 and 3,
+	// each result labelled with its agent.
+	got := testkit.FanOut(t, r2.callers, gateway.DefaultKeyHeader, "site-a,site-b")
+	if len(got) != 2 || got["site-a"] != "ping" || got["site-b"] != "ping" {
+		t.Errorf("fan-out through replica 2 to agents on replicas 1 and 3: %v", got)
 	}
 }
 
