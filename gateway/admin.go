@@ -46,7 +46,7 @@ func (a *adminService) ListAgents(ctx context.Context, req *adminpb.ListAgentsRe
 	}
 	// The caller's metadata stays here: the other replicas need only the
 	// cluster's token.
-	ctx = metadata.NewOutgoingContext(ctx, metadata.Pairs(PeerHeader, g.clusterToken))
+	ctx = metadata.NewOutgoingContext(ctx, metadata.Pairs(PeerHeader, g.clusterToken()))
 	answers := make([]*adminpb.ListAgentsResponse, len(peers))
 	failures := make([]error, len(peers))
 	var wg sync.WaitGroup

@@ -154,6 +154,15 @@ type Options struct {
 	// again. Empty refuses every call that carries the header, so that
 	// a gateway that is no replica cannot be made to skip AuthorizeCall.
 	ClusterToken string
+	// ClusterTokens, if set, replaces ClusterToken with tokens that may
+	// change while the gateway runs, so that a cluster can move to a new
+	// token without a restart: the first token is sent, and any of them is
+	// accepted. To rotate, add the new token after the old one on every
+	// replica, then put it first on every replica, then remove the old
+	// one. It is called on every forwarded call, so it must be cheap (a
+	// value read from an atomic pointer, say). No token refuses every
+	// call that carries PeerHeader.
+	ClusterTokens func() []string
 	// Tunnel configures the handler that accepts the agents' tunnels:
 	// limits, keepalive, flow control. Its AffinityKey is set by the
 	// gateway; OnReverseTunnelOpen and OnReverseTunnelClose, if set, are
@@ -179,10 +188,10 @@ type Gateway struct {
 	metrics   *metrics // nil without a Registerer
 	refusals  *refusals
 	access    *accessLog // nil without Options.AccessLog
-	// cluster and clusterToken are Options.Cluster and
-	// Options.ClusterToken.
-	cluster      Cluster
-	clusterToken string
+	// cluster and clusterTokens are Options.Cluster and
+	// Options.ClusterTokens (or ClusterToken, as a list of one).
+	cluster       Cluster
+	clusterTokens func() []string
 	// maxStreams is the HTTP/2 bound of calls per client connection; 0
 	// for none.
 	maxStreams uint32
@@ -209,11 +218,18 @@ func New(opts Options) (*Gateway, error) {
 		log:       opts.Logger,
 		health:    health.NewServer(),
 
-		cluster:      opts.Cluster,
-		clusterToken: opts.ClusterToken,
+		cluster:       opts.Cluster,
+		clusterTokens: opts.ClusterTokens,
 	}
 	if g.keyHeader == "" {
 		g.keyHeader = DefaultKeyHeader
+	}
+	if g.clusterTokens == nil {
+		var tokens []string
+		if opts.ClusterToken != "" {
+			tokens = []string{opts.ClusterToken}
+		}
+		g.clusterTokens = func() []string { return tokens }
 	}
 	switch n := opts.MaxStreamsPerConnection; {
 	case n == 0:

@@ -84,11 +84,31 @@ func (g *Gateway) fromPeer(ctx context.Context) (bool, error) {
 	if len(values) == 0 {
 		return false, nil
 	}
-	if g.clusterToken == "" || len(values) != 1 ||
-		subtle.ConstantTimeCompare([]byte(values[0]), []byte(g.clusterToken)) != 1 {
+	if len(values) != 1 || !g.acceptsClusterToken(values[0]) {
 		return false, Refuse(ReasonBadToken, errNotReplica)
 	}
 	return true, nil
+}
+
+// acceptsClusterToken reports whether token is one of the cluster's,
+// comparing with each in constant time.
+func (g *Gateway) acceptsClusterToken(token string) bool {
+	ok := false
+	for _, t := range g.clusterTokens() {
+		if t != "" && subtle.ConstantTimeCompare([]byte(token), []byte(t)) == 1 {
+			ok = true
+		}
+	}
+	return ok
+}
+
+// clusterToken is the token this replica sends to the others: the first
+// of the cluster's, or "" if it has none, which the others refuse.
+func (g *Gateway) clusterToken() string {
+	if tokens := g.clusterTokens(); len(tokens) > 0 {
+		return tokens[0]
+	}
+	return ""
 }
 
 // viaPeers is the backend of a call for key, which this gateway does not
@@ -131,7 +151,7 @@ func (c *peerConn) NewStream(ctx context.Context, desc *grpc.StreamDesc, method 
 	// The route's metadata lacks the key header, which the next replica
 	// routes by: this backend's own key goes back in (one of several
 	// when the call fans out), with the cluster's token.
-	ctx = metadata.AppendToOutgoingContext(ctx, c.g.keyHeader, c.key, PeerHeader, c.g.clusterToken)
+	ctx = metadata.AppendToOutgoingContext(ctx, c.g.keyHeader, c.key, PeerHeader, c.g.clusterToken())
 	var ids, causes []string
 	// Each call starts at the next holder, so that the calls for an
 	// agent with tunnels on several replicas share them.

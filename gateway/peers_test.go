@@ -452,3 +452,41 @@ func TestDashboardShowsTheCluster(t *testing.T) {
 		t.Errorf("dashboard of a gateway alone: replica %q, unreachable %v", st.Replica, st.Unreachable)
 	}
 }
+
+// The cluster's token can change while replicas run (ClusterTokens): a
+// replica sends the first of its tokens and accepts any, so the cluster
+// moves to a new token with no call refused, after which the old token
+// is refused.
+func TestClusterTokenRotation(t *testing.T) {
+	var tokens1, tokens2 atomic.Pointer[[]string]
+	set := func(p *atomic.Pointer[[]string], tokens ...string) { p.Store(&tokens) }
+	set(&tokens1, "old")
+	set(&tokens2, "old")
+	r1 := startReplica(t, "gw-1", gateway.Options{ClusterTokens: func() []string { return *tokens1.Load() }})
+	r2 := startReplica(t, "gw-2", gateway.Options{ClusterTokens: func() []string { return *tokens2.Load() }})
+	startAgent(t, r1.g, r1.callers, startBackend(t), "site-a", 1)
+	r2.cluster.set("site-a", r1.peer)
+	client := grpchantesting.NewTestServiceClient(keyed(r2.callers, "site-a"))
+	call := func(step string) {
+		t.Helper()
+		if _, err := client.Unary(context.Background(), &grpchantesting.Message{}); err != nil {
+			t.Errorf("%s: a call across replicas: %v", step, err)
+		}
+	}
+
+	call("both on the old token")
+	set(&tokens1, "old", "new")
+	set(&tokens2, "old", "new")
+	call("the new token accepted everywhere")
+	set(&tokens2, "new", "old")
+	call("replica 2 sends the new token")
+	set(&tokens1, "new")
+	set(&tokens2, "new")
+	call("the old token gone")
+
+	ctx := metadata.AppendToOutgoingContext(context.Background(), gateway.PeerHeader, "old")
+	_, err := grpchantesting.NewTestServiceClient(keyed(r1.peer.Conn, "site-a")).Unary(ctx, &grpchantesting.Message{})
+	if status.Code(err) != codes.PermissionDenied {
+		t.Errorf("the old token after the rotation: %v, want PermissionDenied", err)
+	}
+}

@@ -55,7 +55,7 @@ func (c *clusterFlags) add(fs *flag.FlagSet) {
 	fs.StringVar(&c.replicaID, "replica-id", "", "`id` of this replica in the cluster, unique among live replicas\n(default: the host name and a random suffix, new at each start)")
 	fs.StringVar(&c.peerListen, "peer-listen", "", "serve the other replicas' forwarded calls on `addr`ess host:port\n(required with --etcd); it admits replicas only")
 	fs.StringVar(&c.peerAdvertise, "peer-advertise", "", "`addr`ess at which the other replicas reach --peer-listen (default:\n--peer-listen, with the bound port if it is 0)")
-	fs.StringVar(&c.tokenFile, "cluster-token-file", "", "`file` holding the secret token the replicas of the cluster share\n(required with --etcd); it proves a forwarded call comes from a replica")
+	fs.StringVar(&c.tokenFile, "cluster-token-file", "", "`file` holding the secret token the replicas of the cluster share\n(required with --etcd); it proves a forwarded call comes from a replica.\nOne token a line: the first is sent, any is accepted, so that the\ncluster can move to a new one with SIGHUP and no restart")
 	fs.DurationVar(&c.leaseTTL, "lease-ttl", cluster.DefaultTTL, "how long a replica that dies stays in the directory before etcd drops\nit and its agents; a replica that stops cleanly leaves at once")
 	fs.StringVar(&c.peerCA, "peer-ca", "", "with TLS, the PEM `file` of the CA that issued the replicas'\ncertificates (--tls-cert), which they present to each other on the peer\nport (default: --client-ca)")
 	fs.StringVar(&c.etcdCA, "etcd-ca", "", "PEM `file` of the CA of etcd's TLS certificate, for https URLs")
@@ -108,7 +108,7 @@ type replica struct {
 	cli     *clientv3.Client
 	dir     *cluster.Directory
 	peering *cluster.Peering
-	token   string
+	tokens  *reloadable[[]string] // the cluster's tokens, the first sent
 	peerSrv *grpc.Server
 	peerLis net.Listener
 	tls     *tls.Config // the peer port's and its clients', nil without TLS
@@ -117,13 +117,17 @@ type replica struct {
 }
 
 // joinCluster binds the peer port, connects to etcd and joins the
-// directory, with the gateway's TLS configuration (nil for none).
-func joinCluster(c clusterFlags, gatewayTLS *tls.Config, clientCA string, log *slog.Logger) (*replica, error) {
-	token, err := readAgentToken(c.tokenFile)
+// directory, with the gateway's TLS configuration (nil for none); reload
+// rereads the cluster's tokens.
+func joinCluster(c clusterFlags, gatewayTLS *tls.Config, clientCA string, reload *reloader, log *slog.Logger) (*replica, error) {
+	load := func() (*[]string, error) { return readClusterTokens(c.tokenFile) }
+	tokens, err := load()
 	if err != nil {
-		return nil, fmt.Errorf("cluster token: %w", err)
+		return nil, err
 	}
-	r := &replica{token: token, log: log, done: make(chan struct{})}
+	r := &replica{tokens: newReloadable(tokens), log: log, done: make(chan struct{})}
+	// The tokens are secrets: the log says only how many there are.
+	addReloadable(reload, "cluster_tokens", r.tokens, load, func(t *[]string) []any { return []any{"cluster_tokens", len(*t)} })
 	if gatewayTLS != nil {
 		caFile := c.peerCA
 		if caFile == "" {
@@ -176,6 +180,34 @@ func joinCluster(c clusterFlags, gatewayTLS *tls.Config, clientCA string, log *s
 	r.peering = cluster.NewPeering(r.dir, dial...)
 	return r, nil
 }
+
+// readClusterTokens reads the cluster's token file: one token a line,
+// blank lines and # comments skipped.
+func readClusterTokens(file string) (*[]string, error) {
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("reading the cluster token file: %w", err)
+	}
+	var tokens []string
+	for line := range strings.Lines(string(data)) {
+		fields, ok := tokenLine(line)
+		if !ok {
+			continue
+		}
+		if len(fields) != 1 {
+			return nil, fmt.Errorf("cluster token file %s: a line holds %d words; each line holds one token", file, len(fields))
+		}
+		tokens = append(tokens, fields[0])
+	}
+	if len(tokens) == 0 {
+		return nil, fmt.Errorf("cluster token file %s: no token", file)
+	}
+	return &tokens, nil
+}
+
+// clusterTokens returns the cluster's tokens now, for
+// gateway.Options.ClusterTokens.
+func (r *replica) clusterTokens() []string { return *r.tokens.load() }
 
 // peerTLS is the TLS configuration of the peer port and of the
 // connections to the other replicas' peer ports: each replica presents its

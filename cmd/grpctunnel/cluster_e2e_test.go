@@ -5,19 +5,24 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/resolver/manual"
+	"google.golang.org/grpc/status"
 
+	"github.com/grpctunnel/grpctunnel/gateway"
 	"github.com/grpctunnel/grpctunnel/gateway/adminpb"
 	"github.com/grpctunnel/grpctunnel/internal/demopb"
 	"github.com/grpctunnel/grpctunnel/internal/embedetcd"
@@ -32,7 +37,7 @@ type testCluster struct {
 	ctx      context.Context
 	bin      string
 	etcd     *embedetcd.Server
-	token    string
+	tokens   []string // cluster token file of each replica
 	addrs    []string // callers' and agents' port of each replica
 	peers    []string // peer port of each replica
 	replicas []*process
@@ -47,10 +52,12 @@ func startTestCluster(t *testing.T, ctx context.Context, bin string, n int) *tes
 		t.Fatal(err)
 	}
 	t.Cleanup(etcd.Stop)
-	c := &testCluster{t: t, ctx: ctx, bin: bin, etcd: etcd, token: writeFile(t, t.TempDir(), "cluster-token", []byte("a-secret-of-the-replicas\n"))}
-	for range n {
+	c := &testCluster{t: t, ctx: ctx, bin: bin, etcd: etcd}
+	dir := t.TempDir()
+	for i := range n {
 		c.addrs = append(c.addrs, freeAddr(t))
 		c.peers = append(c.peers, freeAddr(t))
+		c.tokens = append(c.tokens, writeFile(t, dir, fmt.Sprintf("cluster-token-%d", i+1), []byte("a-secret-of-the-replicas\n")))
 	}
 	c.replicas = make([]*process, n)
 	for i := range n {
@@ -79,7 +86,7 @@ func (c *testCluster) start(i int) {
 	}
 	p := startProcess(c.t, id, c.bin, "gateway", "--listen", c.addrs[i], "--log-format", "json",
 		"--etcd", c.etcd.URL, "--cluster", "e2e", "--replica-id", id, "--peer-listen", c.peers[i],
-		"--cluster-token-file", c.token, "--lease-ttl", "2s", "--drain-timeout", "10s")
+		"--cluster-token-file", c.tokens[i], "--lease-ttl", "2s", "--drain-timeout", "10s")
 	p.log.waitMsg(c.t, c.ctx, "replica joined the cluster")
 	p.log.waitMsg(c.t, c.ctx, "listening")
 	c.replicas[i] = p
@@ -313,4 +320,64 @@ func (l *load) stop() (calls, failed int64) {
 	l.cancel()
 	l.wg.Wait()
 	return l.calls.Load(), l.failed.Load()
+}
+
+// TestClusterTokenRotation moves two running replicas to a new cluster
+// token with SIGHUP alone, while a caller of replica 2 calls an agent on
+// replica 1 the whole time: no call fails, a token file with no token is
+// refused and the tokens in use kept, and at the end the old token opens
+// no peer port.
+func TestClusterTokenRotation(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("the test signals the processes with SIGHUP")
+	}
+	const reloaded = "reloaded: new connections, tunnels and calls use it; those open keep going"
+	bin := buildCommand(t)
+	ctx := testContext(t)
+	c := startTestCluster(t, ctx, bin, 2)
+	target := startTarget(t, "rotation-device")
+	startProcess(t, "agent", bin, "agent", "--gateway", c.addrs[0], "--key", "site", "--target", target, "--log-format", "json")
+	conn := dial(t, c.addrs[1], insecure.NewCredentials())
+	routes(t, ctx, conn, "site")
+	load := startLoad(t, ctx, conn, "site", 2)
+
+	reloads := make([]int, 2)
+	step := func(what string, contents ...string) {
+		t.Helper()
+		for i, data := range contents {
+			writeFile(t, filepath.Dir(c.tokens[i]), filepath.Base(c.tokens[i]), []byte(data))
+			if err := c.replicas[i].cmd.Process.Signal(syscall.SIGHUP); err != nil {
+				t.Fatal(err)
+			}
+			reloads[i]++
+			if rec := waitCount(t, ctx, c.replicas[i].log, reloaded, reloads[i]); rec["cluster_tokens"] == nil {
+				t.Errorf("%s: replica %d logged %v", what, i+1, rec)
+			}
+		}
+		load.waitCalls(t, load.calls.Load()+50)
+	}
+	step("the new token accepted", "a-secret-of-the-replicas\nthe-new-secret\n", "a-secret-of-the-replicas\nthe-new-secret\n")
+	step("the new token sent", "the-new-secret\na-secret-of-the-replicas\n", "the-new-secret\na-secret-of-the-replicas\n")
+	step("the old token gone", "the-new-secret\n", "the-new-secret\n")
+
+	// A file without a token is refused; the replica keeps its token.
+	writeFile(t, filepath.Dir(c.tokens[0]), filepath.Base(c.tokens[0]), []byte("# nothing here\n"))
+	if err := c.replicas[0].cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	c.replicas[0].log.waitMsg(t, ctx, "reload refused: kept the certificates and tokens in use")
+	load.waitCalls(t, load.calls.Load()+50)
+	calls, failed := load.stop()
+	if failed != 0 {
+		t.Errorf("%d of %d calls failed while the cluster token was rotated; first: %v", failed, calls, load.firstErr.Load())
+	}
+
+	oldToken := metadata.AppendToOutgoingContext(ctx, "tunnel-key", "site", gateway.PeerHeader, "a-secret-of-the-replicas")
+	_, err := demopb.NewDeviceServiceClient(dial(t, c.peers[0], insecure.NewCredentials())).GetStatus(oldToken, &demopb.GetStatusRequest{})
+	if status.Code(err) != codes.PermissionDenied {
+		t.Errorf("the old token on replica 1's peer port after the rotation: %v, want PermissionDenied", err)
+	}
+	for _, p := range c.replicas {
+		p.terminate(t)
+	}
 }

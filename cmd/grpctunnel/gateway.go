@@ -231,11 +231,11 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 	var member *replica
 	if cfg.cluster.etcd != "" {
 		var err error
-		if member, err = joinCluster(cfg.cluster, tlsCfg, cfg.clientCA, log); err != nil {
+		if member, err = joinCluster(cfg.cluster, tlsCfg, cfg.clientCA, reload, log); err != nil {
 			return nil, err
 		}
 		opts.Cluster = member.peering
-		opts.ClusterToken = member.token
+		opts.ClusterTokens = member.clusterTokens
 		if reg != nil {
 			member.register(reg)
 		}
