@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -111,15 +112,18 @@ type replica struct {
 	tokens  *reloadable[[]string] // the cluster's tokens, the first sent
 	peerSrv *grpc.Server
 	peerLis net.Listener
-	tls     *tls.Config // the peer port's and its clients', nil without TLS
+	// tls is the peer port's TLS configuration and its clients', reread
+	// with the gateway's certificate on SIGHUP; nil without TLS.
+	tls *reloadable[tls.Config]
 	log     *slog.Logger
 	done    chan struct{} // closed when the peer server has returned
 }
 
 // joinCluster binds the peer port, connects to etcd and joins the
-// directory, with the gateway's TLS configuration (nil for none); reload
-// rereads the cluster's tokens.
-func joinCluster(c clusterFlags, gatewayTLS *tls.Config, clientCA string, reload *reloader, log *slog.Logger) (*replica, error) {
+// directory. loadTLS reads the gateway's TLS configuration (nil for
+// none), which the peer port shares; reload rereads it and the cluster's
+// tokens.
+func joinCluster(c clusterFlags, loadTLS func() (*tls.Config, error), clientCA string, reload *reloader, log *slog.Logger) (*replica, error) {
 	load := func() (*[]string, error) { return readClusterTokens(c.tokenFile) }
 	tokens, err := load()
 	if err != nil {
@@ -128,14 +132,21 @@ func joinCluster(c clusterFlags, gatewayTLS *tls.Config, clientCA string, reload
 	r := &replica{tokens: newReloadable(tokens), log: log, done: make(chan struct{})}
 	// The tokens are secrets: the log says only how many there are.
 	addReloadable(reload, "cluster_tokens", r.tokens, load, func(t *[]string) []any { return []any{"cluster_tokens", len(*t)} })
-	if gatewayTLS != nil {
-		caFile := c.peerCA
-		if caFile == "" {
-			caFile = clientCA
+	if loadTLS != nil {
+		caFile := cmp.Or(c.peerCA, clientCA)
+		loadPeer := func() (*tls.Config, error) {
+			gatewayTLS, err := loadTLS()
+			if err != nil {
+				return nil, err
+			}
+			return peerTLS(gatewayTLS, caFile)
 		}
-		if r.tls, err = peerTLS(gatewayTLS, caFile); err != nil {
+		cfg, err := loadPeer()
+		if err != nil {
 			return nil, err
 		}
+		r.tls = newReloadable(cfg)
+		addReloadable(reload, "peer_tls", r.tls, loadPeer, func(c *tls.Config) []any { return describeTLS(c, "peer_cert") })
 	}
 	etcdCfg := clientv3.Config{
 		Endpoints:   strings.Split(c.etcd, ","),
@@ -262,7 +273,7 @@ func (r *replica) peerCreds() credentials.TransportCredentials {
 	if r.tls == nil {
 		return insecure.NewCredentials()
 	}
-	return credentials.NewTLS(r.tls)
+	return reloadingTLS{r.tls}
 }
 
 // advertised is the peer address the other replicas are to dial: the one
@@ -304,7 +315,7 @@ func (r *replica) serve(g *gateway.Gateway, failed chan<- error) {
 	if r.tls != nil {
 		// Through the gateway's wrapper, so that a refused handshake (a
 		// certificate that is not a replica's) is logged and counted.
-		opts = append(opts, grpc.Creds(g.Credentials(credentials.NewTLS(r.tls))))
+		opts = append(opts, grpc.Creds(g.Credentials(reloadingTLS{r.tls})))
 	}
 	r.peerSrv = grpc.NewServer(opts...)
 	go func() {

@@ -231,7 +231,11 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 	var member *replica
 	if cfg.cluster.etcd != "" {
 		var err error
-		if member, err = joinCluster(cfg.cluster, tlsCfg, cfg.clientCA, reload, log); err != nil {
+		var clusterTLS func() (*tls.Config, error)
+		if tlsCfg != nil {
+			clusterTLS = loadTLS
+		}
+		if member, err = joinCluster(cfg.cluster, clusterTLS, cfg.clientCA, reload, log); err != nil {
 			return nil, err
 		}
 		opts.Cluster = member.peering
