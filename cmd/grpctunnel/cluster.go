@@ -114,9 +114,9 @@ type replica struct {
 	peerLis net.Listener
 	// tls is the peer port's TLS configuration and its clients', reread
 	// with the gateway's certificate on SIGHUP; nil without TLS.
-	tls *reloadable[tls.Config]
-	log     *slog.Logger
-	done    chan struct{} // closed when the peer server has returned
+	tls  *reloadable[tls.Config]
+	log  *slog.Logger
+	done chan struct{} // closed when the peer server has returned
 }
 
 // joinCluster binds the peer port, connects to etcd and joins the
