@@ -408,9 +408,14 @@ func (g *Gateway) handle(srv any, ss grpc.ServerStream) error {
 // agent and one of them serves its method, and with the director
 // otherwise.
 func (g *Gateway) serve(srv any, ss grpc.ServerStream, method string, keys []string) error {
-	if len(keys) == 0 {
+	switch {
+	case len(keys) == 0:
 		if h := g.local.lookup(method); h != nil {
 			return h(ss)
+		}
+	case len(keys) > 1:
+		if done, err := g.fanOutLocally(ss, method, keys); done {
+			return err
 		}
 	}
 	return g.forward(srv, ss)
