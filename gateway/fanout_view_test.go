@@ -6,10 +6,10 @@ import (
 	"strings"
 	"testing"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
-	reflectionalphapb "google.golang.org/grpc/reflection/grpc_reflection_v1alpha"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/descriptorpb"
@@ -90,18 +90,20 @@ func TestFanOutReflectionView(t *testing.T) {
 	}
 	_ = stream.CloseSend()
 
-	// The older reflection version works the same.
-	alpha, err := reflectionalphapb.NewServerReflectionClient(keyed(gw, "a,b")).ServerReflectionInfo(ctx)
+	// The older reflection version works the same: its messages are v1's
+	// on the wire, and its package is deprecated, so v1's types ask it.
+	alpha, err := keyed(gw, "a,b").NewStream(ctx, &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := alpha.Send(&reflectionalphapb.ServerReflectionRequest{MessageRequest: &reflectionalphapb.ServerReflectionRequest_ListServices{}}); err != nil {
+	if err := alpha.SendMsg(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}}); err != nil {
 		t.Fatal(err)
 	}
-	if resp, err := alpha.Recv(); err != nil || !slices.ContainsFunc(resp.GetListServicesResponse().GetService(), func(s *reflectionalphapb.ServiceResponse) bool {
+	listed := new(reflectionpb.ServerReflectionResponse)
+	if err := alpha.RecvMsg(listed); err != nil || !slices.ContainsFunc(listed.GetListServicesResponse().GetService(), func(s *reflectionpb.ServiceResponse) bool {
 		return s.GetName() == "grpchantesting.TestService"
 	}) {
-		t.Errorf("v1alpha list through two agents: %v %v", resp, err)
+		t.Errorf("v1alpha list through two agents: %v %v", listed, err)
 	}
 	_ = alpha.CloseSend()
 
