@@ -122,8 +122,9 @@ type replica struct {
 // joinCluster binds the peer port, connects to etcd and joins the
 // directory. loadTLS reads the gateway's TLS configuration (nil for
 // none), which the peer port shares; reload rereads it and the cluster's
-// tokens.
-func joinCluster(c clusterFlags, loadTLS func() (*tls.Config, error), clientCA string, reload *reloader, log *slog.Logger) (*replica, error) {
+// tokens. windowSize is the gateway's window option, which the
+// connections to the other replicas use too.
+func joinCluster(c clusterFlags, loadTLS func() (*tls.Config, error), clientCA string, windowSize int, reload *reloader, log *slog.Logger) (*replica, error) {
 	load := func() (*[]string, error) { return readClusterTokens(c.tokenFile) }
 	tokens, err := load()
 	if err != nil {
@@ -187,7 +188,7 @@ func joinCluster(c clusterFlags, loadTLS func() (*tls.Config, error), clientCA s
 		r.cli.Close()
 		return nil, fmt.Errorf("joining cluster %q at %s: %w", c.name, c.etcd, err)
 	}
-	dial := append(window.DialOptions(0), grpc.WithTransportCredentials(r.peerCreds()))
+	dial := append(window.DialOptions(windowSize), grpc.WithTransportCredentials(r.peerCreds()))
 	r.peering = cluster.NewPeering(r.dir, dial...)
 	return r, nil
 }

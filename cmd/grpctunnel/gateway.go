@@ -235,7 +235,7 @@ func startGateway(cfg gatewayConfig, log *slog.Logger) (*gatewayServer, error) {
 		if tlsCfg != nil {
 			clusterTLS = loadTLS
 		}
-		if member, err = joinCluster(cfg.cluster, clusterTLS, cfg.clientCA, reload, log); err != nil {
+		if member, err = joinCluster(cfg.cluster, clusterTLS, cfg.clientCA, opts.WindowSize, reload, log); err != nil {
 			return nil, err
 		}
 		opts.Cluster = member.peering
