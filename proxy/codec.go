@@ -62,7 +62,7 @@ func CodecOver(fallback encoding.CodecV2) encoding.CodecV2 {
 }
 
 func (c codec) Marshal(v any) (mem.BufferSlice, error) {
-	f, ok := v.(*Frame)
+	f, ok := asFrame(v)
 	if !ok {
 		return c.fallback.Marshal(v)
 	}
@@ -76,7 +76,7 @@ func (c codec) Marshal(v any) (mem.BufferSlice, error) {
 }
 
 func (c codec) Unmarshal(data mem.BufferSlice, v any) error {
-	f, ok := v.(*Frame)
+	f, ok := asFrame(v)
 	if !ok {
 		return c.fallback.Unmarshal(data, v)
 	}
