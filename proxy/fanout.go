@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -28,6 +29,14 @@ type fanCall struct {
 	callOpts []grpc.CallOption
 	opts     *options
 	backends []*fanBackend
+	// resp makes the results when set; nil means labels, the path that
+	// allocates nothing per message but the label's buffer slice.
+	resp *Responder
+	// unary is the route's Unary, and merge whether resp merges the
+	// results into one response, sent once every backend has ended.
+	unary, merge bool
+	// failed counts the backends whose calls ended with an error.
+	failed atomic.Int32
 
 	// cancel ends every backend's call.
 	cancel context.CancelFunc
@@ -60,6 +69,10 @@ type fanBackend struct {
 	ready chan struct{}
 	ctx   context.Context
 	cs    grpc.ClientStream
+
+	// results holds what the Responder made of b's results when they are
+	// merged; only b's relay touches it until every backend has ended.
+	results [][]byte
 }
 
 // fanOut runs call on every backend of route, as the package documentation
@@ -68,7 +81,12 @@ func fanOut(call *Call, route Route, o *options) error {
 	ss := call.stream
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
-	fc := &fanCall{call: call, field: o.labelField, callOpts: o.callOpts, opts: o, cancel: cancel}
+	fc := &fanCall{call: call, field: o.labelField, callOpts: o.callOpts, opts: o, cancel: cancel,
+		resp: o.responder, unary: route.Unary}
+	if route.Responder != nil {
+		fc.resp = route.Responder
+	}
+	fc.merge = fc.unary && fc.resp != nil && fc.resp.Merge != nil
 	for _, b := range route.Backends {
 		fc.backends = append(fc.backends, &fanBackend{
 			name:    b.Name,
@@ -96,6 +114,10 @@ func fanOut(call *Call, route Route, o *options) error {
 	started.Wait()
 	fc.sendHeader()
 	ended.Wait()
+	ss.SetTrailer(metadata.Pairs(
+		FanOutBackendsTrailer, strconv.Itoa(len(fc.backends)),
+		FanOutFailedTrailer, strconv.Itoa(int(fc.failed.Load())),
+	))
 
 	if err := ss.Context().Err(); err != nil {
 		return status.FromContextError(err).Err()
@@ -108,10 +130,30 @@ func fanOut(call *Call, route Route, o *options) error {
 	if err := fc.recvErr.Load(); err != nil {
 		return statusOf(*err)
 	}
+	if fc.merge {
+		return fc.sendMerged()
+	}
 	fc.mu.Lock()
 	defer fc.mu.Unlock()
 	if fc.sendErr != nil {
 		return statusOf(fc.sendErr)
+	}
+	return nil
+}
+
+// sendMerged sends the one response the Responder merges from every
+// backend's results.
+func (fc *fanCall) sendMerged() error {
+	var all [][]byte
+	for _, b := range fc.backends {
+		all = append(all, b.results...)
+	}
+	merged, err := fc.resp.Merge(all)
+	if err != nil {
+		return status.Error(codes.Internal, "proxy: merging the results: "+err.Error())
+	}
+	if err := fc.send(&Frame{data: mem.BufferSlice{mem.SliceBuffer(merged)}}); err != nil {
+		return statusOf(err)
 	}
 	return nil
 }
@@ -210,7 +252,8 @@ func (fc *fanCall) sendRequests(b *fanBackend) {
 
 // relayResponses starts b's call and sends each of its response messages to
 // the client with b's label appended, then, if b's call fails, one message
-// holding only the label with the status.
+// holding only the label with the status; or, with a Responder, what it
+// makes of them.
 func (fc *fanCall) relayResponses(ctx context.Context, b *fanBackend, md metadata.MD, started *sync.WaitGroup) {
 	bctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -226,6 +269,10 @@ func (fc *fanCall) relayResponses(ctx context.Context, b *fanBackend, md metadat
 	started.Done()
 	if err != nil {
 		fc.sendFailure(b, err)
+		return
+	}
+	if fc.resp != nil {
+		fc.respond(b, cancel)
 		return
 	}
 
@@ -255,11 +302,67 @@ func (fc *fanCall) relayResponses(ctx context.Context, b *fanBackend, md metadat
 	}
 }
 
-// sendFailure sends the message that reports b's call ending with err.
+// respond relays b's results as the Responder makes them; cancel ends b's
+// call.
+func (fc *fanCall) respond(b *fanBackend, cancel context.CancelFunc) {
+	backend := Backend{Name: b.name, Conn: b.conn}
+	for {
+		f := new(Frame)
+		if err := b.cs.RecvMsg(f); err != nil {
+			if !errors.Is(err, io.EOF) {
+				fc.sendFailure(b, err)
+			}
+			return
+		}
+		// A copy the Responder may keep: it outlives the frame's pooled
+		// buffers when results are merged.
+		msg := f.data.Materialize()
+		f.free()
+		if fc.resp.Message != nil {
+			out, err := fc.resp.Message(backend, fc.unary, msg)
+			if err != nil {
+				cancel()
+				fc.reportFailure(b, status.New(codes.Internal, "proxy: responder: "+err.Error()))
+				return
+			}
+			msg = out
+		}
+		if err := fc.deliver(b, msg); err != nil {
+			return
+		}
+	}
+}
+
+// deliver sends msg, one of b's results as the Responder made it, or keeps
+// it to merge; a nil msg is dropped.
+func (fc *fanCall) deliver(b *fanBackend, msg []byte) error {
+	if msg == nil {
+		return nil
+	}
+	if fc.merge {
+		b.results = append(b.results, msg)
+		return nil
+	}
+	return fc.send(&Frame{data: mem.BufferSlice{mem.SliceBuffer(msg)}})
+}
+
+// sendFailure reports b's call ending with err.
 func (fc *fanCall) sendFailure(b *fanBackend, err error) {
-	st := status.Convert(fc.opts.backendFailure(fc.call.stream.Context(), Backend{Name: b.name, Conn: b.conn}, err))
-	f := &Frame{data: mem.BufferSlice{mem.SliceBuffer(labelFor(fc.field, b.name, st))}}
-	_ = fc.send(f)
+	fc.reportFailure(b, status.Convert(fc.opts.backendFailure(fc.call.stream.Context(), Backend{Name: b.name, Conn: b.conn}, err)))
+}
+
+// reportFailure counts b's failure with st and sends the message that
+// reports it: the label, or what the Responder makes of it.
+func (fc *fanCall) reportFailure(b *fanBackend, st *status.Status) {
+	fc.failed.Add(1)
+	if fc.resp == nil {
+		f := &Frame{data: mem.BufferSlice{mem.SliceBuffer(labelFor(fc.field, b.name, st))}}
+		_ = fc.send(f)
+		return
+	}
+	if fc.resp.Failure != nil {
+		_ = fc.deliver(b, fc.resp.Failure(Backend{Name: b.name, Conn: b.conn}, fc.unary, st))
+	}
 }
 
 // sendHeader sends the proxy's own, empty, response headers unless a

@@ -30,13 +30,33 @@ type Director func(ctx context.Context, call *Call) (Route, error)
 // the metadata sent to each of them.
 type Route struct {
 	// Backends receive the call. With one backend the call is forwarded
-	// transparently; with several it fans out and every response is
-	// labelled with its backend (see the package documentation). A route
+	// transparently (unless FanOut is set); with several it fans out and
+	// every response is labelled with its backend, or made by the
+	// Responder (see the package documentation). A route
 	// with no backends fails the call with Unavailable, and so does a
 	// backend with a nil Conn (in a fan-out, as that backend's result).
 	Backends []Backend
 	// Metadata is sent to every backend as the call's outgoing metadata.
 	Metadata metadata.MD
+	// FanOut makes a route with a single backend fan out as a route with
+	// several does, instead of forwarding transparently, so that the
+	// client gets responses of one shape (labelled, or as the Responder
+	// makes them) whatever the number of backends: siderolabs/grpc-proxy's
+	// One2Many mode with one node. It changes nothing for a route with
+	// several backends.
+	FanOut bool
+	// Unary says that the method is unary (neither side streams), which
+	// the proxy cannot tell from the wire. When the call fans out and its
+	// Responder has a Merge, the client then gets the results merged into
+	// one response, so that a plain unary client can call the method.
+	// Without a Merge it changes nothing but what the Responder's
+	// functions are told. A director knows it from the method's
+	// descriptor (protoregistry.GlobalFiles, say), or from a list.
+	Unary bool
+	// Responder, if not nil, decides how the backends' results reach the
+	// client when this call fans out, in place of the one [WithResponder]
+	// set for the handler (by default, labels).
+	Responder *Responder
 }
 
 // Backend is one destination of a call.
@@ -128,6 +148,9 @@ type options struct {
 	labelField protowire.Number
 	// callOpts apply to every backend call, the proxy's codec last.
 	callOpts []grpc.CallOption
+	// responder, if set, makes fanned-out results for routes that do not
+	// name their own; nil means labels.
+	responder *Responder
 	// backendErr, if set, rewrites a backend's failure; see
 	// WithBackendErrors.
 	backendErr func(ctx context.Context, b Backend, err error) error
@@ -220,11 +243,11 @@ func Handler(director Director, opts ...Option) grpc.StreamHandler {
 		}
 		// From here on, forward and fanOut own call: they hand it to the
 		// goroutine that reads requests, which may outlive the handler.
-		switch len(route.Backends) {
-		case 0:
+		switch {
+		case len(route.Backends) == 0:
 			call.release()
 			return status.Errorf(codes.Unavailable, "proxy: no backend for %s", method)
-		case 1:
+		case len(route.Backends) == 1 && !route.FanOut:
 			return forward(call, route.Backends[0], route.Metadata, o)
 		default:
 			return fanOut(call, route, o)
