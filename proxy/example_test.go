@@ -9,11 +9,14 @@ import (
 	"slices"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/dynamicpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/grpctunnel/grpctunnel/proxy"
 )
@@ -138,4 +141,78 @@ func Example_fanOut() {
 	// asia: failed with Unavailable
 	// eu: SERVING
 	// us: NOT_SERVING
+}
+
+// A migration from siderolabs/grpc-proxy, the way Talos's apid directs
+// calls: the "nodes" metadata lists the nodes a call goes to, and a call
+// that lists any is One2Many, even with one node, so that the client always
+// gets replies of one shape. The services follow Talos's convention (every
+// reply names its node in a common.Metadata), and the Talos responder
+// fills it in as siderolabs' One2ManyResponder's AppendInfo and BuildError
+// do. Where grpc-proxy's WithStreamedDetector told it which methods stream,
+// the director sets Route.Unary, here from the methods' descriptors; the
+// unary Version then merges every node's replies into one response, and a
+// plain unary client reads them. (The service here is built at run time,
+// see talos_test.go; a real one has generated code.)
+func ExampleTalosResponder() {
+	nodes := map[string]grpc.ClientConnInterface{}
+	for _, n := range []struct {
+		addr string
+		fail *status.Status
+	}{
+		{"10.5.0.2", nil},
+		{"10.5.0.3", status.New(codes.Unavailable, "node is rebooting")},
+	} {
+		conn, stop := listen(nil, grpc.UnknownServiceHandler(talosService(n.addr, n.fail)))
+		defer stop()
+		nodes[n.addr] = conn
+	}
+	local := nodes["10.5.0.2"]
+
+	director := func(ctx context.Context, call *proxy.Call) (proxy.Route, error) {
+		md, _ := metadata.FromIncomingContext(ctx)
+		md = md.Copy()
+		targets := md.Get("nodes")
+		md.Delete("nodes") // the nodes must not forward the call again
+		if len(targets) == 0 {
+			return proxy.To(local, md), nil // One2One, untouched
+		}
+		route := proxy.Route{
+			Metadata: md,
+			FanOut:   true, // One2Many even with one node
+			Unary:    isUnary(call.Method()),
+		}
+		for _, addr := range targets {
+			// An unknown node gets a nil Conn: it fails as a reply of
+			// its own, not the whole call.
+			route.Backends = append(route.Backends, proxy.Backend{Name: addr, Conn: nodes[addr]})
+		}
+		return route, nil
+	}
+	front, stopFront := listen(nil, proxy.ServerOptions(director, proxy.WithResponder(proxy.TalosResponder()))...)
+	defer stopFront()
+
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "nodes", "10.5.0.2", "nodes", "10.5.0.3")
+	resp := dynamicpb.NewMessage(talos().response)
+	var trailer metadata.MD
+	if err := front.Invoke(ctx, talosVersion, wrapperspb.String("v1.9"), resp, grpc.Trailer(&trailer)); err != nil {
+		panic(err)
+	}
+	for _, r := range readResponse(resp) {
+		fmt.Println(r)
+	}
+	fmt.Println(trailer.Get(proxy.FanOutFailedTrailer)[0], "of", trailer.Get(proxy.FanOutBackendsTrailer)[0], "nodes failed")
+
+	// One node, the same shape.
+	ctx = metadata.AppendToOutgoingContext(context.Background(), "nodes", "10.5.0.2")
+	resp = dynamicpb.NewMessage(talos().response)
+	if err := front.Invoke(ctx, talosVersion, wrapperspb.String("v1.9"), resp); err != nil {
+		panic(err)
+	}
+	fmt.Println(readResponse(resp))
+	// Output:
+	// 10.5.0.2: 10.5.0.2 v1.9
+	// 10.5.0.3: rpc error: code = Unavailable desc = node is rebooting (Unavailable)
+	// 1 of 2 nodes failed
+	// [10.5.0.2: 10.5.0.2 v1.9]
 }
