@@ -20,9 +20,12 @@
 //
 // # One to many
 //
-// When the director returns several backends, the call fans out: it runs on
-// every backend at once, and the client receives every backend's responses,
-// each labelled with the backend it came from.
+// When the director returns several backends, or one in a [Route] with
+// FanOut set, the call fans out: it runs on every backend at once, and the
+// client receives every backend's responses, each labelled with the backend
+// it came from (unless a [Responder] makes them otherwise; see below).
+// FanOut keeps one shape of response whatever the number of backends, as
+// siderolabs/grpc-proxy's One2Many mode does with one node.
 //
 //   - Requests: every request message goes to every backend, in the order
 //     the client sent them, and the client's half-close half-closes every
@@ -51,26 +54,24 @@
 //     message and details). A backend that ends successfully adds nothing.
 //   - End: the fanned-out call ends with OK once every backend's call has
 //     ended, whatever their statuses; the client learns of failures from
-//     the labels. If the client cancels or its deadline passes, every
+//     the labels, and counts them in the trailers: [FanOutBackendsTrailer]
+//     holds the number of backends, [FanOutFailedTrailer] the number that
+//     failed. If the client cancels or its deadline passes, every
 //     backend's call is cancelled and the call ends with the client's
 //     status.
 //
 // Appending a field leaves a message valid: a protobuf parser keeps a field
 // it does not know as an unknown field, and merges a repeated occurrence of
-// one it knows. So the labels need no schema at all. Other one-to-many gRPC
-// proxies label responses under a schema convention instead. Talos's
-// grpc-proxy (siderolabs/grpc-proxy) requires every response message to be
-// a repeated field 1 of replies whose own field 1 is a metadata message; a
-// per-backend hook splices the backend's metadata, or its error, into each
-// reply's bytes, and a unary call's replies are merged into one response. A
-// service must be designed for that proxy; here any method of any service
-// fans out unchanged, and the label lives in a field number no schema is likely to use.
+// one it knows. So the labels need no schema at all: any method of any
+// service fans out unchanged, and the label lives in a field number no
+// schema is likely to use.
 //
-// A client calls a fanned-out method as a server-streaming one
-// (grpc.StreamDesc with ServerStreams set), even if the backends' method is
-// unary, since it gets one message per backend and one per failure. A Go
-// client reads each result with [SplitLabel], on the raw message or on the
-// unknown fields of the message decoded with the response's own type.
+// With the labels, a client calls a fanned-out method as a
+// server-streaming one (grpc.StreamDesc with ServerStreams set), even if
+// the backends' method is unary, since it gets one message per backend and
+// one per failure. A Go client reads each result with [SplitLabel], on the
+// raw message or on the unknown fields of the message decoded with the
+// response's own type.
 //
 // A client in any language can instead declare a "fan-out view" of the
 // method in its own .proto file: the same package, service and method
@@ -95,4 +96,26 @@
 // (a streaming request stays streaming), and its generated stubs call the fanned-out method and decode each
 // result, label included, as an ordinary message. Since the view declares
 // the backend's service name again, a program should not link both.
+//
+// # Responders, and Talos's convention
+//
+// Other one-to-many gRPC proxies label responses under a schema convention
+// instead. Talos's grpc-proxy (siderolabs/grpc-proxy) requires every
+// response message to be a repeated field 1 of replies whose own field 1 is
+// a metadata message; a per-backend hook splices the backend's metadata, or
+// its error, into each reply's bytes, and a unary call's replies are merged
+// into one response, so that its clients call every method as declared.
+//
+// A [Responder] does the same here: set for the handler with
+// [WithResponder], or for one call in [Route.Responder], it decides what
+// each backend's messages and failure become in place of the labels, and
+// how a unary call's results merge into one response. The proxy cannot
+// tell a unary method from the wire, so the director says so in
+// [Route.Unary] (siderolabs/grpc-proxy asks a WithStreamedDetector
+// instead). [TalosResponder] follows Talos's convention, so a service
+// written for Talos's apid, and its clients, work behind this proxy
+// unchanged; a director migrated from siderolabs/grpc-proxy returns its
+// One2Many backends in a Route with FanOut and Unary set (see the
+// example). The default labels cost one buffer per message and no copy;
+// a Responder works on a copy of each message.
 package proxy
