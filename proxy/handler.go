@@ -57,6 +57,20 @@ type Route struct {
 	// client when this call fans out, in place of the one [WithResponder]
 	// set for the handler (by default, labels).
 	Responder *Responder
+
+	// Mirrors, if set, make the call mirrored (see "Mirroring" in the
+	// package documentation): Backends must then hold exactly one
+	// backend, the primary, which alone answers the client, while every
+	// mirror gets a copy of the requests. It is Gitaly praefect's
+	// secondaries.
+	Mirrors []Mirror
+	// Finalize, if set, runs once a mirrored call is over, primary and
+	// mirrors, whatever its outcome; its error becomes the call's status
+	// unless the call failed already. It is Gitaly praefect's request
+	// finalizer: the place to wait for the replicas' votes, or to record
+	// the outcome. ctx is the call's. Setting it makes the route mirrored
+	// even with no Mirrors, so Backends must hold exactly one backend.
+	Finalize func(ctx context.Context) error
 }
 
 // Backend is one destination of a call.
@@ -157,6 +171,8 @@ type options struct {
 	// pumps copy requests to backends on goroutines kept from call to
 	// call, whose stacks earlier calls already grew.
 	pumps *workers.Pool[pump]
+	// mirror holds the settings of mirrored calls (mirror.go).
+	mirror mirrorOptions
 }
 
 // pump is the request side of one forwarded call.
@@ -240,6 +256,9 @@ func Handler(director Director, opts ...Option) grpc.StreamHandler {
 		if err != nil {
 			call.release()
 			return statusOf(err)
+		}
+		if route.mirrored() {
+			return mirror(call, route, o) // mirror.go; it owns call
 		}
 		// From here on, forward and fanOut own call: they hand it to the
 		// goroutine that reads requests, which may outlive the handler.

@@ -1,0 +1,588 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/fullstorydev/grpchan/grpchantesting"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/grpctunnel/grpctunnel/proxy"
+)
+
+// tagged is a TestService backend that answers every kind of call with
+// its tag in every response payload, header and trailer, so that a test
+// can tell whose answer the client got, and records every request payload.
+// With fail set it fails each call with that status after reading all of
+// its requests.
+type tagged struct {
+	grpchantesting.UnimplementedTestServiceServer
+	tag  string
+	fail *status.Status
+
+	mu  sync.Mutex
+	got []string
+}
+
+func (b *tagged) record(m *grpchantesting.Message) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.got = append(b.got, string(m.GetPayload()))
+}
+
+func (b *tagged) requests() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(b.got)
+}
+
+func (b *tagged) md() metadata.MD { return metadata.Pairs("from", b.tag) }
+
+func (b *tagged) reply(payload string) *grpchantesting.Message {
+	return &grpchantesting.Message{Payload: []byte(b.tag + ":" + payload)}
+}
+
+func (b *tagged) Unary(ctx context.Context, req *grpchantesting.Message) (*grpchantesting.Message, error) {
+	b.record(req)
+	_ = grpc.SetHeader(ctx, b.md())
+	_ = grpc.SetTrailer(ctx, b.md())
+	if b.fail != nil {
+		return nil, b.fail.Err()
+	}
+	return b.reply(string(req.GetPayload())), nil
+}
+
+func (b *tagged) ClientStream(s grpchantesting.TestService_ClientStreamServer) error {
+	_ = s.SetHeader(b.md())
+	s.SetTrailer(b.md())
+	var all []string
+	for {
+		m, err := s.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		b.record(m)
+		all = append(all, string(m.GetPayload()))
+	}
+	if b.fail != nil {
+		return b.fail.Err()
+	}
+	return s.SendAndClose(b.reply(strings.Join(all, ",")))
+}
+
+func (b *tagged) ServerStream(req *grpchantesting.Message, s grpchantesting.TestService_ServerStreamServer) error {
+	b.record(req)
+	_ = s.SendHeader(b.md())
+	s.SetTrailer(b.md())
+	for i := range 3 {
+		if err := s.Send(b.reply(fmt.Sprintf("%s/%d", req.GetPayload(), i))); err != nil {
+			return err
+		}
+	}
+	if b.fail != nil {
+		return b.fail.Err()
+	}
+	return nil
+}
+
+func (b *tagged) BidiStream(s grpchantesting.TestService_BidiStreamServer) error {
+	_ = s.SendHeader(b.md())
+	s.SetTrailer(b.md())
+	for {
+		m, err := s.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		b.record(m)
+		if err := s.Send(b.reply(string(m.GetPayload()))); err != nil {
+			return err
+		}
+	}
+	if b.fail != nil {
+		return b.fail.Err()
+	}
+	return nil
+}
+
+func serveTagged(t *testing.T, b *tagged, opts ...grpc.ServerOption) *grpc.ClientConn {
+	t.Helper()
+	return serve(t, func(s *grpc.Server) { grpchantesting.RegisterTestServiceServer(s, b) }, opts...)
+}
+
+// outcome is what a client saw of one call.
+type outcome struct {
+	replies       []string
+	header, trail metadata.MD
+	err           error
+}
+
+var kinds = []string{"unary", "client stream", "server stream", "bidi"}
+
+// callKind makes one call of the kind with the payloads as requests (the
+// first one alone for unary and server-streaming calls).
+func callKind(ctx context.Context, conn grpc.ClientConnInterface, kind string, payloads ...string) outcome {
+	c := grpchantesting.NewTestServiceClient(conn)
+	var o outcome
+	collect := func(m *grpchantesting.Message) { o.replies = append(o.replies, string(m.GetPayload())) }
+	switch kind {
+	case "unary":
+		m, err := c.Unary(ctx, msg(payloads[0]), grpc.Header(&o.header), grpc.Trailer(&o.trail))
+		if err == nil {
+			collect(m)
+		}
+		o.err = err
+	case "client stream":
+		s, err := c.ClientStream(ctx)
+		if err != nil {
+			o.err = err
+			return o
+		}
+		for _, p := range payloads {
+			if err := s.Send(msg(p)); err != nil {
+				break // the status comes from CloseAndRecv
+			}
+		}
+		m, err := s.CloseAndRecv()
+		if err == nil {
+			collect(m)
+		}
+		o.err = err
+		o.header, _ = s.Header()
+		o.trail = s.Trailer()
+	case "server stream":
+		s, err := c.ServerStream(ctx, msg(payloads[0]))
+		if err != nil {
+			o.err = err
+			return o
+		}
+		for {
+			m, err := s.Recv()
+			if err != nil {
+				if !errors.Is(err, io.EOF) {
+					o.err = err
+				}
+				break
+			}
+			collect(m)
+		}
+		o.header, _ = s.Header()
+		o.trail = s.Trailer()
+	case "bidi":
+		s, err := c.BidiStream(ctx)
+		if err != nil {
+			o.err = err
+			return o
+		}
+		go func() {
+			for _, p := range payloads {
+				if s.Send(msg(p)) != nil {
+					return
+				}
+			}
+			_ = s.CloseSend()
+		}()
+		for {
+			m, err := s.Recv()
+			if err != nil {
+				if !errors.Is(err, io.EOF) {
+					o.err = err
+				}
+				break
+			}
+			collect(m)
+		}
+		o.header, _ = s.Header()
+		o.trail = s.Trailer()
+	}
+	return o
+}
+
+// sent is what a backend receives of callKind's requests.
+func sent(kind string, payloads ...string) []string {
+	if kind == "unary" || kind == "server stream" {
+		return payloads[:1]
+	}
+	return payloads
+}
+
+// primaryAnswer is what the client of callKind gets from b alone.
+func primaryAnswer(b *tagged, kind string, payloads ...string) []string {
+	switch kind {
+	case "unary":
+		return []string{b.tag + ":" + payloads[0]}
+	case "client stream":
+		return []string{b.tag + ":" + strings.Join(payloads, ",")}
+	case "server stream":
+		var r []string
+		for i := range 3 {
+			r = append(r, fmt.Sprintf("%s:%s/%d", b.tag, payloads[0], i))
+		}
+		return r
+	default:
+		var r []string
+		for _, p := range payloads {
+			r = append(r, b.tag+":"+p)
+		}
+		return r
+	}
+}
+
+// director routes every call as route, with the incoming metadata.
+func director(route proxy.Route) proxy.Director {
+	return func(ctx context.Context, _ *proxy.Call) (proxy.Route, error) {
+		md, _ := metadata.FromIncomingContext(ctx)
+		r := route
+		r.Metadata = md.Copy()
+		return r, nil
+	}
+}
+
+// errorLog records what mirrors' OnError handlers are told, by mirror.
+type errorLog struct {
+	mu   sync.Mutex
+	errs map[string][]error
+}
+
+// handler returns an OnError for mirror name that records err and
+// returns what decide makes of it.
+func (l *errorLog) handler(name string, decide func(error) error) func(error) error {
+	return func(err error) error {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		if l.errs == nil {
+			l.errs = map[string][]error{}
+		}
+		l.errs[name] = append(l.errs[name], err)
+		return decide(err)
+	}
+}
+
+func (l *errorLog) take(name string) []error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	errs := l.errs[name]
+	delete(l.errs, name)
+	return errs
+}
+
+func swallow(error) error       { return nil }
+func propagate(err error) error { return err }
+
+func TestMirrorEveryKind(t *testing.T) {
+	primary, second, third := &tagged{tag: "primary"}, &tagged{tag: "second"}, &tagged{tag: "third"}
+	var log errorLog
+	replaced := msg("rewritten for third")
+	first, err := proto.Marshal(replaced)
+	if err != nil {
+		t.Fatal(err)
+	}
+	route := proxy.Route{
+		Backends: []proxy.Backend{{Name: "primary", Conn: serveTagged(t, primary)}},
+		Mirrors: []proxy.Mirror{
+			{Backend: proxy.Backend{Name: "second", Conn: serveTagged(t, second)}, OnError: log.handler("second", propagate)},
+			{Backend: proxy.Backend{Name: "third", Conn: serveTagged(t, third)}, FirstMessage: first, OnError: log.handler("third", propagate)},
+		},
+	}
+	// A long wait: the mirrors are healthy and must never be given up on.
+	front := serve(t, nil, proxy.ServerOptions(director(route), proxy.WithMirrorWait(time.Minute))...)
+
+	payloads := []string{"a", "b", "c"}
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			primary.got, second.got, third.got = nil, nil, nil
+			got := callKind(context.Background(), front, kind, payloads...)
+			if got.err != nil {
+				t.Fatalf("call failed: %v", got.err)
+			}
+			if want := primaryAnswer(primary, kind, payloads...); !slices.Equal(got.replies, want) {
+				t.Errorf("replies %q, want the primary's %q", got.replies, want)
+			}
+			if h := got.header.Get("from"); !slices.Equal(h, []string{"primary"}) {
+				t.Errorf("header from %q, want the primary's only", h)
+			}
+			if tr := got.trail.Get("from"); !slices.Equal(tr, []string{"primary"}) {
+				t.Errorf("trailer from %q, want the primary's only", tr)
+			}
+			// The status waited for the mirrors, so they have it all.
+			want := sent(kind, payloads...)
+			if r := primary.requests(); !slices.Equal(r, want) {
+				t.Errorf("primary got %q, want %q", r, want)
+			}
+			if r := second.requests(); !slices.Equal(r, want) {
+				t.Errorf("second mirror got %q, want %q", r, want)
+			}
+			wantThird := append([]string{"rewritten for third"}, want[1:]...)
+			if r := third.requests(); !slices.Equal(r, wantThird) {
+				t.Errorf("third mirror got %q, want %q", r, wantThird)
+			}
+			for _, name := range []string{"second", "third"} {
+				if errs := log.take(name); len(errs) > 0 {
+					t.Errorf("mirror %s reported %v", name, errs)
+				}
+			}
+		})
+	}
+
+	t.Run("primary fails", func(t *testing.T) {
+		primary.fail = status.New(codes.FailedPrecondition, "primary says no")
+		defer func() { primary.fail = nil }()
+		for _, kind := range kinds {
+			got := callKind(context.Background(), front, kind, payloads...)
+			if status.Code(got.err) != codes.FailedPrecondition || status.Convert(got.err).Message() != "primary says no" {
+				t.Errorf("%s: status %v, want the primary's", kind, got.err)
+			}
+			if tr := got.trail.Get("from"); !slices.Equal(tr, []string{"primary"}) {
+				t.Errorf("%s: trailer from %q, want the primary's", kind, tr)
+			}
+		}
+	})
+}
+
+// stalled serves every method with a handler that never reads and blocks
+// until the test ends, on a server whose flow-control windows do not grow,
+// so that what it has not read holds its sender up. entered counts the
+// calls it got, returned those its handler returned from.
+type stalled struct {
+	entered  chan struct{}
+	release  chan struct{}
+	returned atomic.Int32
+}
+
+func serveStalled(t *testing.T) (*stalled, *grpc.ClientConn) {
+	t.Helper()
+	s := &stalled{entered: make(chan struct{}, 64), release: make(chan struct{})}
+	conn := serve(t, nil,
+		grpc.InitialWindowSize(64<<10), grpc.InitialConnWindowSize(64<<10),
+		grpc.UnknownServiceHandler(func(any, grpc.ServerStream) error {
+			s.entered <- struct{}{}
+			<-s.release
+			s.returned.Add(1)
+			return nil
+		}))
+	// Registered after serve's, so it runs first: the handlers return
+	// before the server stops.
+	t.Cleanup(func() { close(s.release) })
+	return s, conn
+}
+
+func TestMirrorStalledMirror(t *testing.T) {
+	primary := &tagged{tag: "primary"}
+	primaryConn := serveTagged(t, primary)
+	stuck, stuckConn := serveStalled(t)
+	var log errorLog
+
+	baseline := serve(t, nil, proxy.ServerOptions(director(proxy.Route{
+		Backends: []proxy.Backend{{Name: "primary", Conn: primaryConn}},
+	}))...)
+	mirrored := func(opts ...proxy.Option) *grpc.ClientConn {
+		return serve(t, nil, proxy.ServerOptions(director(proxy.Route{
+			Backends: []proxy.Backend{{Name: "primary", Conn: primaryConn}},
+			Mirrors: []proxy.Mirror{{
+				Backend: proxy.Backend{Name: "stuck", Conn: stuckConn},
+				OnError: log.handler("stuck", swallow),
+			}},
+		}), opts...)...)
+	}
+
+	check := func(t *testing.T, conn *grpc.ClientConn, kind string, payloads ...string) {
+		t.Helper()
+		got := callKind(context.Background(), conn, kind, payloads...)
+		if got.err != nil {
+			t.Fatalf("call failed: %v", got.err)
+		}
+		if want := primaryAnswer(primary, kind, payloads...); !slices.Equal(got.replies, want) {
+			t.Fatalf("replies %q, want %q", got.replies, want)
+		}
+	}
+	lagged := func(t *testing.T, late bool) *proxy.MirrorLagError {
+		t.Helper()
+		errs := log.take("stuck")
+		if len(errs) != 1 {
+			t.Fatalf("the stalled mirror's handler was told %v, want one error", errs)
+		}
+		var lag *proxy.MirrorLagError
+		if !errors.As(errs[0], &lag) || lag.Late != late || lag.Mirror != "stuck" {
+			t.Fatalf("the stalled mirror's handler was told %v (%#v), want it fell behind (late %v)", errs[0], lag, late)
+		}
+		return lag
+	}
+
+	// With small requests the stalled mirror's transport takes them all:
+	// only the wait after the primary's answer can end it, and with no
+	// wait the call ends as soon as the primary's does.
+	t.Run("no wait", func(t *testing.T) {
+		front := mirrored(proxy.WithMirrorWait(0))
+		for _, kind := range kinds {
+			t.Run(kind, func(t *testing.T) {
+				check(t, baseline, kind, "a", "b")
+				check(t, front, kind, "a", "b")
+				await(t, stuck.entered, "the stalled mirror's call")
+				if n := stuck.returned.Load(); n != 0 {
+					t.Fatalf("%d stalled handlers returned; the calls must end while it is stuck", n)
+				}
+				lag := lagged(t, true)
+				if s := status.Convert(lag); s.Code() != codes.DeadlineExceeded || !strings.Contains(s.Message(), "fell behind") {
+					t.Errorf("status %v", s)
+				}
+			})
+		}
+	})
+
+	// With more requests than the mirror takes and a wait far longer than
+	// the test, the buffer alone gives up on the mirror while the primary
+	// takes requests: nothing waits on a timer.
+	t.Run("buffer", func(t *testing.T) {
+		front := mirrored(proxy.WithMirrorBuffer(64<<10), proxy.WithMirrorWait(time.Hour))
+		big := strings.Repeat("x", 32<<10)
+		payloads := slices.Repeat([]string{big}, 32) // 1 MiB: far more than the windows and the buffer
+		for _, kind := range []string{"client stream", "bidi"} {
+			t.Run(kind, func(t *testing.T) {
+				check(t, baseline, kind, payloads...)
+				check(t, front, kind, payloads...)
+				await(t, stuck.entered, "the stalled mirror's call")
+				if n := stuck.returned.Load(); n != 0 {
+					t.Fatalf("%d stalled handlers returned; the calls must end while it is stuck", n)
+				}
+				lag := lagged(t, false)
+				if lag.Messages < 2 || lag.Bytes < 64<<10 || status.Code(lag) != codes.ResourceExhausted {
+					t.Errorf("fell behind by %d messages, %d bytes (%v); want more than the buffer", lag.Messages, lag.Bytes, lag)
+				}
+			})
+		}
+	})
+}
+
+func TestMirrorFailing(t *testing.T) {
+	primary := &tagged{tag: "primary"}
+	failing := &tagged{tag: "failing", fail: status.New(codes.DataLoss, "mirror lost it")}
+	primaryConn, failingConn := serveTagged(t, primary), serveTagged(t, failing)
+	var log errorLog
+	front := func(decide func(error) error, finalize func(context.Context) error) *grpc.ClientConn {
+		return serve(t, nil, proxy.ServerOptions(director(proxy.Route{
+			Backends: []proxy.Backend{{Name: "primary", Conn: primaryConn}},
+			Mirrors: []proxy.Mirror{{
+				Backend: proxy.Backend{Name: "failing", Conn: failingConn},
+				OnError: log.handler("failing", decide),
+			}},
+			Finalize: finalize,
+		}), proxy.WithMirrorWait(time.Minute))...)
+	}
+	told := func(t *testing.T) {
+		t.Helper()
+		errs := log.take("failing")
+		if len(errs) != 1 || status.Code(errs[0]) != codes.DataLoss {
+			t.Fatalf("the failing mirror's handler was told %v, want its DataLoss", errs)
+		}
+	}
+
+	t.Run("swallowed", func(t *testing.T) {
+		conn := front(swallow, nil)
+		for _, kind := range kinds {
+			got := callKind(context.Background(), conn, kind, "a", "b")
+			if got.err != nil {
+				t.Fatalf("%s: call failed: %v", kind, got.err)
+			}
+			if want := primaryAnswer(primary, kind, "a", "b"); !slices.Equal(got.replies, want) {
+				t.Errorf("%s: replies %q, want %q", kind, got.replies, want)
+			}
+			told(t)
+		}
+	})
+
+	// A mirror's failure that its handler returns fails the call at its
+	// end: the client has the primary's headers and messages, then the
+	// mirror's status.
+	t.Run("returned", func(t *testing.T) {
+		conn := front(propagate, nil)
+		for _, kind := range []string{"server stream", "bidi"} {
+			got := callKind(context.Background(), conn, kind, "a", "b")
+			if status.Code(got.err) != codes.DataLoss {
+				t.Fatalf("%s: status %v, want the mirror's DataLoss", kind, got.err)
+			}
+			if want := primaryAnswer(primary, kind, "a", "b"); !slices.Equal(got.replies, want) {
+				t.Errorf("%s: replies %q, want all of the primary's %q before the failure", kind, got.replies, want)
+			}
+			if h := got.header.Get("from"); !slices.Equal(h, []string{"primary"}) {
+				t.Errorf("%s: header from %q, want the primary's", kind, h)
+			}
+			told(t)
+		}
+		for _, kind := range []string{"unary", "client stream"} {
+			if got := callKind(context.Background(), conn, kind, "a", "b"); status.Code(got.err) != codes.DataLoss {
+				t.Fatalf("%s: status %v, want the mirror's DataLoss", kind, got.err)
+			}
+			told(t)
+		}
+	})
+
+	t.Run("finalizer", func(t *testing.T) {
+		var finalized atomic.Int32
+		var sawMirror atomic.Bool
+		finalize := func(ctx context.Context) error {
+			finalized.Add(1)
+			// It runs after the mirrors' calls ended.
+			sawMirror.Store(len(failing.requests()) > 0)
+			return status.Error(codes.Aborted, "votes did not agree")
+		}
+		failing.got = nil
+		got := callKind(context.Background(), front(swallow, finalize), "unary", "a")
+		if status.Code(got.err) != codes.Aborted || status.Convert(got.err).Message() != "votes did not agree" {
+			t.Fatalf("status %v, want the finalizer's", got.err)
+		}
+		if !sawMirror.Load() {
+			t.Error("the finalizer ran before the mirror had the request")
+		}
+		told(t)
+		// An earlier failure wins, but the finalizer still runs.
+		got = callKind(context.Background(), front(propagate, finalize), "unary", "a")
+		if status.Code(got.err) != codes.DataLoss {
+			t.Fatalf("status %v, want the mirror's, which came first", got.err)
+		}
+		told(t)
+		if n := finalized.Load(); n != 2 {
+			t.Errorf("finalizer ran %d times, want 2", n)
+		}
+	})
+}
+
+func TestMirrorRouteChecks(t *testing.T) {
+	primary := serveTagged(t, &tagged{tag: "primary"})
+	var log errorLog
+	// Two primaries is a director's mistake; a mirror without a
+	// connection is that mirror's failure only.
+	twoPrimaries := serve(t, nil, proxy.ServerOptions(director(proxy.Route{
+		Backends: []proxy.Backend{{Conn: primary}, {Conn: primary}},
+		Mirrors:  []proxy.Mirror{{Backend: proxy.Backend{Conn: primary}}},
+	}))...)
+	if got := callKind(context.Background(), twoPrimaries, "unary", "a"); status.Code(got.err) != codes.Internal {
+		t.Errorf("two primaries: status %v, want Internal", got.err)
+	}
+	noConn := serve(t, nil, proxy.ServerOptions(director(proxy.Route{
+		Backends: []proxy.Backend{{Conn: primary}},
+		Mirrors:  []proxy.Mirror{{Backend: proxy.Backend{Name: "gone"}, OnError: log.handler("gone", swallow)}},
+	}))...)
+	if got := callKind(context.Background(), noConn, "unary", "a"); got.err != nil {
+		t.Errorf("mirror without a connection: %v", got.err)
+	}
+	if errs := log.take("gone"); len(errs) != 1 || status.Code(errs[0]) != codes.Unavailable {
+		t.Errorf("mirror without a connection reported %v", errs)
+	}
+}
