@@ -118,4 +118,47 @@
 // One2Many backends in a Route with FanOut and Unary set (see the
 // example). The default labels cost one buffer per message and no copy;
 // a Responder works on a copy of each message.
+//
+// # Mirroring
+//
+// A route with [Route.Mirrors] is mirrored: its one backend, the primary,
+// answers the client, and every mirror gets a copy of the requests, as the
+// secondaries of GitLab Gitaly's praefect do. A director migrated from
+// praefect returns its primary Destination as the route's backend, each
+// secondary as a [Mirror] (Msg becoming FirstMessage, ErrHandler OnError)
+// and its request finalizer as [Route.Finalize] (see the example).
+//
+//   - Answer: the client gets the primary's headers, messages, trailers
+//     and status, forwarded as in a one-to-one call; nothing of a mirror's
+//     answer reaches it. A mirror never holds up the primary's headers or
+//     messages.
+//   - Requests: every request message goes to the primary and to every
+//     mirror, in order, shared between them, not copied; a mirror's first
+//     one may be replaced ([Mirror.FirstMessage]). The client is read at
+//     the primary's pace, whatever the mirrors' pace: what a mirror has not
+//     taken yet is held for it, up to [WithMirrorBuffer] bytes
+//     ([DefaultMirrorBuffer], 4 MiB). A mirror whose backlog would pass that
+//     has fallen behind: the proxy gives up on it, cancels its call and
+//     tells its OnError with a [*MirrorLagError] saying by how many
+//     messages and bytes. A mirror gets no request the primary did not.
+//   - End: once the primary's call has ended, the call's status waits for
+//     the mirrors still running, for at most [WithMirrorWait]
+//     ([DefaultMirrorWait], one second), since their failures may fail the
+//     call; a mirror still running then is given up on (cancelled,
+//     [*MirrorLagError] with Late set). A stalled mirror thus delays the
+//     status by the wait at most and the primary's messages not at all;
+//     WithMirrorWait(0) ends the call with the primary's, while a
+//     deployment whose mirrors' results matter, as praefect's replicated
+//     writes do, waits longer.
+//   - Errors: after that, each failed mirror's OnError, in route order, is
+//     told its failure (its status, or the lag error) and returns nil to
+//     swallow it or an error to fail the call. A nil OnError swallows, so
+//     that a mirror is best effort unless the director says otherwise.
+//     Then Finalize runs. The status is the first of: the client's own
+//     (cancelled, deadline), the primary's failure, the first error an
+//     OnError returned, Finalize's error. So, as in praefect, a mirror or
+//     the finalizer fails a call only at its end, after the client already
+//     has the primary's headers and messages; for a unary call the client
+//     sees the error instead of the response. Every OnError and Finalize
+//     still run when the call fails anyway, for their logs and cleanup.
 package proxy
