@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -177,7 +178,16 @@ func TestRegisterService(t *testing.T) {
 			}
 			callLocal(ctx, t, front)
 
-			_, err := grpchantesting.NewTestServiceClient(front).UseExternalMessageTwice(ctx, &emptypb.Empty{})
+			// A message too large for gRPC's small-message path goes
+			// through unchanged as well.
+			big := bytes.Repeat([]byte("0123456789"), 100_000)
+			resp, err := grpchantesting.NewTestServiceClient(front).Unary(ctx, &grpchantesting.Message{Payload: big})
+			if err != nil || !bytes.Equal(resp.GetPayload(), big) {
+				t.Fatalf("large Unary: %d bytes back, %v", len(resp.GetPayload()), err)
+			}
+			want = append(want, string(big))
+
+			_, err = grpchantesting.NewTestServiceClient(front).UseExternalMessageTwice(ctx, &emptypb.Empty{})
 			if status.Code(err) != codes.Unimplemented {
 				t.Errorf("unlisted method: %v, want Unimplemented", err)
 			}
