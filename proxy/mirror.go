@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -340,6 +341,11 @@ type mirroredCall struct {
 	call    *Call
 	primary grpc.ClientStream
 	mirrors []*mirrorCall
+	// cancel ends the primary's and the mirrors' calls.
+	cancel context.CancelFunc
+	// recvErr is what reading the client returned when it was neither a
+	// half-close nor the end of the call.
+	recvErr atomic.Pointer[error]
 }
 
 // distribute reads the client's requests and sends each to the primary,
@@ -356,6 +362,12 @@ func (mc *mirroredCall) distribute() {
 			eof := errors.Is(err, io.EOF)
 			if eof {
 				_ = mc.primary.CloseSend()
+			} else if mc.call.stream.Context().Err() == nil {
+				// The client's stream failed without ending the call (a
+				// message too large, say): end it with that error, as
+				// the primary would otherwise wait for requests forever.
+				mc.recvErr.Store(&err)
+				mc.cancel()
 			}
 			for _, m := range mc.mirrors {
 				m.close(eof)
@@ -421,7 +433,7 @@ func mirror(call *Call, route Route, o *options) (err error) {
 		return o.backendFailure(callCtx, primary, err)
 	}
 
-	mc := &mirroredCall{call: call, primary: cs}
+	mc := &mirroredCall{call: call, primary: cs, cancel: cancel}
 	limit := o.mirror.bufferSize()
 	for _, mr := range route.Mirrors {
 		m := &mirrorCall{Mirror: mr, limit: limit, wake: make(chan struct{}, 1), ended: make(chan struct{})}
@@ -486,6 +498,8 @@ func mirror(call *Call, route Route, o *options) (err error) {
 	switch {
 	case callCtx.Err() != nil:
 		err = status.FromContextError(callCtx.Err()).Err()
+	case mc.recvErr.Load() != nil:
+		err = statusOf(*mc.recvErr.Load())
 	case backendErr != nil:
 		err = o.backendFailure(callCtx, primary, backendErr)
 	case callerErr != nil:

@@ -586,3 +586,21 @@ func TestMirrorRouteChecks(t *testing.T) {
 		t.Errorf("mirror without a connection reported %v", errs)
 	}
 }
+
+// A request the proxy cannot read (too large for its server) ends the
+// mirrored call with that error, rather than leaving the primary waiting
+// for requests.
+func TestMirrorRequestTooLarge(t *testing.T) {
+	primary, mirrored := &tagged{tag: "primary"}, &tagged{tag: "mirror"}
+	front := serve(t, nil, append(proxy.ServerOptions(director(proxy.Route{
+		Backends: []proxy.Backend{{Conn: serveTagged(t, primary)}},
+		Mirrors:  []proxy.Mirror{{Backend: proxy.Backend{Conn: serveTagged(t, mirrored)}}},
+	})), grpc.MaxRecvMsgSize(100))...)
+	// The bound only turns a hang into a failure.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	got := callKind(ctx, front, "client stream", "small", strings.Repeat("x", 1000))
+	if status.Code(got.err) != codes.ResourceExhausted {
+		t.Errorf("call ended with %v; want ResourceExhausted", got.err)
+	}
+}
