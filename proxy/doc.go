@@ -126,7 +126,11 @@
 // secondaries of GitLab Gitaly's praefect do. A director migrated from
 // praefect returns its primary Destination as the route's backend, each
 // secondary as a [Mirror] (Msg becoming FirstMessage, ErrHandler OnError)
-// and its request finalizer as [Route.Finalize] (see the example).
+// and its request finalizer as [Route.Finalize] (see the example). A
+// route cannot both fan out and mirror: a mirrored route (one with Mirrors
+// or Finalize) with several backends, or with FanOut set, fails the call
+// with Internal before any backend is called, since only one of the two
+// could be honoured and the director's mistake would otherwise go unseen.
 //
 //   - Answer: the client gets the primary's headers, messages, trailers
 //     and status, forwarded as in a one-to-one call; nothing of a mirror's

@@ -43,7 +43,8 @@ type Route struct {
 	// client gets responses of one shape (labelled, or as the Responder
 	// makes them) whatever the number of backends: siderolabs/grpc-proxy's
 	// One2Many mode with one node. It changes nothing for a route with
-	// several backends.
+	// several backends. A route cannot both fan out and mirror: with
+	// Mirrors or Finalize set, FanOut fails the call with Internal.
 	FanOut bool
 	// Unary says that the method is unary (neither side streams), which
 	// the proxy cannot tell from the wire. When the call fans out and its
@@ -62,14 +63,18 @@ type Route struct {
 	// package documentation): Backends must then hold exactly one
 	// backend, the primary, which alone answers the client, while every
 	// mirror gets a copy of the requests. It is Gitaly praefect's
-	// secondaries.
+	// secondaries. A route cannot both fan out and mirror: with several
+	// Backends, or FanOut set, a mirrored route fails the call with
+	// Internal rather than picking one of the two; with none it fails
+	// with Unavailable, as any route does.
 	Mirrors []Mirror
 	// Finalize, if set, runs once a mirrored call is over, primary and
 	// mirrors, whatever its outcome; its error becomes the call's status
 	// unless the call failed already. It is Gitaly praefect's request
 	// finalizer: the place to wait for the replicas' votes, or to record
 	// the outcome. ctx is the call's. Setting it makes the route mirrored
-	// even with no Mirrors, so Backends must hold exactly one backend.
+	// even with no Mirrors, so Backends must hold exactly one backend and
+	// FanOut must be unset.
 	Finalize func(ctx context.Context) error
 }
 

@@ -11,7 +11,6 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
@@ -378,7 +377,11 @@ func (mc *mirroredCall) distribute() {
 		// first.
 		for i, m := range mc.mirrors {
 			if first && m.FirstMessage != nil {
-				shares[i] = &Frame{data: mem.BufferSlice{mem.SliceBuffer(m.FirstMessage)}}
+				// FrameOf takes the slice over without copying it; the
+				// director promised not to change it, and freeing a
+				// frame over a plain slice frees nothing, so every
+				// share may wrap the same bytes.
+				shares[i] = FrameOf(m.FirstMessage)
 				continue
 			}
 			f.data.Ref()
@@ -416,9 +419,17 @@ func mirror(call *Call, route Route, o *options) (err error) {
 			}
 		}()
 	}
-	if len(route.Backends) != 1 {
+	// A fan-out answers with every backend's results, a mirrored call with
+	// the primary's alone: the two cannot both hold, and picking one
+	// silently would hide the director's mistake until a client noticed
+	// the missing (or extra) answers.
+	if route.FanOut || len(route.Backends) > 1 {
 		call.release()
-		return status.Errorf(codes.Internal, "proxy: a mirrored route for %s has %d backends; it needs exactly one, the primary", call.method, len(route.Backends))
+		return status.Error(codes.Internal, "proxy: a route cannot both fan out and mirror")
+	}
+	if len(route.Backends) == 0 {
+		call.release()
+		return status.Errorf(codes.Unavailable, "proxy: no backend for %s", call.method)
 	}
 	primary := route.Backends[0]
 	if primary.Conn == nil {

@@ -566,14 +566,42 @@ func TestMirrorFailing(t *testing.T) {
 func TestMirrorRouteChecks(t *testing.T) {
 	primary := serveTagged(t, &tagged{tag: "primary"})
 	var log errorLog
-	// Two primaries is a director's mistake; a mirror without a
-	// connection is that mirror's failure only.
-	twoPrimaries := serve(t, nil, proxy.ServerOptions(director(proxy.Route{
-		Backends: []proxy.Backend{{Conn: primary}, {Conn: primary}},
-		Mirrors:  []proxy.Mirror{{Backend: proxy.Backend{Conn: primary}}},
-	}))...)
-	if got := callKind(context.Background(), twoPrimaries, "unary", "a"); status.Code(got.err) != codes.Internal {
-		t.Errorf("two primaries: status %v, want Internal", got.err)
+	// Fanning out and mirroring at once is a director's mistake, however
+	// the route asks for the fan-out and whatever makes it mirrored; so
+	// is a mirrored route without a primary, as any route without a
+	// backend. A mirror without a connection is that mirror's failure
+	// only.
+	mirror := []proxy.Mirror{{Backend: proxy.Backend{Name: "mirror", Conn: primary}, OnError: log.handler("mirror", propagate)}}
+	finalize := func(context.Context) error { return nil }
+	for _, c := range []struct {
+		name  string
+		route proxy.Route
+		code  codes.Code
+		msg   string // a prefix
+	}{
+		{"two primaries", proxy.Route{Backends: []proxy.Backend{{Conn: primary}, {Conn: primary}}, Mirrors: mirror},
+			codes.Internal, "proxy: a route cannot both fan out and mirror"},
+		{"fan out", proxy.Route{Backends: []proxy.Backend{{Conn: primary}}, FanOut: true, Mirrors: mirror},
+			codes.Internal, "proxy: a route cannot both fan out and mirror"},
+		{"fan out with a finalizer", proxy.Route{Backends: []proxy.Backend{{Conn: primary}}, FanOut: true, Finalize: finalize},
+			codes.Internal, "proxy: a route cannot both fan out and mirror"},
+		{"no primary", proxy.Route{Mirrors: mirror},
+			codes.Unavailable, "proxy: no backend for /grpchantesting.TestService/"},
+	} {
+		front := serve(t, nil, proxy.ServerOptions(director(c.route))...)
+		for _, kind := range kinds {
+			got := callKind(context.Background(), front, kind, "a")
+			if s := status.Convert(got.err); s.Code() != c.code || !strings.HasPrefix(s.Message(), c.msg) {
+				t.Errorf("%s, %s: status %v, want %v %q", c.name, kind, got.err, c.code, c.msg)
+			}
+			if len(got.replies) > 0 {
+				t.Errorf("%s, %s: got replies %q", c.name, kind, got.replies)
+			}
+		}
+		// The call never started, so the mirror did not fail.
+		if errs := log.take("mirror"); len(errs) > 0 {
+			t.Errorf("%s: the mirror reported %v", c.name, errs)
+		}
 	}
 	noConn := serve(t, nil, proxy.ServerOptions(director(proxy.Route{
 		Backends: []proxy.Backend{{Conn: primary}},
