@@ -155,14 +155,25 @@
 //     deployment whose mirrors' results matter, as praefect's replicated
 //     writes do, waits longer.
 //   - Errors: after that, each failed mirror's OnError, in route order, is
-//     told its failure (its status, or the lag error) and returns nil to
-//     swallow it or an error to fail the call. A nil OnError swallows, so
-//     that a mirror is best effort unless the director says otherwise.
-//     Then Finalize runs. The status is the first of: the client's own
-//     (cancelled, deadline), the primary's failure, the first error an
-//     OnError returned, Finalize's error. So, as in praefect, a mirror or
-//     the finalizer fails a call only at its end, after the client already
-//     has the primary's headers and messages; for a unary call the client
-//     sees the error instead of the response. Every OnError and Finalize
-//     still run when the call fails anyway, for their logs and cleanup.
+//     told its failure (its status as the mirror or the connection to it
+//     gave it, which [WithBackendErrors] does not rewrite, or the lag
+//     error) and returns nil to swallow it or an error to fail the call. A
+//     nil OnError swallows, so that a mirror is best effort unless the
+//     director says otherwise. Then Finalize runs. The status is the first
+//     of: the client's own (cancelled, deadline), the primary's failure,
+//     the first error an OnError returned, Finalize's error. So, as in
+//     praefect, a mirror or the finalizer fails a call only at its end,
+//     after the client already has the primary's headers and messages; for
+//     a unary call the client sees the error instead of the response.
+//     Every OnError and Finalize still run when the call fails anyway, for
+//     their logs and cleanup.
+//   - Cancellation: if the client cancels, or its deadline passes, the
+//     primary's and every mirror's calls are cancelled at once, without
+//     the wait, and the call ends with the client's status. Each mirror
+//     still running then is told of it through its OnError, with the
+//     status its call ended with (Canceled, or DeadlineExceeded), since
+//     such a mirror missed requests as surely as one that failed: a
+//     replicating deployment schedules its repair as for any failure.
+//     What OnError returns changes nothing then; a mirror that had
+//     already finished successfully is not told.
 package proxy

@@ -231,7 +231,9 @@ func WithCallOptions(opts ...grpc.CallOption) Option {
 // which hop failed: a status naming an internal address, say, can become
 // "backend X is unreachable" with the detail logged instead. Keep the
 // backend's own statuses as they are unless they are wrong for the caller:
-// the proxy is otherwise transparent. ctx is the call's.
+// the proxy is otherwise transparent. ctx is the call's. A mirror's
+// failure (see [Mirror]) is not rewritten: it never reaches the client on
+// its own, but goes to the mirror's OnError as the mirror gave it.
 func WithBackendErrors(f func(ctx context.Context, b Backend, err error) error) Option {
 	return func(o *options) { o.backendErr = f }
 }

@@ -44,6 +44,14 @@ type Mirror struct {
 	// fail the call with (see "Mirroring" in the package documentation
 	// for when). It is Gitaly's Destination.ErrHandler. Nil swallows every
 	// failure: a mirror is best effort unless its route says otherwise.
+	//
+	// As Gitaly's ErrHandler does, it gets the mirror's status as the
+	// mirror (or the connection to it) gave it: [WithBackendErrors] does
+	// not rewrite it, since that option shapes what the client sees, and
+	// OnError, the director's own code, needs the real failure to log it
+	// or to schedule a repair. What OnError returns reaches the client as
+	// it is, as a Director's error does: an OnError that returns a status
+	// naming internal addresses rewrites it first.
 	OnError func(err error) error
 }
 
@@ -318,8 +326,10 @@ func (m *mirrorCall) send() {
 }
 
 // receive reads and drops the mirror's responses until its call ends, and
-// records its failure.
-func (m *mirrorCall) receive(ctx context.Context, o *options) {
+// records its failure as the mirror gave it: WithBackendErrors rewrites
+// what the client sees, and a mirror's failure reaches OnError, the
+// director's own code, which needs the real one (see OnError).
+func (m *mirrorCall) receive() {
 	defer close(m.ended)
 	defer m.cancel() // the sender stops too
 	f := new(Frame)
@@ -327,7 +337,7 @@ func (m *mirrorCall) receive(ctx context.Context, o *options) {
 		err := m.cs.RecvMsg(f)
 		if err != nil {
 			if !errors.Is(err, io.EOF) {
-				m.fail(o.backendFailure(ctx, m.Backend, err))
+				m.fail(statusOf(err))
 			}
 			return
 		}
@@ -460,7 +470,7 @@ func mirror(call *Call, route Route, o *options) (err error) {
 		} else {
 			m.cs, err = mr.Conn.NewStream(metadata.NewOutgoingContext(m.ctx, md), bidiDesc, call.method, o.callOpts...)
 			if err != nil {
-				err = o.backendFailure(callCtx, mr.Backend, err)
+				err = statusOf(err) // not rewritten, as in receive
 			}
 		}
 		if err != nil {
@@ -470,7 +480,7 @@ func mirror(call *Call, route Route, o *options) (err error) {
 			continue
 		}
 		go m.send()
-		go m.receive(callCtx, o)
+		go m.receive()
 	}
 	// Reading the client may outlive the handler (only the call's end
 	// unblocks it), so it is not waited for; it owns call from here on.

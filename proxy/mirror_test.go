@@ -632,3 +632,257 @@ func TestMirrorRequestTooLarge(t *testing.T) {
 		t.Errorf("call ended with %v; want ResourceExhausted", got.err)
 	}
 }
+
+// whoLog makes server options that record the "who" metadata of every call
+// a server gets, before its handler runs.
+type whoLog struct {
+	mu  sync.Mutex
+	got [][]string
+}
+
+func (l *whoLog) options() []grpc.ServerOption {
+	record := func(ctx context.Context) {
+		md, _ := metadata.FromIncomingContext(ctx)
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		l.got = append(l.got, md.Get("who"))
+	}
+	return []grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			record(ctx)
+			return h(ctx, req)
+		}),
+		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+			record(ss.Context())
+			return h(srv, ss)
+		}),
+	}
+}
+
+func (l *whoLog) take() [][]string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	got := l.got
+	l.got = nil
+	return got
+}
+
+// A mirror with its own Metadata gets that instead of the route's, even
+// when empty; the primary and a mirror without one get the route's.
+func TestMirrorMetadata(t *testing.T) {
+	var log errorLog
+	names := []string{"primary", "own", "inherits", "empty"}
+	whos := map[string]*whoLog{}
+	conns := map[string]*grpc.ClientConn{}
+	for _, name := range names {
+		whos[name] = new(whoLog)
+		conns[name] = serveTagged(t, &tagged{tag: name}, whos[name].options()...)
+	}
+	mirror := func(name string, md metadata.MD) proxy.Mirror {
+		return proxy.Mirror{Backend: proxy.Backend{Name: name, Conn: conns[name]}, Metadata: md, OnError: log.handler(name, propagate)}
+	}
+	route := proxy.Route{
+		Backends: []proxy.Backend{{Name: "primary", Conn: conns["primary"]}},
+		Metadata: metadata.Pairs("who", "route"),
+		Mirrors: []proxy.Mirror{
+			mirror("own", metadata.Pairs("who", "own mirror")),
+			mirror("inherits", nil),
+			mirror("empty", metadata.MD{}),
+		},
+	}
+	direct := func(context.Context, *proxy.Call) (proxy.Route, error) { return route, nil }
+	// The status waits for the mirrors, so every call has reached them
+	// when it returns.
+	front := serve(t, nil, proxy.ServerOptions(direct, proxy.WithMirrorWait(time.Minute))...)
+	want := map[string][][]string{
+		"primary":  {{"route"}},
+		"own":      {{"own mirror"}},
+		"inherits": {{"route"}},
+		"empty":    {nil},
+	}
+	for _, kind := range kinds {
+		if got := callKind(context.Background(), front, kind, "a", "b"); got.err != nil {
+			t.Fatalf("%s: call failed: %v", kind, got.err)
+		}
+		for _, name := range names {
+			if got := whos[name].take(); !slices.EqualFunc(got, want[name], slices.Equal) {
+				t.Errorf("%s: %s got who %q, want %q", kind, name, got, want[name])
+			}
+			if errs := log.take(name); len(errs) > 0 {
+				t.Errorf("%s: mirror %s reported %v", kind, name, errs)
+			}
+		}
+	}
+}
+
+// A mirror without an OnError is best effort: its failure, whatever it
+// is, leaves the call to the primary.
+func TestMirrorNilOnErrorSwallows(t *testing.T) {
+	primary := &tagged{tag: "primary"}
+	failing := &tagged{tag: "failing", fail: status.New(codes.DataLoss, "mirror lost it")}
+	front := serve(t, nil, proxy.ServerOptions(director(proxy.Route{
+		Backends: []proxy.Backend{{Name: "primary", Conn: serveTagged(t, primary)}},
+		Mirrors: []proxy.Mirror{
+			{Backend: proxy.Backend{Name: "failing", Conn: serveTagged(t, failing)}},
+			{Backend: proxy.Backend{Name: "gone"}},
+		},
+	}), proxy.WithMirrorWait(time.Minute))...)
+	for _, kind := range kinds {
+		failing.got = nil
+		got := callKind(context.Background(), front, kind, "a", "b")
+		if got.err != nil {
+			t.Fatalf("%s: call failed: %v", kind, got.err)
+		}
+		if want := primaryAnswer(primary, kind, "a", "b"); !slices.Equal(got.replies, want) {
+			t.Errorf("%s: replies %q, want %q", kind, got.replies, want)
+		}
+		// The call waited for the mirror, which did fail.
+		if r, want := failing.requests(), sent(kind, "a", "b"); !slices.Equal(r, want) {
+			t.Errorf("%s: failing mirror got %q, want %q", kind, r, want)
+		}
+	}
+}
+
+// WithBackendErrors rewrites the primary's failure, which the client
+// sees, but not a mirror's, which goes to its OnError as the mirror gave
+// it; what OnError returns reaches the client unchanged.
+func TestMirrorBackendErrors(t *testing.T) {
+	primary := &tagged{tag: "primary"}
+	failing := &tagged{tag: "failing", fail: status.New(codes.DataLoss, "mirror lost it")}
+	var log errorLog
+	var mu sync.Mutex
+	var rewrote []string
+	rewrite := func(_ context.Context, b proxy.Backend, err error) error {
+		mu.Lock()
+		defer mu.Unlock()
+		rewrote = append(rewrote, b.Name)
+		return status.Errorf(codes.Unavailable, "backend %s failed", b.Name)
+	}
+	rewritten := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		r := rewrote
+		rewrote = nil
+		return r
+	}
+	front := serve(t, nil, proxy.ServerOptions(director(proxy.Route{
+		Backends: []proxy.Backend{{Name: "primary", Conn: serveTagged(t, primary)}},
+		Mirrors: []proxy.Mirror{
+			{Backend: proxy.Backend{Name: "failing", Conn: serveTagged(t, failing)}, OnError: log.handler("failing", propagate)},
+			{Backend: proxy.Backend{Name: "gone"}, OnError: log.handler("gone", swallow)},
+		},
+	}), proxy.WithMirrorWait(time.Minute), proxy.WithBackendErrors(rewrite))...)
+	told := func(t *testing.T) {
+		t.Helper()
+		if errs := log.take("failing"); len(errs) != 1 || status.Code(errs[0]) != codes.DataLoss || status.Convert(errs[0]).Message() != "mirror lost it" {
+			t.Errorf("the failing mirror's OnError was told %v, want its own DataLoss", errs)
+		}
+		if errs := log.take("gone"); len(errs) != 1 || !strings.Contains(status.Convert(errs[0]).Message(), "no connection for mirror") {
+			t.Errorf("the unconnected mirror's OnError was told %v, want the proxy's own error", errs)
+		}
+	}
+
+	got := callKind(context.Background(), front, "unary", "a")
+	if s := status.Convert(got.err); s.Code() != codes.DataLoss || s.Message() != "mirror lost it" {
+		t.Errorf("status %v, want the mirror's DataLoss as its OnError returned it", got.err)
+	}
+	told(t)
+	if r := rewritten(); len(r) > 0 {
+		t.Errorf("WithBackendErrors rewrote the failures of %q; want none", r)
+	}
+
+	primary.fail = status.New(codes.FailedPrecondition, "primary says no")
+	defer func() { primary.fail = nil }()
+	got = callKind(context.Background(), front, "unary", "a")
+	if s := status.Convert(got.err); s.Code() != codes.Unavailable || s.Message() != "backend primary failed" {
+		t.Errorf("status %v, want the primary's failure rewritten", got.err)
+	}
+	told(t)
+	if r := rewritten(); !slices.Equal(r, []string{"primary"}) {
+		t.Errorf("WithBackendErrors rewrote the failures of %q; want the primary's only", r)
+	}
+}
+
+// hanging is a mirror backend that takes one request, then waits for its
+// call to be cancelled: got and cancelled are closed as it does each.
+type hanging struct {
+	got, cancelled chan struct{}
+}
+
+func serveHanging(t *testing.T) (*hanging, *grpc.ClientConn) {
+	t.Helper()
+	h := &hanging{got: make(chan struct{}), cancelled: make(chan struct{})}
+	conn := serve(t, nil, grpc.UnknownServiceHandler(func(_ any, ss grpc.ServerStream) error {
+		if err := ss.RecvMsg(new(grpchantesting.Message)); err != nil {
+			return err
+		}
+		close(h.got)
+		<-ss.Context().Done()
+		close(h.cancelled)
+		return ss.Context().Err()
+	}))
+	return h, conn
+}
+
+// A client that cancels mid-call cancels the primary's and every mirror's
+// calls, without the wait; the call ends with Canceled, and each mirror
+// still running is told through its OnError, whose answer changes nothing.
+func TestMirrorClientCancels(t *testing.T) {
+	primary := &tagged{tag: "primary"}
+	var log errorLog
+	names := []string{"first", "second"}
+	route := proxy.Route{Backends: []proxy.Backend{{Name: "primary", Conn: serveTagged(t, primary)}}}
+	mirrors := map[string]*hanging{}
+	for _, name := range names {
+		h, conn := serveHanging(t)
+		mirrors[name] = h
+		route.Mirrors = append(route.Mirrors, proxy.Mirror{
+			Backend: proxy.Backend{Name: name, Conn: conn},
+			OnError: log.handler(name, propagate),
+		})
+	}
+	// What the proxy's handler returned, as opposed to what the client's
+	// own cancellation makes it see.
+	handled := make(chan error, 1)
+	front := serve(t, nil, append(proxy.ServerOptions(director(route), proxy.WithMirrorWait(time.Hour)),
+		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+			err := h(srv, ss)
+			handled <- err
+			return err
+		}))...)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s, err := grpchantesting.NewTestServiceClient(front).BidiStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Send(msg("a")); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := s.Recv(); err != nil || string(m.GetPayload()) != "primary:a" {
+		t.Fatalf("first reply %v, %v; want the primary's", m, err)
+	}
+	for _, name := range names {
+		await(t, mirrors[name].got, "mirror "+name+"'s request")
+	}
+	cancel()
+	if _, err := s.Recv(); status.Code(err) != codes.Canceled {
+		t.Errorf("client got %v, want Canceled", err)
+	}
+	// The wait is an hour: only cancelling the mirrors ends the call.
+	select {
+	case err := <-handled:
+		if status.Code(err) != codes.Canceled {
+			t.Errorf("the proxy ended the call with %v, want Canceled", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("timed out waiting for the proxy to end the call")
+	}
+	for _, name := range names {
+		await(t, mirrors[name].cancelled, "mirror "+name+"'s call to be cancelled")
+		if errs := log.take(name); len(errs) != 1 || status.Code(errs[0]) != codes.Canceled {
+			t.Errorf("mirror %s's OnError was told %v, want one Canceled", name, errs)
+		}
+	}
+}
