@@ -102,7 +102,9 @@ type tunnelClient struct {
 	affinityKey any
 	// askPeerToClose is set on a network server that reads on its handler
 	// goroutine: ending the tunnel then means asking the network client to
-	// end the outer stream (tunnel-close extension).
+	// end the outer stream (tunnel-close extension). Under mu: the handler
+	// clears it while a keepalive, a failed send or Close may be ending the
+	// tunnel from another goroutine.
 	askPeerToClose bool
 
 	ready chan struct{} // closed once settings arrived (or none are due)
@@ -382,10 +384,11 @@ func (t *tunnelClient) shutdown(err error) {
 		t.streams = map[int64]*clientStream{}
 		t.load.Store(0)
 		ka := t.ka
+		askPeer := t.askPeerToClose
 		t.mu.Unlock()
 		ka.stop()
 		t.cancel()
-		if t.askPeerToClose {
+		if askPeer {
 			t.out.Queue(&tunnelpb.ClientToServer{StreamId: settingsStreamID, Frame: &tunnelpb.ClientToServer_Cancel{Cancel: emptyFrame}})
 		}
 		gone := t.unavailableAfter(err)
@@ -398,6 +401,17 @@ func (t *tunnelClient) shutdown(err error) {
 		t.conn.end(true)
 		close(t.done)
 	})
+}
+
+// shutdownHere ends a tunnel whose network server is about to return from
+// the opening RPC with a status of its own: that return ends the outer
+// stream, so the client is not asked to close it. If the tunnel is already
+// ending, it ends as that began.
+func (t *tunnelClient) shutdownHere() {
+	t.mu.Lock()
+	t.askPeerToClose = false
+	t.mu.Unlock()
+	t.shutdown(nil)
 }
 
 // unavailableAfter is the status of calls on a tunnel that ended with err:

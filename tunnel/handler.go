@@ -236,6 +236,8 @@ func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_O
 	// tunnel by asking the client to; without it a reader goroutine must,
 	// so that this one can return whenever the tunnel has to end.
 	inline := agreed.tunnelClose
+	// Set before any goroutine of the tunnel starts; later changes are
+	// under t.mu (see shutdownHere).
 	t.askPeerToClose = inline
 	if inline {
 		if err := t.handshake(); err != nil {
@@ -254,8 +256,7 @@ func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_O
 	if h.cfg.AffinityKey != nil {
 		key = h.cfg.AffinityKey(t)
 		if !comparable(key) {
-			t.askPeerToClose = false // returning ends the tunnel, with this status
-			t.shutdown(nil)
+			t.shutdownHere()
 			return status.Errorf(codes.Internal, "grpctunnel: affinity key of type %T is not comparable", key)
 		}
 		t.mu.Lock()
@@ -264,8 +265,7 @@ func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_O
 	}
 	switch err := h.pool.add(t, key, h.maxPerKey()); {
 	case errors.Is(err, errTooManyForKey):
-		t.askPeerToClose = false // returning ends the tunnel, with this status
-		t.shutdown(nil)
+		t.shutdownHere()
 		return err
 	case err == nil:
 		if h.isStopping() {

@@ -47,7 +47,8 @@ type tunnelServer struct {
 	abort context.CancelFunc
 	// askPeerToClose is set on a network server that reads on its handler
 	// goroutine: ending the tunnel then means asking the network client to
-	// end the outer stream (tunnel-close extension).
+	// end the outer stream (tunnel-close extension). Set before serve
+	// starts any goroutine, and never changed after.
 	askPeerToClose bool
 
 	// hint carries window growth from one stream to the next.
@@ -382,13 +383,14 @@ func (t *tunnelServer) shutdown(err error) {
 		t.closed = true
 		t.err = err
 		ka := t.ka
+		askPeer := t.askPeerToClose
 		t.mu.Unlock()
 		ka.stop()
 		t.cancel()
 		if t.abort != nil {
 			t.abort()
 		}
-		if t.askPeerToClose {
+		if askPeer {
 			t.out.Queue(&tunnelpb.ServerToClient{StreamId: settingsStreamID, Frame: &tunnelpb.ServerToClient_CloseStream{
 				CloseStream: &tunnelpb.CloseStream{Status: statusOf(nil).Proto()},
 			}})
