@@ -176,8 +176,10 @@ type options struct {
 	// pumps copy requests to backends on goroutines kept from call to
 	// call, whose stacks earlier calls already grew.
 	pumps *workers.Pool[pump]
-	// mirror holds the settings of mirrored calls (mirror.go).
-	mirror mirrorOptions
+	// mirror holds the settings of mirrored calls (mirror.go), and
+	// mirrorTasks runs their goroutines as pumps runs forwarded calls'.
+	mirror      mirrorOptions
+	mirrorTasks *workers.Pool[mirrorTask]
 }
 
 // pump is the request side of one forwarded call.
@@ -211,6 +213,7 @@ func newOptions(opts []Option) *options {
 	}
 	o.callOpts = append(o.callOpts, grpc.ForceCodecV2(Codec()))
 	o.pumps = workers.New(func(p pump) { pumpRequests(p.call, p.cs) }, maxIdlePumps, pumpIdle)
+	o.mirrorTasks = workers.New(mirrorTask.run, maxIdlePumps, pumpIdle)
 	return o
 }
 

@@ -345,6 +345,31 @@ func (m *mirrorCall) receive() {
 	}
 }
 
+// mirrorTask is one goroutine's work in a mirrored call, run by the
+// handler's pool of workers (internal/workers), as a forwarded call's
+// requests are: reading the client and sending to a backend go as deep as
+// a pump does, through a tunnel deeper still, and a worker keeps the stack
+// an earlier call grew. Each task ends with the call: a mirror's receive
+// when its call ends (the handler waits for that), its send once the
+// mirror's context is cancelled at the latest (the handler cancels it on
+// return), and distribute when gRPC ends the client's call, as a pump
+// does. So none holds a worker past the call. Exactly one field is set.
+type mirrorTask struct {
+	distribute    *mirroredCall
+	send, receive *mirrorCall
+}
+
+func (t mirrorTask) run() {
+	switch {
+	case t.distribute != nil:
+		t.distribute.distribute()
+	case t.send != nil:
+		t.send.send()
+	default:
+		t.receive.receive()
+	}
+}
+
 // mirroredCall is a call running on a primary and its mirrors.
 type mirroredCall struct {
 	call    *Call
@@ -479,12 +504,12 @@ func mirror(call *Call, route Route, o *options) (err error) {
 			close(m.ended)
 			continue
 		}
-		go m.send()
-		go m.receive()
+		o.mirrorTasks.Go(mirrorTask{send: m})
+		o.mirrorTasks.Go(mirrorTask{receive: m})
 	}
 	// Reading the client may outlive the handler (only the call's end
 	// unblocks it), so it is not waited for; it owns call from here on.
-	go mc.distribute()
+	o.mirrorTasks.Go(mirrorTask{distribute: mc})
 
 	backendErr, callerErr := pumpResponses(ss, cs)
 
