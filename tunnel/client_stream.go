@@ -335,6 +335,13 @@ func (st *clientStream) CloseSend() error {
 		return nil
 	default:
 	}
+	// A failed send needs no handling here. It can fail only when the
+	// sender has failed or was closed: a failure's release runs the
+	// sender's onFail, which shuts the tunnel down with the cause, and the
+	// sender is closed only after the tunnel ended; either way shutdown
+	// ends this call with Unavailable naming the cause, and RecvMsg
+	// reports it. CloseSend itself returns nil, as grpc-go's does: the
+	// status is RecvMsg's to give.
 	_ = st.t.out.Send(&tunnelpb.ClientToServer{
 		StreamId: st.id,
 		Frame:    &tunnelpb.ClientToServer_HalfClose{HalfClose: emptyFrame},
@@ -363,6 +370,11 @@ func (st *clientStream) SendMsg(m any) error {
 // compression), then half-closes if the method takes only one.
 func (st *clientStream) sendMessage(m any, data mem.BufferSlice, length int) error {
 	if err := sendMessage(st.t.out, st.window, st.ended, clientFramer(st.id), data, st.t.agreed.maxChunk); err != nil {
+		// As in gRPC, SendMsg reports only that the call is over; its
+		// status, with the cause, comes from RecvMsg. err is errDone if
+		// the call ended while waiting for credit, or the sender's
+		// failure, which has ended (or is ending) the tunnel and so this
+		// call with that cause, as CloseSend explains.
 		return io.EOF
 	}
 	st.stats.outPayload(m, length, data.Len())

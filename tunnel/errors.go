@@ -61,3 +61,28 @@ func endReason(err error) string {
 	}
 	return fmt.Sprintf("failed: %s: %s", st.Code(), msg)
 }
+
+// tunnelFailedError is the status of a call whose tunnel failed under it:
+// Unavailable, with the failure's text, and the failure as its cause for
+// errors.Is and errors.As.
+type tunnelFailedError struct {
+	st    *status.Status
+	cause error
+}
+
+func (e *tunnelFailedError) Error() string              { return e.st.Err().Error() }
+func (e *tunnelFailedError) GRPCStatus() *status.Status { return e.st }
+func (e *tunnelFailedError) Unwrap() error              { return e.cause }
+
+// tunnelFailed is the status of a call that could not send because its
+// tunnel failed with cause.
+func tunnelFailed(cause error) error {
+	msg := cause.Error()
+	if s, ok := status.FromError(cause); ok {
+		msg = s.Message()
+	}
+	return &tunnelFailedError{
+		st:    status.New(codes.Unavailable, "grpctunnel: tunnel failed: "+strings.TrimPrefix(msg, "grpctunnel: ")),
+		cause: cause,
+	}
+}

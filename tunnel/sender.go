@@ -153,6 +153,11 @@ func (s *sender[F]) flush() {
 			return
 		}
 		s.qmu.Unlock()
+		// A failure needs no handling here: the first failed send makes
+		// Do's release call onFail with it, which ends the tunnel with the
+		// cause, and later sends fail at once with that same error.
+		// Queued frames are control frames whose senders do not wait for
+		// them.
 		_ = s.Do(func(send func(F) error) error {
 			for _, f := range batch {
 				if err := send(f); err != nil {

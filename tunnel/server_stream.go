@@ -175,12 +175,18 @@ func (st *serverStream) end(err error, fromReader bool, last lastMessage) {
 	}
 	st.closed = true
 	s := statusOf(err)
-	st.result = s.Err()
 	var buf [3]*tunnelpb.ServerToClient
 	frames := buf[:0]
-	if f := st.pendingHeaderLocked(last.frame != nil); f != nil {
+	if f, hdrErr := st.pendingHeaderLocked(last.frame != nil); hdrErr != nil {
+		// Headers that cannot be encoded end the call with why, as
+		// trailers that cannot be do (see closeFrame); the response, if
+		// any, does not go without them.
+		s = status.Convert(hdrErr)
+		last = lastMessage{}
+	} else if f != nil {
 		frames = append(frames, f)
 	}
+	st.result = s.Err()
 	header, trailer := st.header, st.trailer
 	st.mu.Unlock()
 	sentHeader := len(frames) > 0
@@ -191,19 +197,24 @@ func (st *serverStream) end(err error, fromReader bool, last lastMessage) {
 	// Requests the handler left unread are dropped, and their bytes
 	// returned to the tunnel's budget.
 	st.in.abort(errStreamClosed)
+	// A send that fails here is not reported to anyone, rightly: the
+	// handler has returned, and the failure is the whole tunnel's. A hold
+	// that fails means the sender already failed or was closed, so the
+	// tunnel is ending already; a sendLocked that fails makes release call
+	// the sender's onFail, which shuts the tunnel down with the cause
+	// (tunnelFailure), and that ends every call on it. The client learns
+	// of it from its own end of the outer stream.
 	if fromReader {
 		for _, f := range frames {
 			st.t.out.Queue(f)
 		}
-	} else {
-		if st.t.out.hold() == nil {
-			for _, f := range frames {
-				if st.t.out.sendLocked(f) != nil {
-					break
-				}
+	} else if st.t.out.hold() == nil {
+		for _, f := range frames {
+			if st.t.out.sendLocked(f) != nil {
+				break
 			}
-			st.t.out.release()
 		}
+		st.t.out.release()
 	}
 	if st.stats.on() {
 		if sentHeader {
@@ -224,18 +235,14 @@ var errStreamClosed = status.Error(codes.Canceled, "grpctunnel: call is over")
 // pendingHeaderLocked returns the header frame still to send before the end
 // of the call, if the handler set headers that have not gone out, or a
 // compressed message is to follow (the headers name its compressor); nil if
-// there is none.
-func (st *serverStream) pendingHeaderLocked(message bool) *tunnelpb.ServerToClient {
+// there is none. It fails if the headers cannot be encoded.
+func (st *serverStream) pendingHeaderLocked(message bool) (*tunnelpb.ServerToClient, error) {
 	if st.headerSent || (len(st.header) == 0 && (!message || st.comp == nil)) {
 		st.headerSent = true
-		return nil
+		return nil, nil
 	}
 	st.headerSent = true
-	f, err := st.headerFrame(st.header)
-	if err != nil {
-		return nil
-	}
-	return f
+	return st.headerFrame(st.header)
 }
 
 // closeFrame builds the close_stream frame for a call that ended with s.
@@ -319,7 +326,7 @@ func (st *serverStream) flushHeader(explicit bool) error {
 		return err
 	}
 	if err := st.t.out.Send(f); err != nil {
-		return status.Error(codes.Unavailable, "grpctunnel: tunnel failed")
+		return tunnelFailed(err)
 	}
 	st.stats.outHeader(st.method, nil, md, compressorName(st.comp))
 	return nil
@@ -373,7 +380,7 @@ func (st *serverStream) sendMessage(m any, data mem.BufferSlice, length int) err
 	case errors.Is(err, errDone):
 		return status.FromContextError(st.ctx.Err()).Err()
 	default:
-		return status.Error(codes.Unavailable, "grpctunnel: tunnel failed")
+		return tunnelFailed(err)
 	}
 }
 

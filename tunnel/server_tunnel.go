@@ -372,7 +372,10 @@ func (t *tunnelServer) endIdle() {
 	}
 	err := t.out.Do(func(func(*tunnelpb.ServerToClient) error) error { return t.closeSend() })
 	if err != nil {
-		t.shutdown(nil)
+		// The half-close failed, so the peer will not end the stream: end
+		// the tunnel here, keeping why (a failed sender has ended it with
+		// its cause already; shutdown runs once).
+		t.shutdown(tunnelFailure(err))
 	}
 }
 
