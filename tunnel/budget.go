@@ -2,9 +2,6 @@ package tunnel
 
 import (
 	"sync/atomic"
-
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 )
 
 // budget bounds the bytes one tunnel holds for its readers: chunks received
@@ -31,5 +28,3 @@ func (b *budget) release(n int) {
 		b.used.Add(-int64(n))
 	}
 }
-
-var errBudget = status.Error(codes.ResourceExhausted, "grpctunnel: the tunnel holds as much unread data as it may (see WithMaxBufferedBytes)")

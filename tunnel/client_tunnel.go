@@ -3,7 +3,6 @@ package tunnel
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"strings"
 	"sync"
@@ -136,27 +135,6 @@ func newTunnelClient(ctx context.Context, cancel context.CancelFunc, frames clie
 	return t
 }
 
-// tunnelFailure wraps the error that broke the outer stream.
-func tunnelFailure(err error) error {
-	if err == nil || errors.Is(err, io.EOF) {
-		return nil
-	}
-	return err
-}
-
-// protocolError is a violation of the protocol by the peer; it ends the
-// tunnel.
-type protocolError struct{ msg string }
-
-func (e *protocolError) Error() string { return "grpctunnel: protocol error: " + e.msg }
-
-// GRPCStatus makes a protocol error end the outer RPC with Internal.
-func (e *protocolError) GRPCStatus() *status.Status { return status.New(codes.Internal, e.Error()) }
-
-func protocolErrorf(format string, args ...any) error {
-	return &protocolError{msg: fmt.Sprintf(format, args...)}
-}
-
 // serverRole names the peer in error messages, which must say which end of
 // a reverse tunnel is meant.
 func (t *tunnelClient) serverRole() string {
@@ -266,7 +244,7 @@ func (t *tunnelClient) dispatch(f *tunnelpb.ServerToClient) error {
 		st.onClose(fr.CloseStream)
 	case *tunnelpb.ServerToClient_WindowUpdate:
 		if err := st.window.Add(fr.WindowUpdate); err != nil {
-			st.abort(status.Error(codes.Internal, "grpctunnel: peer's window update overflows the send window"), true)
+			st.abort(windowOverflow(err), true)
 		}
 	}
 	return nil
@@ -323,8 +301,6 @@ func (t *tunnelClient) registerHeld(st *clientStream, ns *tunnelpb.NewStream, on
 	}
 	return err
 }
-
-var errTooManyStreams = status.Error(codes.ResourceExhausted, "grpctunnel: too many calls in progress on the tunnel (see WithMaxConcurrentStreams)")
 
 // forget drops a stream from the table; a draining tunnel with no streams
 // left then ends.

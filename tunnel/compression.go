@@ -33,7 +33,7 @@ func (ci *callInfo) sendCompressor(agreed bool) (encoding.Compressor, error) {
 	}
 	c := encoding.GetCompressor(name)
 	if c == nil {
-		return nil, status.Errorf(codes.Internal, "grpc: Compressor is not installed for requested grpc-encoding %q", name)
+		return nil, status.Errorf(codes.Internal, "grpctunnel: compressor is not installed for requested grpc-encoding %q", name)
 	}
 	if !agreed {
 		return nil, nil

@@ -1,27 +1,164 @@
 package tunnel
 
+// Every error value and error constructor of the package is here, so that
+// their texts can be read, and kept consistent, in one place. Each message
+// starts with "grpctunnel: ", except where grpc.Server's own text is kept on
+// purpose (see services.lookup). An error caused by another keeps it: as a
+// wrapped error where the caller may test for it, and in the text of a
+// status, which cannot wrap.
+
 import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
+// ErrServerStopped is returned by ReverseTunnelServer.Serve once the server
+// has been stopped.
+var ErrServerStopped = errors.New("grpctunnel: reverse tunnel server stopped")
+
+// ErrGivenBack is wrapped in the Err of the TunnelWaiting change that
+// follows a tunnel given back by its client: refused by
+// ReconnectOptions.Admit or ended with StateChange.GiveBack. It marks an
+// end the client chose, not a failure: the server was reachable and took
+// the tunnel, so nothing needs to be reported as an outage.
+var ErrGivenBack = errors.New("grpctunnel: tunnel given back by the client")
+
+// The ends of a tunnel.
+var (
+	// errTunnelClosed fails the sends of a tunnel that has ended, and the
+	// opening of a call on a tunnel that is closed or draining.
+	errTunnelClosed = errors.New("grpctunnel: tunnel closed")
+	// errPeerClosed ends a tunnel whose network server asked for the end
+	// with the tunnel-close extension; it is a clean end.
+	errPeerClosed = errors.New("grpctunnel: tunnel closed by the peer")
+	// errPoolClosed ends a reverse tunnel that ended before it joined its
+	// handler's pool.
+	errPoolClosed = errors.New("grpctunnel: tunnel ended before it joined the pool")
+	// errShuttingDown refuses new tunnels and calls once a handler is
+	// shutting down.
+	errShuttingDown = status.Error(codes.Unavailable, "grpctunnel: server is shutting down")
+)
+
+// shuttingDownMessage is the message of errShuttingDown, by which a
+// reconnecting client recognises the refusal.
+var shuttingDownMessage = status.Convert(errShuttingDown).Message()
+
+// Limits a peer or a caller ran into.
+var (
+	errTooManyStreams = status.Error(codes.ResourceExhausted, "grpctunnel: too many calls in progress on the tunnel (see WithMaxConcurrentStreams)")
+	errTooManyForKey  = status.Error(codes.ResourceExhausted, "grpctunnel: too many reverse tunnels for this affinity key (see MaxReverseTunnelsPerKey)")
+	errBudget         = status.Error(codes.ResourceExhausted, "grpctunnel: the tunnel holds as much unread data as it may (see WithMaxBufferedBytes)")
+	// errQueueFull fails a tunnel whose peer lets the control frames it
+	// makes this end send pile up unread (see maxQueued).
+	errQueueFull = status.Error(codes.ResourceExhausted, "grpctunnel: the peer does not read the frames it makes this end send")
+)
+
+// The end of one call.
+var (
+	// errStreamClosed is what a handler's RecvMsg returns once its call is
+	// over.
+	errStreamClosed = status.Error(codes.Canceled, "grpctunnel: call is over")
+	// errDone is returned by inbound.recv when the caller's done channel
+	// closes first; the caller knows why it gave up, and reports that
+	// instead, so this text is never seen.
+	errDone = errors.New("grpctunnel: receive abandoned")
+)
+
+// tunnelFailure is the tunnel's end when err broke the outer stream: nil
+// for the stream's clean end (io.EOF), else err itself.
+func tunnelFailure(err error) error {
+	if err == nil || errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
+}
+
+// protocolError is a violation of the protocol by the peer; it ends the
+// tunnel.
+type protocolError struct{ msg string }
+
+func (e *protocolError) Error() string { return "grpctunnel: protocol error: " + e.msg }
+
+// GRPCStatus makes a protocol error end the outer RPC with Internal.
+func (e *protocolError) GRPCStatus() *status.Status { return status.New(codes.Internal, e.Error()) }
+
+func protocolErrorf(format string, args ...any) error {
+	return &protocolError{msg: fmt.Sprintf(format, args...)}
+}
+
+// causedError is a status that keeps the error that caused it, for
+// errors.Is and errors.As; its text names the cause too.
+type causedError struct {
+	st    *status.Status
+	cause error
+}
+
+func (e *causedError) Error() string              { return e.st.Err().Error() }
+func (e *causedError) GRPCStatus() *status.Status { return e.st }
+func (e *causedError) Unwrap() error              { return e.cause }
+
+// withCause returns a status error of code c whose message is msg followed
+// by the cause's text, and that unwraps to cause.
+func withCause(c codes.Code, msg string, cause error) error {
+	text := cause.Error()
+	if s, ok := status.FromError(cause); ok {
+		text = s.Message()
+	}
+	return &causedError{
+		st:    status.New(c, "grpctunnel: "+msg+": "+strings.TrimPrefix(text, "grpctunnel: ")),
+		cause: cause,
+	}
+}
+
+// tunnelFailed is the status of a call that could not send because its
+// tunnel failed with cause: Unavailable, naming the cause.
+func tunnelFailed(cause error) error {
+	return withCause(codes.Unavailable, "tunnel failed", cause)
+}
+
+// windowOverrun is the status of a call whose peer sent more than its
+// window allowed; it unwraps to the window's report, cause
+// (flowcontrol.ErrOverrun), which its text already says in the protocol's
+// terms.
+func windowOverrun(cause error) error {
+	return &causedError{
+		st:    status.New(codes.ResourceExhausted, "grpctunnel: peer sent more data than the flow-control window allows"),
+		cause: cause,
+	}
+}
+
+// windowOverflow is the status of a call whose peer's window updates
+// overflow the send window; it unwraps to the window's report, cause
+// (flowcontrol.ErrOverflow).
+func windowOverflow(cause error) error {
+	return &causedError{
+		st:    status.New(codes.Internal, "grpctunnel: peer's window update overflows the send window"),
+		cause: cause,
+	}
+}
+
 // unstartedError is the status of a call that never left this end: its
 // tunnel was ending, draining or at its limit of calls before the call's
 // first frame went out. A channel over several tunnels retries such a call
 // on another tunnel, as gRPC retries a call that never left the client;
 // anyone else sees the status alone.
-type unstartedError struct{ st *status.Status }
+type unstartedError struct {
+	st    *status.Status
+	cause error // the error marked, kept for errors.Is and errors.As
+}
 
 func (e *unstartedError) Error() string              { return e.st.Err().Error() }
 func (e *unstartedError) GRPCStatus() *status.Status { return e.st }
+func (e *unstartedError) Unwrap() error              { return e.cause }
 
 // unstarted marks err, a status, as the failure of a call that never left.
-func unstarted(err error) error { return &unstartedError{st: status.Convert(err)} }
+func unstarted(err error) error { return &unstartedError{st: status.Convert(err), cause: err} }
 
 // neverLeft reports whether err is the failure of a call that never left
 // this end, so that trying it elsewhere cannot run it twice.
@@ -60,29 +197,4 @@ func endReason(err error) string {
 		return fmt.Sprintf("ended: the opening call's deadline passed (%s)", msg)
 	}
 	return fmt.Sprintf("failed: %s: %s", st.Code(), msg)
-}
-
-// tunnelFailedError is the status of a call whose tunnel failed under it:
-// Unavailable, with the failure's text, and the failure as its cause for
-// errors.Is and errors.As.
-type tunnelFailedError struct {
-	st    *status.Status
-	cause error
-}
-
-func (e *tunnelFailedError) Error() string              { return e.st.Err().Error() }
-func (e *tunnelFailedError) GRPCStatus() *status.Status { return e.st }
-func (e *tunnelFailedError) Unwrap() error              { return e.cause }
-
-// tunnelFailed is the status of a call that could not send because its
-// tunnel failed with cause.
-func tunnelFailed(cause error) error {
-	msg := cause.Error()
-	if s, ok := status.FromError(cause); ok {
-		msg = s.Message()
-	}
-	return &tunnelFailedError{
-		st:    status.New(codes.Unavailable, "grpctunnel: tunnel failed: "+strings.TrimPrefix(msg, "grpctunnel: ")),
-		cause: cause,
-	}
 }

@@ -178,8 +178,6 @@ func (h *TunnelServiceHandler) isStopping() bool {
 	return h.stopping
 }
 
-var errShuttingDown = status.Error(codes.Unavailable, "grpctunnel: server is shutting down")
-
 func (h *TunnelServiceHandler) openTunnel(stream tunnelpb.TunnelService_OpenTunnelServer) error {
 	if h.svc.empty() && h.opts.unknownHandler == nil {
 		return status.Error(codes.Unimplemented, "grpctunnel: this server has no services for forward tunnels")

@@ -1,7 +1,6 @@
 package tunnel
 
 import (
-	"errors"
 	"sync"
 
 	"google.golang.org/grpc/codes"
@@ -10,10 +9,6 @@ import (
 
 	"github.com/grpctunnel/grpctunnel/flowcontrol"
 )
-
-// errDone is returned by inbound.recv when the caller's done channel closes
-// first; the caller knows why it gave up.
-var errDone = errors.New("receive abandoned")
 
 // message is one complete tunneled message: the chunks as they arrived, never
 // copied into one buffer here. A codec that needs contiguous bytes gathers
@@ -88,7 +83,7 @@ func (in *inbound) startMessage(size uint32, data []byte) (uint32, error) {
 	if in.win != nil {
 		update = in.win.BeginMessage(size)
 		if err := in.win.Receive(len(data)); err != nil {
-			return 0, errWindowOverrun
+			return 0, windowOverrun(err)
 		}
 	}
 	in.active = true
@@ -108,13 +103,11 @@ func (in *inbound) moreData(data []byte) error {
 	}
 	if in.win != nil {
 		if err := in.win.Receive(len(data)); err != nil {
-			return errWindowOverrun
+			return windowOverrun(err)
 		}
 	}
 	return in.appendChunk(data)
 }
-
-var errWindowOverrun = status.Error(codes.ResourceExhausted, "grpctunnel: peer sent more data than the flow-control window allows")
 
 // appendChunk adds a chunk to the message in progress, charging it to the
 // tunnel's budget, and queues the message once it is complete.

@@ -1,7 +1,6 @@
 package tunnel
 
 import (
-	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -216,7 +215,3 @@ func chooseRevision(peer []tunnelpb.ProtocolRevision) (tunnelpb.ProtocolRevision
 	}
 	return best, nil
 }
-
-// errPeerClosed ends a tunnel whose network server asked for the end with the
-// tunnel-close extension; it is a clean end.
-var errPeerClosed = errors.New("grpctunnel: tunnel closed by the peer")

@@ -74,13 +74,6 @@ type StateChange struct {
 	GiveBack func(reason error)
 }
 
-// ErrGivenBack is wrapped in the Err of the TunnelWaiting change that
-// follows a tunnel given back by its client: refused by
-// ReconnectOptions.Admit or ended with StateChange.GiveBack. It marks an
-// end the client chose, not a failure: the server was reachable and took
-// the tunnel, so nothing needs to be reported as an outage.
-var ErrGivenBack = errors.New("grpctunnel: tunnel given back by the client")
-
 // ReconnectOptions configure ServeWithReconnect.
 type ReconnectOptions struct {
 	// Tunnels is how many tunnels to keep open (1 if zero).
@@ -374,6 +367,3 @@ func refusedAsShuttingDown(err error) bool {
 	s, ok := status.FromError(err)
 	return ok && s.Code() == codes.Unavailable && s.Message() == shuttingDownMessage
 }
-
-// shuttingDownMessage is the message of errShuttingDown.
-var shuttingDownMessage = status.Convert(errShuttingDown).Message()

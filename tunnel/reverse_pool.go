@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"context"
-	"errors"
 	"reflect"
 	"sync"
 
@@ -73,11 +72,6 @@ func (p *tunnelPool) size() int {
 	defer p.mu.Unlock()
 	return len(p.all)
 }
-
-var (
-	errPoolClosed    = errors.New("grpctunnel: tunnel ended before it joined the pool")
-	errTooManyForKey = status.Error(codes.ResourceExhausted, "grpctunnel: too many reverse tunnels for this affinity key (see MaxReverseTunnelsPerKey)")
-)
 
 // remove takes a tunnel out of the pool; it is a no-op for one not in it.
 func (p *tunnelPool) remove(t *tunnelClient) {

@@ -13,10 +13,6 @@ import (
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
 
-// ErrServerStopped is returned by ReverseTunnelServer.Serve once the server
-// has been stopped.
-var ErrServerStopped = errors.New("grpctunnel: reverse tunnel server stopped")
-
 // ReverseTunnelServer serves gRPC services over reverse tunnels: it dials a
 // TunnelServiceHandler and lets that server call the services registered
 // here. It is how a client behind NAT or a firewall exposes services to a

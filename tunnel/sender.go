@@ -3,9 +3,6 @@ package tunnel
 import (
 	"sync"
 	"sync/atomic"
-
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 )
 
 // sender owns the sending half of the outer stream. gRPC allows one sender
@@ -108,8 +105,6 @@ func (s *sender[F]) Do(fn func(send func(F) error) error) error {
 // pings) while it does not read the answers; past the bound the peer has lost
 // its tunnel. Go's HTTP/2 server draws the same line against the same attack.
 const maxQueued = 10000
-
-var errQueueFull = status.Error(codes.ResourceExhausted, "grpctunnel: the peer does not read the frames it makes this end send")
 
 // Queue schedules f to be sent soon, without blocking. Frames queued by one
 // goroutine go out in the order queued. A peer that lets maxQueued frames

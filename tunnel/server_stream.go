@@ -229,9 +229,6 @@ func (st *serverStream) end(err error, fromReader bool, last lastMessage) {
 	st.t.forget(st.id)
 }
 
-// errStreamClosed is what a handler's RecvMsg returns once its call is over.
-var errStreamClosed = status.Error(codes.Canceled, "grpctunnel: call is over")
-
 // pendingHeaderLocked returns the header frame still to send before the end
 // of the call, if the handler set headers that have not gone out, or a
 // compressed message is to follow (the headers name its compressor); nil if

@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"context"
-	"errors"
 	"io"
 	"sync"
 	"time"
@@ -148,8 +147,6 @@ const (
 	workerIdle     = time.Second
 )
 
-var errTunnelClosed = errors.New("grpctunnel: tunnel closed")
-
 func (t *tunnelServer) read() error {
 	return receiveFrames(t.frames.Recv, t.ka, t.dispatch, t.done, func() error { return t.err }, &t.counters.received)
 }
@@ -207,7 +204,7 @@ func (t *tunnelServer) dispatch(f *tunnelpb.ClientToServer) error {
 		st.cancelled()
 	case *tunnelpb.ClientToServer_WindowUpdate:
 		if err := st.window.Add(fr.WindowUpdate); err != nil {
-			st.fail(status.Error(codes.Internal, "grpctunnel: peer's window update overflows the send window"))
+			st.fail(windowOverflow(err))
 		}
 	}
 	return nil

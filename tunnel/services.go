@@ -42,6 +42,10 @@ type methodKind struct{ clientStreams, serverStreams bool }
 
 // lookup resolves a full method name to its handler, or a status error to
 // close the stream with. The handler runs through o's server interceptors.
+//
+// Its refusals keep grpc.Server's own text, without the grpctunnel: prefix,
+// so that a client (or tool) that reads them sees what a server without a
+// tunnel would say.
 func (s *services) lookup(fullMethod string, o *options) (callHandler, methodKind, error) {
 	unknown := o.unknownHandler
 	name := strings.TrimPrefix(fullMethod, "/")
