@@ -3,8 +3,6 @@ package tunnel
 import (
 	"math/bits"
 	"sync"
-
-	"google.golang.org/grpc/mem"
 )
 
 // gatherPool holds the buffers that messages received in several chunks are
@@ -35,20 +33,4 @@ func (p *dirtyPool) Put(b *[]byte) {
 		return // not one of ours
 	}
 	p.tiers[bits.Len(uint(c))-1].Put(b)
-}
-
-// gathered returns a message as the codec wants it, one contiguous buffer,
-// copying only when it arrived in several chunks. The caller frees the
-// result once the codec is done with it.
-func (m message) gathered() mem.BufferSlice {
-	if len(m.chunks) <= 1 {
-		return m.chunks
-	}
-	buf := gatherPool.Get(m.size)
-	off := 0
-	for _, c := range m.chunks {
-		off += copy((*buf)[off:], c.ReadOnlyData())
-	}
-	m.chunks.Free()
-	return mem.BufferSlice{mem.NewBuffer(buf, gatherPool)}
 }

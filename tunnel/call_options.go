@@ -104,51 +104,6 @@ func (ci *callInfo) marshal(m any) (mem.BufferSlice, int, error) {
 	return encodeMessage(ci.codec, ci.comp, ci.maxSend, m)
 }
 
-// encodeMessage marshals m with codec and, if comp is not nil, compresses
-// it. It returns the bytes to send and the marshalled length; as in gRPC,
-// the send limit applies to the bytes sent.
-func encodeMessage(codec encoding.CodecV2, comp encoding.Compressor, maxSend int, m any) (mem.BufferSlice, int, error) {
-	data, err := codec.Marshal(m)
-	if err != nil {
-		return nil, 0, status.Errorf(codes.Internal, "grpctunnel: error while marshaling: %v", err)
-	}
-	length := data.Len()
-	if comp != nil {
-		z, err := compress(comp, data)
-		data.Free()
-		if err != nil {
-			return nil, 0, err
-		}
-		data = z
-	}
-	if size := data.Len(); size > maxSend {
-		data.Free()
-		return nil, 0, status.Errorf(codes.ResourceExhausted, "grpctunnel: trying to send message larger than max (%d vs. %d)", size, maxSend)
-	}
-	return data, length, nil
-}
-
-// decodeMessage unmarshals a received message into m, decompressing it
-// first if comp is not nil, within maxRecv bytes. It frees data and returns
-// the message's length once decompressed.
-func decodeMessage(codec encoding.CodecV2, comp encoding.Compressor, maxRecv int, data mem.BufferSlice, m any, side string) (int, error) {
-	if comp != nil {
-		out, err := decompress(comp, data, maxRecv)
-		data.Free()
-		if err != nil {
-			return 0, err
-		}
-		data = out
-	}
-	length := data.Len()
-	err := codec.Unmarshal(data, m)
-	data.Free()
-	if err != nil {
-		return 0, status.Errorf(codes.Internal, "grpctunnel: failed to unmarshal the %s: %v", side, err)
-	}
-	return length, nil
-}
-
 // finish delivers what the call options asked to see once the call is over.
 func (ci *callInfo) finish(header, trailer metadata.MD, p *peer.Peer, ch TunnelChannel, err error) {
 	for _, h := range ci.headers {

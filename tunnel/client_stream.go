@@ -447,15 +447,84 @@ func (st *clientStream) finish(err error) error {
 	return st.final
 }
 
-func clientFramer(id int64) framer[*tunnelpb.ClientToServer] {
-	return framer[*tunnelpb.ClientToServer]{
-		message: func(size uint32, chunk []byte) *tunnelpb.ClientToServer {
-			return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_RequestMessage{
-				RequestMessage: &tunnelpb.MessageData{Size: size, Data: chunk},
-			}}
-		},
-		more: func(chunk []byte) *tunnelpb.ClientToServer {
-			return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_MoreRequestData{MoreRequestData: chunk}}
-		},
+// Issuing calls: the tunnel as a grpc.ClientConnInterface.
+
+// Invoke issues a unary call through the tunnel, through the client
+// interceptors if the tunnel has any.
+func (t *tunnelClient) Invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
+	if ci := t.opts.ic.unaryClient; ci != nil {
+		ctx = context.WithValue(ctx, tunnelChannelKey{}, TunnelChannel(t))
+		return ci(ctx, method, req, reply, nil, t.invoker, opts...)
 	}
+	return t.invoke(ctx, method, req, reply, opts...)
+}
+
+func (t *tunnelClient) invoker(ctx context.Context, method string, req, reply any, _ *grpc.ClientConn, opts ...grpc.CallOption) error {
+	return t.invoke(ctx, method, req, reply, opts...)
+}
+
+// NewStream issues a streaming call through the tunnel, through the client
+// interceptors if the tunnel has any.
+func (t *tunnelClient) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	if ci := t.opts.ic.streamClient; ci != nil {
+		ctx = context.WithValue(ctx, tunnelChannelKey{}, TunnelChannel(t))
+		return ci(ctx, desc, nil, method, t.streamer, opts...)
+	}
+	return t.openStream(ctx, desc, method, opts...)
+}
+
+func (t *tunnelClient) streamer(ctx context.Context, desc *grpc.StreamDesc, _ *grpc.ClientConn, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	return t.openStream(ctx, desc, method, opts...)
+}
+
+var unaryStreamDesc = &grpc.StreamDesc{}
+
+// invoke issues a unary call through the tunnel, past any interceptors (see
+// Invoke). A request that fits in one chunk leaves in the same hold of the
+// sender as the call's opening.
+func (t *tunnelClient) invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
+	ci, err := t.newCallInfo(opts)
+	if err != nil {
+		return err
+	}
+	data, length, err := ci.marshal(req)
+	if err != nil {
+		ci.finish(nil, nil, t.peer, t, err)
+		return err
+	}
+	defer data.Free()
+	st, err := t.startStream(ctx, unaryStreamDesc, method, ci, req, data, length)
+	if err != nil {
+		ci.finish(nil, nil, t.peer, t, err)
+		return err
+	}
+	if !st.sentClose {
+		if err := st.sendMessage(req, data, length); err != nil && !errors.Is(err, io.EOF) {
+			st.abort(err, true)
+			return st.finish(err)
+		}
+	}
+	return st.RecvMsg(reply)
+}
+
+// newCallInfo reads a call's options and resolves its compressor.
+func (t *tunnelClient) newCallInfo(opts []grpc.CallOption) (*callInfo, error) {
+	ci, err := newCallInfo(t.opts, opts)
+	if err != nil {
+		return nil, err
+	}
+	if ci.comp, err = ci.sendCompressor(t.agreed.compression); err != nil {
+		return nil, err
+	}
+	return ci, nil
+}
+
+// openStream issues a streaming call through the tunnel, past any
+// interceptors (see NewStream).
+func (t *tunnelClient) openStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	st, err := t.newStream(ctx, desc, method, opts)
+	if err != nil {
+		return nil, err
+	}
+	return st, nil
 }

@@ -3,7 +3,6 @@ package tunnel
 import (
 	"context"
 	"errors"
-	"io"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -15,7 +14,6 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/grpctunnel/grpctunnel/flowcontrol"
 	"github.com/grpctunnel/grpctunnel/internal/errtext"
@@ -440,11 +438,6 @@ func (t *tunnelClient) Err() error {
 	}
 }
 
-var unaryStreamDesc = &grpc.StreamDesc{}
-
-// emptyFrame is the payload of half_close and cancel frames.
-var emptyFrame = &emptypb.Empty{}
-
 // authInfo describes the security of the connection under the tunnel, for
 // per-RPC credentials that insist on a secure transport.
 func (t *tunnelClient) authInfo() credentials.AuthInfo {
@@ -452,54 +445,4 @@ func (t *tunnelClient) authInfo() credentials.AuthInfo {
 		return nil
 	}
 	return t.peer.AuthInfo
-}
-
-// invoke issues a unary call through the tunnel, past any interceptors (see
-// Invoke). A request that fits in one chunk leaves in the same hold of the
-// sender as the call's opening.
-func (t *tunnelClient) invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
-	ci, err := t.newCallInfo(opts)
-	if err != nil {
-		return err
-	}
-	data, length, err := ci.marshal(req)
-	if err != nil {
-		ci.finish(nil, nil, t.peer, t, err)
-		return err
-	}
-	defer data.Free()
-	st, err := t.startStream(ctx, unaryStreamDesc, method, ci, req, data, length)
-	if err != nil {
-		ci.finish(nil, nil, t.peer, t, err)
-		return err
-	}
-	if !st.sentClose {
-		if err := st.sendMessage(req, data, length); err != nil && !errors.Is(err, io.EOF) {
-			st.abort(err, true)
-			return st.finish(err)
-		}
-	}
-	return st.RecvMsg(reply)
-}
-
-// newCallInfo reads a call's options and resolves its compressor.
-func (t *tunnelClient) newCallInfo(opts []grpc.CallOption) (*callInfo, error) {
-	ci, err := newCallInfo(t.opts, opts)
-	if err != nil {
-		return nil, err
-	}
-	if ci.comp, err = ci.sendCompressor(t.agreed.compression); err != nil {
-		return nil, err
-	}
-	return ci, nil
-}
-
-// openStream issues a streaming call through the tunnel, past any
-// interceptors (see NewStream).
-func (t *tunnelClient) openStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-	st, err := t.newStream(ctx, desc, method, opts)
-	if err != nil {
-		return nil, err
-	}
-	return st, nil
 }

@@ -268,3 +268,19 @@ func notify(c chan struct{}) {
 	default:
 	}
 }
+
+// gathered returns a message as the codec wants it, one contiguous buffer,
+// copying only when it arrived in several chunks. The caller frees the
+// result once the codec is done with it.
+func (m message) gathered() mem.BufferSlice {
+	if len(m.chunks) <= 1 {
+		return m.chunks
+	}
+	buf := gatherPool.Get(m.size)
+	off := 0
+	for _, c := range m.chunks {
+		off += copy((*buf)[off:], c.ReadOnlyData())
+	}
+	m.chunks.Free()
+	return mem.BufferSlice{mem.NewBuffer(buf, gatherPool)}
+}

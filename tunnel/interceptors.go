@@ -247,35 +247,8 @@ func (ic *interceptors) interceptStream(impl any, h grpc.StreamHandler, st *serv
 	return ic.streamServer(impl, st, info, h)
 }
 
-// Client side: the channels' Invoke and NewStream.
-
-// Invoke issues a unary call through the tunnel, through the client
-// interceptors if the tunnel has any.
-func (t *tunnelClient) Invoke(ctx context.Context, method string, req, reply any, opts ...grpc.CallOption) error {
-	if ci := t.opts.ic.unaryClient; ci != nil {
-		ctx = context.WithValue(ctx, tunnelChannelKey{}, TunnelChannel(t))
-		return ci(ctx, method, req, reply, nil, t.invoker, opts...)
-	}
-	return t.invoke(ctx, method, req, reply, opts...)
-}
-
-func (t *tunnelClient) invoker(ctx context.Context, method string, req, reply any, _ *grpc.ClientConn, opts ...grpc.CallOption) error {
-	return t.invoke(ctx, method, req, reply, opts...)
-}
-
-// NewStream issues a streaming call through the tunnel, through the client
-// interceptors if the tunnel has any.
-func (t *tunnelClient) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-	if ci := t.opts.ic.streamClient; ci != nil {
-		ctx = context.WithValue(ctx, tunnelChannelKey{}, TunnelChannel(t))
-		return ci(ctx, desc, nil, method, t.streamer, opts...)
-	}
-	return t.openStream(ctx, desc, method, opts...)
-}
-
-func (t *tunnelClient) streamer(ctx context.Context, desc *grpc.StreamDesc, _ *grpc.ClientConn, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-	return t.openStream(ctx, desc, method, opts...)
-}
+// Client side: a reverse channel behind the client interceptors. A single
+// tunnel's Invoke and NewStream, which run them too, are in client_stream.go.
 
 // intercepted returns c, or, if o has client interceptors, c behind them.
 // The interceptors then run once per call, before a tunnel is picked; c

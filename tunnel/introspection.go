@@ -10,7 +10,6 @@ import (
 	"google.golang.org/grpc/peer"
 
 	"github.com/grpctunnel/grpctunnel/flowcontrol"
-	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
 
 // TunnelInfo describes one tunnel at one moment: where it goes, what was
@@ -89,28 +88,6 @@ type tunnelCounters struct {
 	openedAt time.Time
 	received atomic.Uint64 // payload bytes read; the reader adds, anyone reads
 	started  uint64        // streams started; guarded by the tunnel's mu
-}
-
-// framePayload is the tunneled message payload a frame carries: the bytes of
-// a message or continuation chunk, 0 for any other frame.
-func framePayload[F any](f F) int {
-	switch f := any(f).(type) {
-	case *tunnelpb.ClientToServer:
-		switch fr := f.GetFrame().(type) {
-		case *tunnelpb.ClientToServer_RequestMessage:
-			return len(fr.RequestMessage.GetData())
-		case *tunnelpb.ClientToServer_MoreRequestData:
-			return len(fr.MoreRequestData)
-		}
-	case *tunnelpb.ServerToClient:
-		switch fr := f.GetFrame().(type) {
-		case *tunnelpb.ServerToClient_ResponseMessage:
-			return len(fr.ResponseMessage.GetData())
-		case *tunnelpb.ServerToClient_MoreResponseData:
-			return len(fr.MoreResponseData)
-		}
-	}
-	return 0
 }
 
 // extensionNames lists what a agreed, as TunnelInfo.Extensions does.

@@ -6,12 +6,6 @@ import (
 	"github.com/grpctunnel/grpctunnel/flowcontrol"
 )
 
-// framer builds the frames of one direction of one stream.
-type framer[F any] struct {
-	message func(size uint32, chunk []byte) F
-	more    func(chunk []byte) F
-}
-
 // sendMessage sends one encoded message as a message frame and continuation
 // frames, taking window credit before each chunk. Chunks are slices of the
 // codec's buffers; the only copy is the outer stream's own encoding. It

@@ -413,16 +413,3 @@ func (st *serverStream) recvUnaryRequest(m any) error {
 	}
 	return err
 }
-
-func serverFramer(id int64) framer[*tunnelpb.ServerToClient] {
-	return framer[*tunnelpb.ServerToClient]{
-		message: func(size uint32, chunk []byte) *tunnelpb.ServerToClient {
-			return &tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_ResponseMessage{
-				ResponseMessage: &tunnelpb.MessageData{Size: size, Data: chunk},
-			}}
-		},
-		more: func(chunk []byte) *tunnelpb.ServerToClient {
-			return &tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_MoreResponseData{MoreResponseData: chunk}}
-		},
-	}
-}

@@ -399,13 +399,3 @@ func (t *tunnelServer) shutdown(err error) {
 		close(t.done)
 	})
 }
-
-func closeFrame(id int64, st *status.Status, trailer *tunnelpb.Metadata) *tunnelpb.ServerToClient {
-	return &tunnelpb.ServerToClient{
-		StreamId: id,
-		Frame: &tunnelpb.ServerToClient_CloseStream{CloseStream: &tunnelpb.CloseStream{
-			ResponseTrailers: trailer,
-			Status:           st.Proto(),
-		}},
-	}
-}
