@@ -148,8 +148,12 @@ func (v *view) addTunnel(agentKey, replicaID, tunnelID string) bool {
 		// Exact capacity: most agents have one tunnel, and append's
 		// growth would otherwise waste room in every entry.
 		hs = make([]holder, 0, 1)
+		// The key and the id may be substrings of the whole etcd key
+		// (PathUnescape returns its input when nothing is escaped):
+		// copies keep only themselves alive, not the key around them.
+		agentKey = strings.Clone(agentKey)
 	}
-	v.agents[agentKey] = append(hs, holder{rep: r, tunnel: tunnelID})
+	v.agents[agentKey] = append(hs, holder{rep: r, tunnel: strings.Clone(tunnelID)})
 	return true
 }
 
