@@ -20,14 +20,14 @@ import (
 func TestAdmitGivesATunnelBack(t *testing.T) {
 	for _, ext := range []string{"drain", ""} {
 		t.Run("extensions="+ext, func(t *testing.T) {
-			n := hosStartNet(t)
+			n := startFakeNet(t)
 			rs := hosReverseServer(t, n.stub, echoProbe())
 			errSame := errors.New("that server holds another tunnel already")
 			admitted := make(chan StateChange, 4)
 			changes := make(chan StateChange, 16)
 			done := make(chan error, 1)
 			go func() {
-				done <- rs.ServeWithReconnect(hosContext(t), ReconnectOptions{
+				done <- rs.ServeWithReconnect(peerContext(t), ReconnectOptions{
 					MinBackoff: time.Millisecond,
 					Admit: func(c StateChange) error {
 						admitted <- c
@@ -43,15 +43,15 @@ func TestAdmitGivesATunnelBack(t *testing.T) {
 			next := func() StateChange {
 				t.Helper()
 				for {
-					if c := hosWait(t, changes, "a state change"); c.State != TunnelConnecting {
+					if c := peerWait(t, changes, "a state change"); c.State != TunnelConnecting {
 						return c
 					}
 				}
 			}
-			open := func(name string) *hosConn {
+			open := func(name string) *fakeConn {
 				t.Helper()
-				c := hosWait(t, n.rev, "the reverse tunnel-opening RPC")
-				md := hosOpening(true, ext)
+				c := peerWait(t, n.rev, "the reverse tunnel-opening RPC")
+				md := fakeOpening(true, ext)
 				md.Set("x-server", name)
 				if err := c.rev.SendHeader(md); err != nil {
 					t.Fatal(err)
@@ -63,14 +63,14 @@ func TestAdmitGivesATunnelBack(t *testing.T) {
 			}
 
 			first := open("first")
-			if c := hosWait(t, admitted, "Admit"); c.State != TunnelOpen || c.Tunnel != 0 || c.GiveBack != nil {
+			if c := peerWait(t, admitted, "Admit"); c.State != TunnelOpen || c.Tunnel != 0 || c.GiveBack != nil {
 				t.Fatalf("Admit was asked about %+v; want tunnel 0 open, without GiveBack", c)
 			}
 			if ext == "drain" {
 				// A call the server starts before it learns of the drain:
 				// it crosses the notice, and is served all the same.
 				req := mustMarshal(t, bytesValue([]byte("crossing")))
-				first.sendRev(t, newStreamFrame(1, probeUnary, hosRev1, 65536), messageFrame(1, uint32(len(req)), req), halfCloseFrame(1))
+				first.sendRev(t, newStreamFrame(1, probeUnary, rev1, 65536), messageFrame(1, uint32(len(req)), req), halfCloseFrame(1))
 				if f := first.recvRev(t); f.GetStreamId() != settingsStreamID || f.GetResponseHeaders() == nil {
 					t.Fatalf("the frame after the settings is not the drain notice: %v", f)
 				}
@@ -93,7 +93,7 @@ func TestAdmitGivesATunnelBack(t *testing.T) {
 			}
 
 			second := open("second")
-			if c := hosWait(t, admitted, "Admit"); c.Header.Get("x-server")[0] != "second" {
+			if c := peerWait(t, admitted, "Admit"); c.Header.Get("x-server")[0] != "second" {
 				t.Fatalf("Admit was asked about the header %v", c.Header)
 			}
 			c = next()
@@ -102,7 +102,7 @@ func TestAdmitGivesATunnelBack(t *testing.T) {
 			}
 			second.revEcho(t, 1)
 			rs.Stop()
-			if err := hosWait(t, done, "ServeWithReconnect to return"); err != nil {
+			if err := peerWait(t, done, "ServeWithReconnect to return"); err != nil {
 				t.Fatalf("ServeWithReconnect after Stop = %v; want nil", err)
 			}
 		})
@@ -134,7 +134,7 @@ func TestGiveBackMovesAnOpenTunnel(t *testing.T) {
 			},
 		})
 	}()
-	first := hosWait(t, opened, "the tunnel to open")
+	first := peerWait(t, opened, "the tunnel to open")
 	waitFor(t, func() bool { return len(ts.handler.AllReverseTunnels()) == 1 })
 	old := ts.handler.AllReverseTunnels()[0]
 
@@ -170,11 +170,11 @@ func TestGiveBackMovesAnOpenTunnel(t *testing.T) {
 	if err := stream.RecvMsg(bytesValue(nil)); err != io.EOF {
 		t.Fatalf("the call's end: %v", err)
 	}
-	c := hosWait(t, given, "the tunnel to end")
+	c := peerWait(t, given, "the tunnel to end")
 	if !errors.Is(c.Err, ErrGivenBack) || !errors.Is(c.Err, reason) || c.Delay > time.Millisecond {
 		t.Fatalf("after GiveBack: %v, delay %v; want given back for the first reason, within MinBackoff", c.Err, c.Delay)
 	}
-	hosWait(t, opened, "the tunnel to open again")
+	peerWait(t, opened, "the tunnel to open again")
 	waitFor(t, func() bool {
 		now := ts.handler.AllReverseTunnels()
 		return len(now) == 1 && now[0] != old

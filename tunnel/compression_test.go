@@ -178,21 +178,21 @@ func TestCompressionFromOtherPeers(t *testing.T) {
 	ts := startServer(t, TunnelServiceHandlerOptions{}, testServices(echoProbe()))
 	req := mustMarshal(t, bytesValue([]byte("plain bytes")))
 
-	r := hosOpenRaw(t, ts.stub, "grpctunnel-extensions", "compression")
-	r.send(hosNewStreamMD(1, probeUnary, map[string]string{"grpc-encoding": "no-such-compressor"}))
+	r := openRawNegotiated(t, ts.stub, "grpctunnel-extensions", "compression")
+	r.send(newStreamFrame(1, probeUnary, rev1, 65536, "grpc-encoding", "no-such-compressor"))
 	if _, st := r.readResponse(1, false); st.Code() != codes.Unimplemented || !strings.Contains(st.Message(), "no-such-compressor") {
 		t.Errorf("unknown compressor: %v", st)
 	}
-	r.send(hosNewStreamMD(2, probeUnary, map[string]string{"grpc-encoding": "gzip"}))
+	r.send(newStreamFrame(2, probeUnary, rev1, 65536, "grpc-encoding", "gzip"))
 	r.sendMessage(2, req) // not gzip
 	r.send(halfCloseFrame(2))
 	if _, st := r.readResponse(2, false); st.Code() != codes.Internal || !strings.Contains(st.Message(), "decompress") {
 		t.Errorf("message that is not what its compressor makes: %v", st)
 	}
-	hosRawEcho(t, r, 3)
+	rawEcho(t, r, 3)
 
-	plain := hosOpenRaw(t, ts.stub)
-	plain.send(hosNewStreamMD(1, probeUnary, map[string]string{"grpc-encoding": "gzip"}))
+	plain := openRawNegotiated(t, ts.stub)
+	plain.send(newStreamFrame(1, probeUnary, rev1, 65536, "grpc-encoding", "gzip"))
 	plain.sendMessage(1, req)
 	plain.send(halfCloseFrame(1))
 	if msgs, st := plain.readResponse(1, false); st.Code() != codes.OK || len(msgs) != 1 || !bytes.Equal(msgs[0], req) {

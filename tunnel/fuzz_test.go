@@ -1008,61 +1008,6 @@ func fzRunClient(t *testing.T, data []byte) {
 	frames.report(t)
 }
 
-// Frames for the seeds.
-
-func fzNew(id int64, method string, rev tunnelpb.ProtocolRevision, window uint32, md ...string) *tunnelpb.ClientToServer {
-	f := newStreamFrame(id, method, rev, window)
-	if len(md) > 0 {
-		f.GetNewStream().RequestHeaders = hosMD(md...)
-	}
-	return f
-}
-
-// fzReq is the frames of a request holding value, in chunks of at most
-// chunk bytes (16 KiB if chunk is 0).
-func fzReq(id int64, value []byte, chunk ...int) []*tunnelpb.ClientToServer {
-	var out []*tunnelpb.ClientToServer
-	fzChunks(value, chunk, func(size uint32, first bool, data []byte) {
-		if first {
-			out = append(out, messageFrame(id, size, data))
-		} else {
-			out = append(out, moreFrame(id, data))
-		}
-	})
-	return out
-}
-
-// fzResp is fzReq for a response.
-func fzResp(id int64, value []byte, chunk ...int) []*tunnelpb.ServerToClient {
-	var out []*tunnelpb.ServerToClient
-	fzChunks(value, chunk, func(size uint32, first bool, data []byte) {
-		if first {
-			out = append(out, hosResp(id, size, data))
-		} else {
-			out = append(out, hosMore(id, data))
-		}
-	})
-	return out
-}
-
-// fzChunks encodes value as a BytesValue and cuts it in chunks.
-func fzChunks(value []byte, chunk []int, emit func(size uint32, first bool, data []byte)) {
-	b, err := proto.Marshal(bytesValue(value))
-	if err != nil {
-		panic(err)
-	}
-	limit := flowcontrol.MaxChunk
-	if len(chunk) > 0 {
-		limit = chunk[0]
-	}
-	size := uint32(len(b))
-	for first := true; first || len(b) > 0; first = false {
-		n := min(len(b), limit)
-		emit(size, first, b[:n])
-		b = b[n:]
-	}
-}
-
 // fzSeq flattens frames and groups of frames.
 func fzSeq[F proto.Message](parts ...any) []proto.Message {
 	var out []proto.Message
@@ -1090,55 +1035,50 @@ type fzSeed struct {
 
 func (s fzSeed) bytes() []byte { return fzEncode(s.flags, s.flags2, s.frames...) }
 
-var (
-	fzRev0 = tunnelpb.ProtocolRevision_REVISION_ZERO
-	fzRev1 = tunnelpb.ProtocolRevision_REVISION_ONE
-)
-
 func fzServerSeeds() []fzSeed {
 	type C = *tunnelpb.ClientToServer
 	seq := fzSeq[C]
-	hc := func(id int64) C { return halfCloseFrame(id) }
-	wu := hosWindowUp
+	hc := halfCloseFrame
+	wu := windowUpdateFrame
 	return []fzSeed{
-		{"unary", fzNegotiated, 0, seq(fzNew(1, "/f.F/U", fzRev1, 65536), fzReq(1, []byte("hello")), hc(1)), true},
-		{"chunked", fzNegotiated, 0, seq(fzNew(1, "/f.F/S", fzRev1, 65536), fzReq(1, []byte(strings.Repeat("chunk", 200)), 300), fzReq(1, []byte("x")), hc(1)), true},
-		{"window-updates", fzNegotiated, fzSmallWindows, seq(fzNew(1, "/f.F/B", fzRev1, 1000), fzReq(1, nil), hc(1), wu(1, 3000), wu(1, 5000), wu(1, 16000)), true},
-		{"cancel", fzNegotiated, 0, seq(fzNew(1, "/f.F/H", fzRev1, 65536), hosCancel(1), fzNew(2, "/f.F/U", fzRev1, 65536), fzReq(2, []byte("after")), hc(2)), true},
-		{"protocol-violations", fzNegotiated, 0, seq(fzNew(1, "/f.F/S", fzRev1, 65536), fzReq(1, []byte("a")), &tunnelpb.ClientToServer{StreamId: 1}, fzNew(1, "/f.F/U", fzRev1, 65536), wu(9, 1)), true},
-		{"revision-zero", 0, fzSmallWindows, seq(fzNew(1, "/f.F/U", fzRev0, 0), fzReq(1, []byte("old")), hc(1), fzNew(2, "/f.F/S", fzRev0, 0), fzReq(2, make([]byte, 1500)), fzReq(2, make([]byte, 1500)), hc(2)), false},
-		{"revision-zero-stall", 0, fzSmallWindows, seq(fzNew(1, "/f.F/H", fzRev0, 0), fzReq(1, make([]byte, 800)), fzReq(1, make([]byte, 800)), fzNew(2, "/f.F/U", fzRev0, 0)), false},
+		{"unary", fzNegotiated, 0, seq(newStreamFrame(1, "/f.F/U", rev1, 65536), requestFrames(1, []byte("hello")), hc(1)), true},
+		{"chunked", fzNegotiated, 0, seq(newStreamFrame(1, "/f.F/S", rev1, 65536), requestFrames(1, []byte(strings.Repeat("chunk", 200)), 300), requestFrames(1, []byte("x")), hc(1)), true},
+		{"window-updates", fzNegotiated, fzSmallWindows, seq(newStreamFrame(1, "/f.F/B", rev1, 1000), requestFrames(1, nil), hc(1), wu(1, 3000), wu(1, 5000), wu(1, 16000)), true},
+		{"cancel", fzNegotiated, 0, seq(newStreamFrame(1, "/f.F/H", rev1, 65536), cancelFrame(1), newStreamFrame(2, "/f.F/U", rev1, 65536), requestFrames(2, []byte("after")), hc(2)), true},
+		{"protocol-violations", fzNegotiated, 0, seq(newStreamFrame(1, "/f.F/S", rev1, 65536), requestFrames(1, []byte("a")), &tunnelpb.ClientToServer{StreamId: 1}, newStreamFrame(1, "/f.F/U", rev1, 65536), wu(9, 1)), true},
+		{"revision-zero", 0, fzSmallWindows, seq(newStreamFrame(1, "/f.F/U", rev0, 0), requestFrames(1, []byte("old")), hc(1), newStreamFrame(2, "/f.F/S", rev0, 0), requestFrames(2, make([]byte, 1500)), requestFrames(2, make([]byte, 1500)), hc(2)), false},
+		{"revision-zero-stall", 0, fzSmallWindows, seq(newStreamFrame(1, "/f.F/H", rev0, 0), requestFrames(1, make([]byte, 800)), requestFrames(1, make([]byte, 800)), newStreamFrame(2, "/f.F/U", rev0, 0)), false},
 		{"stream-violations", fzNegotiated, 0, seq(
-			fzNew(1, "/f.F/S", fzRev1, 65536), messageFrame(1, 2, []byte("xyz")),
-			fzNew(2, "/f.F/S", fzRev1, 65536), messageFrame(2, 1<<32-1, []byte("x")),
-			fzNew(3, "/f.F/S", fzRev1, 65536), wu(3, 0x7FFFFFFF), wu(3, 0x7FFFFFFF),
-			fzNew(4, "/f.F/H", fzRev1, 65536), hc(4), fzReq(4, []byte("late")),
-			fzNew(5, "/f.F/S", fzRev1, 65536), moreFrame(5, []byte("x")),
-			fzNew(6, "nomethod", fzRev1, 65536), fzNew(7, "/f.F/U", 9, 65536),
+			newStreamFrame(1, "/f.F/S", rev1, 65536), messageFrame(1, 2, []byte("xyz")),
+			newStreamFrame(2, "/f.F/S", rev1, 65536), messageFrame(2, 1<<32-1, []byte("x")),
+			newStreamFrame(3, "/f.F/S", rev1, 65536), wu(3, 0x7FFFFFFF), wu(3, 0x7FFFFFFF),
+			newStreamFrame(4, "/f.F/H", rev1, 65536), hc(4), requestFrames(4, []byte("late")),
+			newStreamFrame(5, "/f.F/S", rev1, 65536), moreFrame(5, []byte("x")),
+			newStreamFrame(6, "nomethod", rev1, 65536), newStreamFrame(7, "/f.F/U", 9, 65536),
 		), false},
-		{"window-overrun", fzNegotiated, fzSmallWindows, seq(fzNew(1, "/f.F/H", fzRev1, 65536), fzReq(1, make([]byte, 700)), fzReq(1, make([]byte, 700)), fzNew(2, "/f.F/S", fzRev1, 65536), fzReq(2, make([]byte, 3000))), false},
+		{"window-overrun", fzNegotiated, fzSmallWindows, seq(newStreamFrame(1, "/f.F/H", rev1, 65536), requestFrames(1, make([]byte, 700)), requestFrames(1, make([]byte, 700)), newStreamFrame(2, "/f.F/S", rev1, 65536), requestFrames(2, make([]byte, 3000))), false},
 		{"metadata", fzNegotiated | fzBinaryMD, 0, seq(
-			fzNew(1, "/f.F/U", fzRev1, 65536, "grpc-timeout", "1S", "x-bin", "AP8", "k", "v"), fzReq(1, []byte("h")), hc(1),
-			fzNew(2, "/f.F/U", fzRev1, 65536, "x-bin", "!!"), fzNew(3, "/f.F/U", fzRev1, 65536, "grpc-timeout", "1n"), fzReq(3, []byte("t")), hc(3),
-			fzNew(4, "/f.F/U", fzRev1, 65536), fzReq(4, []byte("e")), hc(4),
+			newStreamFrame(1, "/f.F/U", rev1, 65536, "grpc-timeout", "1S", "x-bin", "AP8", "k", "v"), requestFrames(1, []byte("h")), hc(1),
+			newStreamFrame(2, "/f.F/U", rev1, 65536, "x-bin", "!!"), newStreamFrame(3, "/f.F/U", rev1, 65536, "grpc-timeout", "1n"), requestFrames(3, []byte("t")), hc(3),
+			newStreamFrame(4, "/f.F/U", rev1, 65536), requestFrames(4, []byte("e")), hc(4),
 		), false},
-		{"big-response", fzNegotiated | fzBigChunks, 0, seq(fzNew(1, "/f.F/U", fzRev1, 1000), fzReq(1, []byte("b")), hc(1), wu(1, 30000)), false},
-		{"reverse-tunnel-close", fzNegotiated | fzTunnelClose | fzReverse, 0, seq(fzNew(1, "/f.F/H", fzRev1, 65536), hosCancel(-1)), false},
-		{"forward-tunnel-close-drain", fzNegotiated | fzTunnelClose | fzDrain, 0, seq(fzNew(1, "/f.F/U", fzRev1, 65536), fzReq(1, nil), hc(1), fzNew(2, "/f.F/S", fzRev1, 65536)), false},
+		{"big-response", fzNegotiated | fzBigChunks, 0, seq(newStreamFrame(1, "/f.F/U", rev1, 1000), requestFrames(1, []byte("b")), hc(1), wu(1, 30000)), false},
+		{"reverse-tunnel-close", fzNegotiated | fzTunnelClose | fzReverse, 0, seq(newStreamFrame(1, "/f.F/H", rev1, 65536), cancelFrame(-1)), false},
+		{"forward-tunnel-close-drain", fzNegotiated | fzTunnelClose | fzDrain, 0, seq(newStreamFrame(1, "/f.F/U", rev1, 65536), requestFrames(1, nil), hc(1), newStreamFrame(2, "/f.F/S", rev1, 65536)), false},
 		{"tight-limits-broken-end", fzNegotiated | fzTightLimits | fzBrokenEnd, 0, seq(
-			fzNew(1, "/f.F/H", fzRev1, 65536), fzNew(2, "/f.F/H", fzRev1, 65536), fzNew(3, "/f.F/H", fzRev1, 65536),
-			fzNew(4, "/f.F/S", fzRev1, 65536, "big", strings.Repeat("m", 1100)), messageFrame(1, 200_000, nil),
+			newStreamFrame(1, "/f.F/H", rev1, 65536), newStreamFrame(2, "/f.F/H", rev1, 65536), newStreamFrame(3, "/f.F/H", rev1, 65536),
+			newStreamFrame(4, "/f.F/S", rev1, 65536, "big", strings.Repeat("m", 1100)), messageFrame(1, 200_000, nil),
 		), false},
-		{"keepalive", fzNegotiated, fzKeepalive, seq(wu(-1, pingBit|1), wu(-1, 1), fzNew(1, "/f.F/U", fzRev1, 65536), fzReq(1, nil), hc(1)), false},
-		{"keepalive-fast", fzNegotiated, fzKeepaliveFast, seq(fzNew(1, "/f.F/H", fzRev1, 65536), fzNew(2, "/f.F/B", fzRev1, 65536), fzReq(2, nil), hc(2)), false},
+		{"keepalive", fzNegotiated, fzKeepalive, seq(wu(-1, pingBit|1), wu(-1, 1), newStreamFrame(1, "/f.F/U", rev1, 65536), requestFrames(1, nil), hc(1)), false},
+		{"keepalive-fast", fzNegotiated, fzKeepaliveFast, seq(newStreamFrame(1, "/f.F/H", rev1, 65536), newStreamFrame(2, "/f.F/B", rev1, 65536), requestFrames(2, nil), hc(2)), false},
 		{"compressed", fzNegotiated, fzCompression, seq(
-			fzNew(1, "/f.F/U", fzRev1, 65536, "grpc-encoding", "gzip"), fzReq(1, fzGzip([]byte("hello"))), hc(1),
-			fzNew(3, "/f.F/S", fzRev1, 65536, "grpc-encoding", "gzip"), fzReq(3, []byte("not gzip")),
-			fzNew(5, "/f.F/U", fzRev1, 65536, "grpc-encoding", "zz"),
-			fzNew(7, "/f.F/S", fzRev1, 65536, "grpc-encoding", "identity"), fzReq(7, []byte("plain")), hc(7),
+			newStreamFrame(1, "/f.F/U", rev1, 65536, "grpc-encoding", "gzip"), requestFrames(1, fzGzip([]byte("hello"))), hc(1),
+			newStreamFrame(3, "/f.F/S", rev1, 65536, "grpc-encoding", "gzip"), requestFrames(3, []byte("not gzip")),
+			newStreamFrame(5, "/f.F/U", rev1, 65536, "grpc-encoding", "zz"),
+			newStreamFrame(7, "/f.F/S", rev1, 65536, "grpc-encoding", "identity"), requestFrames(7, []byte("plain")), hc(7),
 		), false},
 		{"compressed-bomb", fzNegotiated | fzTightLimits, fzCompression, seq(
-			fzNew(1, "/f.F/S", fzRev1, 65536, "grpc-encoding", "gzip"), fzReq(1, fzGzip(make([]byte, 200_000))), hc(1),
+			newStreamFrame(1, "/f.F/S", rev1, 65536, "grpc-encoding", "gzip"), requestFrames(1, fzGzip(make([]byte, 200_000))), hc(1),
 		), false},
 	}
 }
@@ -1146,43 +1086,40 @@ func fzServerSeeds() []fzSeed {
 func fzClientSeeds() []fzSeed {
 	type S = *tunnelpb.ServerToClient
 	seq := fzSeq[S]
-	settings := hosSettings(-1, fzRev0, fzRev1)
-	small := &tunnelpb.ServerToClient{StreamId: -1, Frame: &tunnelpb.ServerToClient_Settings{Settings: &tunnelpb.Settings{
-		SupportedProtocolRevisions: []tunnelpb.ProtocolRevision{fzRev0, fzRev1},
-		InitialWindowSize:          1000,
-	}}}
-	ok := func(id int64) S { return hosClose(id, codes.OK, hosMD("t", "1")) }
-	wd := hosWindowDown
+	settings := serverSettingsFrame(-1, 65536, rev0, rev1)
+	small := serverSettingsFrame(-1, 1000, rev0, rev1)
+	ok := func(id int64) S { return closeCodeFrame(id, codes.OK, pbMetadata("t", "1")) }
+	wd := serverWindowUpdateFrame
 	return []fzSeed{
-		{"unary", fzNegotiated, 0, seq(settings, hosHeaders(1, hosMD("h", "1")), fzResp(1, []byte("u")), ok(1)), true},
-		{"chunked", fzNegotiated, 0, seq(settings, fzResp(3, []byte(strings.Repeat("chunk", 200)), 300), fzResp(3, []byte("x")), ok(3)), true},
-		{"window-updates", fzNegotiated, 0, seq(small, wd(2, 3000), wd(2, 20000), fzResp(2, []byte("s")), ok(2)), true},
-		{"cancel", fzNegotiated, 0, seq(settings, fzResp(4, []byte("first")), fzResp(4, []byte("second")), ok(4)), true},
-		{"protocol-violations", fzNegotiated, 0, seq(settings, fzResp(1, []byte("u")), &tunnelpb.ServerToClient{StreamId: 1}, settings, wd(9, 1)), true},
+		{"unary", fzNegotiated, 0, seq(settings, headersFrame(1, pbMetadata("h", "1")), responseFrames(1, []byte("u")), ok(1)), true},
+		{"chunked", fzNegotiated, 0, seq(settings, responseFrames(3, []byte(strings.Repeat("chunk", 200)), 300), responseFrames(3, []byte("x")), ok(3)), true},
+		{"window-updates", fzNegotiated, 0, seq(small, wd(2, 3000), wd(2, 20000), responseFrames(2, []byte("s")), ok(2)), true},
+		{"cancel", fzNegotiated, 0, seq(settings, responseFrames(4, []byte("first")), responseFrames(4, []byte("second")), ok(4)), true},
+		{"protocol-violations", fzNegotiated, 0, seq(settings, responseFrames(1, []byte("u")), &tunnelpb.ServerToClient{StreamId: 1}, settings, wd(9, 1)), true},
 		{"all-calls", fzNegotiated, fzSmallWindows, seq(small,
-			fzResp(1, []byte("u")), ok(1),
-			wd(2, 25000), fzResp(2, []byte("s")), fzResp(2, make([]byte, 900)), ok(2),
-			hosHeaders(3, hosMD("h", "1")), fzResp(3, make([]byte, 900)), fzResp(3, make([]byte, 900)), ok(3),
-			fzResp(4, []byte("x")), ok(4),
+			responseFrames(1, []byte("u")), ok(1),
+			wd(2, 25000), responseFrames(2, []byte("s")), responseFrames(2, make([]byte, 900)), ok(2),
+			headersFrame(3, pbMetadata("h", "1")), responseFrames(3, make([]byte, 900)), responseFrames(3, make([]byte, 900)), ok(3),
+			responseFrames(4, []byte("x")), ok(4),
 		), false},
-		{"window-overrun", fzNegotiated, fzSmallWindows, seq(settings, fzResp(3, make([]byte, 700)), fzResp(3, make([]byte, 700))), false},
+		{"window-overrun", fzNegotiated, fzSmallWindows, seq(settings, responseFrames(3, make([]byte, 700)), responseFrames(3, make([]byte, 700))), false},
 		{"stream-violations", fzNegotiated, 0, seq(settings,
-			hosResp(1, 2, []byte("xyz")), hosResp(2, 1<<32-1, []byte("x")), wd(3, 0x7FFFFFFF), wd(3, 0x7FFFFFFF),
-			hosHeaders(4, hosMD("a", "1")), hosHeaders(4, hosMD("a", "2")), hosMore(4, []byte("x")),
+			responseFrame(1, 2, []byte("xyz")), responseFrame(2, 1<<32-1, []byte("x")), wd(3, 0x7FFFFFFF), wd(3, 0x7FFFFFFF),
+			headersFrame(4, pbMetadata("a", "1")), headersFrame(4, pbMetadata("a", "2")), moreResponseFrame(4, []byte("x")),
 		), false},
-		{"revision-zero", 0, fzSmallWindows, seq(fzResp(1, []byte("u")), ok(1), fzResp(2, make([]byte, 1500)), fzResp(2, make([]byte, 1500)), ok(2)), false},
-		{"binary-metadata", fzNegotiated | fzBinaryMD, 0, seq(settings, hosHeaders(1, hosMD("x-bin", "AP8")), fzResp(1, nil), hosClose(1, codes.OK, hosMD("y-bin", "!!")), hosHeaders(3, hosMD("z-bin", "!!"))), false},
-		{"no-common-revision", fzNegotiated, 0, seq(hosSettings(-1, 7)), false},
-		{"forward-tunnel-close", fzNegotiated | fzTunnelClose, 0, seq(settings, fzResp(4, nil), hosClose(-1, codes.OK, nil)), false},
-		{"reverse-drain", fzNegotiated | fzReverse | fzTunnelClose | fzDrain, 0, seq(settings, fzResp(1, nil), ok(1)), false},
-		{"tight-limits-broken-end", fzNegotiated | fzTightLimits | fzBrokenEnd, 0, seq(settings, hosResp(2, 200_000, nil), hosHeaders(1, hosMD("big", strings.Repeat("m", 1100)))), false},
-		{"keepalive", fzNegotiated, fzKeepalive, seq(settings, wd(-1, pingBit|1), wd(-1, 1), fzResp(1, nil), ok(1)), false},
-		{"keepalive-fast", fzNegotiated, fzKeepaliveFast, seq(settings, hosHeaders(4, hosMD("a", "1")), fzResp(3, make([]byte, 300))), false},
-		{"status-details", fzNegotiated, 0, seq(settings, closeFrame(1, status.New(codes.Code(99), "odd"), nil), hosClose(2, codes.Unavailable, nil)), false},
+		{"revision-zero", 0, fzSmallWindows, seq(responseFrames(1, []byte("u")), ok(1), responseFrames(2, make([]byte, 1500)), responseFrames(2, make([]byte, 1500)), ok(2)), false},
+		{"binary-metadata", fzNegotiated | fzBinaryMD, 0, seq(settings, headersFrame(1, pbMetadata("x-bin", "AP8")), responseFrames(1, nil), closeCodeFrame(1, codes.OK, pbMetadata("y-bin", "!!")), headersFrame(3, pbMetadata("z-bin", "!!"))), false},
+		{"no-common-revision", fzNegotiated, 0, seq(serverSettingsFrame(-1, 65536, 7)), false},
+		{"forward-tunnel-close", fzNegotiated | fzTunnelClose, 0, seq(settings, responseFrames(4, nil), closeCodeFrame(-1, codes.OK, nil)), false},
+		{"reverse-drain", fzNegotiated | fzReverse | fzTunnelClose | fzDrain, 0, seq(settings, responseFrames(1, nil), ok(1)), false},
+		{"tight-limits-broken-end", fzNegotiated | fzTightLimits | fzBrokenEnd, 0, seq(settings, responseFrame(2, 200_000, nil), headersFrame(1, pbMetadata("big", strings.Repeat("m", 1100)))), false},
+		{"keepalive", fzNegotiated, fzKeepalive, seq(settings, wd(-1, pingBit|1), wd(-1, 1), responseFrames(1, nil), ok(1)), false},
+		{"keepalive-fast", fzNegotiated, fzKeepaliveFast, seq(settings, headersFrame(4, pbMetadata("a", "1")), responseFrames(3, make([]byte, 300))), false},
+		{"status-details", fzNegotiated, 0, seq(settings, closeFrame(1, status.New(codes.Code(99), "odd"), nil), closeCodeFrame(2, codes.Unavailable, nil)), false},
 		{"compressed", fzNegotiated, fzCompression, seq(settings,
-			hosHeaders(1, hosMD("grpc-encoding", "gzip")), fzResp(1, fzGzip([]byte("u"))), ok(1),
-			hosHeaders(2, hosMD("grpc-encoding", "nope")),
-			hosHeaders(3, hosMD("grpc-encoding", "gzip")), fzResp(3, []byte("not gzip")),
+			headersFrame(1, pbMetadata("grpc-encoding", "gzip")), responseFrames(1, fzGzip([]byte("u"))), ok(1),
+			headersFrame(2, pbMetadata("grpc-encoding", "nope")),
+			headersFrame(3, pbMetadata("grpc-encoding", "gzip")), responseFrames(3, []byte("not gzip")),
 		), false},
 	}
 }

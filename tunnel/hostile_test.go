@@ -14,7 +14,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
@@ -32,20 +31,20 @@ import (
 // protocol_test.go already covers part of the tunnel server's side; what is
 // there is not repeated here.
 
-// hosDeadline bounds every tunnel these tests open, so that a library that
+// peerDeadline bounds every tunnel these tests open, so that a library that
 // hangs fails the test with DeadlineExceeded rather than stalling the run.
-const hosDeadline = 30 * time.Second
+const peerDeadline = 30 * time.Second
 
-// hosContext returns a context that ends at hosDeadline or when the test
+// peerContext returns a context that ends at peerDeadline or when the test
 // ends.
-func hosContext(t testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), hosDeadline)
+func peerContext(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), peerDeadline)
 	t.Cleanup(cancel)
 	return ctx
 }
 
-// hosWait receives from ch, failing the test if nothing arrives in time.
-func hosWait[T any](t testing.TB, ch <-chan T, what string) T {
+// peerWait receives from ch, failing the test if nothing arrives in time.
+func peerWait[T any](t testing.TB, ch <-chan T, what string) T {
 	t.Helper()
 	timer := time.NewTimer(10 * time.Second)
 	defer timer.Stop()
@@ -73,82 +72,22 @@ func (h *hosHold) probe() *probe {
 	}}
 }
 
-var hosRev1 = tunnelpb.ProtocolRevision_REVISION_ONE
-
 // hosBystander makes a call on another tunnel of the same server: the
 // hostile peer must not have harmed it.
 func hosBystander(t *testing.T, cc grpc.ClientConnInterface) {
 	t.Helper()
-	out, err := unary(hosContext(t), cc, []byte("bystander"))
+	out, err := unary(peerContext(t), cc, []byte("bystander"))
 	if err != nil || string(out) != "bystander" {
 		t.Fatalf("a bystander tunnel was harmed: %q, %v", out, err)
 	}
 }
 
-// Frames a tunnel client sends.
-
-func hosNewStreamMD(id int64, method string, md map[string]string) *tunnelpb.ClientToServer {
-	f := newStreamFrame(id, method, hosRev1, 65536)
-	pb := &tunnelpb.Metadata{Md: map[string]*tunnelpb.Metadata_Values{}}
-	for k, v := range md {
-		pb.Md[k] = &tunnelpb.Metadata_Values{Val: []string{v}}
-	}
-	f.GetNewStream().RequestHeaders = pb
-	return f
-}
-
-func hosWindowUp(id int64, n uint32) *tunnelpb.ClientToServer {
-	return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: n}}
-}
-
-func hosCancel(id int64) *tunnelpb.ClientToServer {
-	return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_Cancel{Cancel: &emptypb.Empty{}}}
-}
-
-// Frames a tunnel server sends.
-
-func hosSettings(id int64, revs ...tunnelpb.ProtocolRevision) *tunnelpb.ServerToClient {
-	return &tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_Settings{Settings: &tunnelpb.Settings{
-		SupportedProtocolRevisions: revs,
-		InitialWindowSize:          65536,
-	}}}
-}
-
-func hosResp(id int64, size uint32, data []byte) *tunnelpb.ServerToClient {
-	return &tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_ResponseMessage{
-		ResponseMessage: &tunnelpb.MessageData{Size: size, Data: data}}}
-}
-
-func hosMore(id int64, data []byte) *tunnelpb.ServerToClient {
-	return &tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_MoreResponseData{MoreResponseData: data}}
-}
-
-func hosMD(kv ...string) *tunnelpb.Metadata {
-	pb := &tunnelpb.Metadata{Md: map[string]*tunnelpb.Metadata_Values{}}
-	for i := 0; i+1 < len(kv); i += 2 {
-		pb.Md[kv[i]] = &tunnelpb.Metadata_Values{Val: []string{kv[i+1]}}
-	}
-	return pb
-}
-
-func hosHeaders(id int64, md *tunnelpb.Metadata) *tunnelpb.ServerToClient {
-	return &tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_ResponseHeaders{ResponseHeaders: md}}
-}
-
-func hosClose(id int64, code codes.Code, trailers *tunnelpb.Metadata) *tunnelpb.ServerToClient {
-	return closeFrame(id, status.New(code, "closed by the test"), trailers)
-}
-
-func hosWindowDown(id int64, n uint32) *tunnelpb.ServerToClient {
-	return &tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: n}}
-}
-
-// hosOpenRaw opens a forward tunnel by hand as openRaw does, negotiating
-// revision one, and reads the settings. The tunnel ends at hosDeadline at
+// openRawNegotiated opens a forward tunnel by hand as openRaw does, negotiating
+// revision one, and reads the settings. The tunnel ends at peerDeadline at
 // the latest, so that no read can block the test for ever.
-func hosOpenRaw(t *testing.T, stub tunnelpb.TunnelServiceClient, headers ...string) *rawTunnel {
+func openRawNegotiated(t *testing.T, stub tunnelpb.TunnelServiceClient, headers ...string) *rawTunnel {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), hosDeadline)
+	ctx, cancel := context.WithTimeout(context.Background(), peerDeadline)
 	t.Cleanup(cancel)
 	ctx = metadata.AppendToOutgoingContext(ctx, "grpctunnel-negotiate", "on")
 	ctx = metadata.AppendToOutgoingContext(ctx, headers...)
@@ -167,11 +106,11 @@ func hosOpenRaw(t *testing.T, stub tunnelpb.TunnelServiceClient, headers ...stri
 	return r
 }
 
-// hosRawEcho makes a well-formed unary call on a raw tunnel.
-func hosRawEcho(t *testing.T, r *rawTunnel, id int64) {
+// rawEcho makes a well-formed unary call on a raw tunnel.
+func rawEcho(t *testing.T, r *rawTunnel, id int64) {
 	t.Helper()
 	req := mustMarshal(t, bytesValue([]byte("still here")))
-	r.send(newStreamFrame(id, probeUnary, hosRev1, 65536))
+	r.send(newStreamFrame(id, probeUnary, rev1, 65536))
 	r.sendMessage(id, req)
 	r.send(halfCloseFrame(id))
 	if msgs, st := r.readResponse(id, false); st.Code() != codes.OK || len(msgs) != 1 || string(msgs[0]) != string(req) {
@@ -196,7 +135,7 @@ func TestHostileServerStreamRules(t *testing.T) {
 	hold := &hosHold{}
 	ts := startServer(t, TunnelServiceHandlerOptions{}, testServices(hold.probe()))
 	bystander := forward(t, ts.stub)
-	r := hosOpenRaw(t, ts.stub, "grpctunnel-extensions", "binary-metadata")
+	r := openRawNegotiated(t, ts.stub, "grpctunnel-extensions", "binary-metadata")
 	var id int64
 	cases := []struct {
 		name   string
@@ -206,39 +145,39 @@ func TestHostileServerStreamRules(t *testing.T) {
 		// Two updates of 2^31-1: the first already takes the window past
 		// 2^31-1, since the stream starts with 64 KiB.
 		{"window update overflows", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, hosRev1, 65536), hosWindowUp(id, 0x7FFFFFFF), hosWindowUp(id, 0x7FFFFFFF)}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536), windowUpdateFrame(id, 0x7FFFFFFF), windowUpdateFrame(id, 0x7FFFFFFF)}
 		}, codes.Internal},
 		// The handler of probeStream never reads, so the call is still in
 		// progress when the reader sees the later frames.
 		{"message after half-close", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, hosRev1, 65536), halfCloseFrame(id), messageFrame(id, 1, []byte("x"))}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536), halfCloseFrame(id), messageFrame(id, 1, []byte("x"))}
 		}, codes.Internal},
 		{"continuation after half-close", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, hosRev1, 65536), halfCloseFrame(id), moreFrame(id, []byte("x"))}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536), halfCloseFrame(id), moreFrame(id, []byte("x"))}
 		}, codes.Internal},
 		{"half-close in the middle of a message", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, hosRev1, 65536), messageFrame(id, 2, []byte("x")), halfCloseFrame(id)}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536), messageFrame(id, 2, []byte("x")), halfCloseFrame(id)}
 		}, codes.Internal},
 		{"malformed binary metadata", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{hosNewStreamMD(id, probeStream, map[string]string{"x-bin": "!!not base64"})}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536, "x-bin", "!!not base64")}
 		}, codes.InvalidArgument},
 		{"malformed grpc-timeout", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{hosNewStreamMD(id, probeStream, map[string]string{"grpc-timeout": "soon"})}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536, "grpc-timeout", "soon")}
 		}, codes.InvalidArgument},
 		{"method name of a lone slash", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, "/", hosRev1, 65536)}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, "/", rev1, 65536)}
 		}, codes.Unimplemented},
 		{"method name with a trailing slash", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeUnary+"/", hosRev1, 65536)}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeUnary+"/", rev1, 65536)}
 		}, codes.Unimplemented},
 		{"method name without a service", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, "/Unary", hosRev1, 65536)}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, "/Unary", rev1, 65536)}
 		}, codes.Unimplemented},
 		{"unknown method of a known service", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, "/grpctunnel.test.Probe/Nope", hosRev1, 65536)}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, "/grpctunnel.test.Probe/Nope", rev1, 65536)}
 		}, codes.Unimplemented},
 		{"message over the size limit", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, hosRev1, 65536), messageFrame(id, 4<<20+1, []byte("x"))}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536), messageFrame(id, 4<<20+1, []byte("x"))}
 		}, codes.ResourceExhausted},
 	}
 	for _, c := range cases {
@@ -259,16 +198,16 @@ func TestHostileServerStreamRules(t *testing.T) {
 		// for the cancelled stream.
 		id++
 		for _, f := range []*tunnelpb.ClientToServer{
-			newStreamFrame(id, probeStream, hosRev1, 65536), hosCancel(id),
-			messageFrame(id, 1, []byte("x")), moreFrame(id, []byte("y")), hosWindowUp(id, 0x7FFFFFFF), halfCloseFrame(id), hosCancel(id),
+			newStreamFrame(id, probeStream, rev1, 65536), cancelFrame(id),
+			messageFrame(id, 1, []byte("x")), moreFrame(id, []byte("y")), windowUpdateFrame(id, 0x7FFFFFFF), halfCloseFrame(id), cancelFrame(id),
 		} {
 			r.send(f)
 		}
 		id++
-		hosRawEcho(t, r, id)
+		rawEcho(t, r, id)
 	})
 	id++
-	hosRawEcho(t, r, id)
+	rawEcho(t, r, id)
 	// Every handler the cases started has returned.
 	waitFor(t, func() bool { return hold.exited.Load() == hold.started.Load() })
 }
@@ -286,32 +225,32 @@ func TestHostileServerTunnelRules(t *testing.T) {
 		play    func(r *rawTunnel)
 	}{
 		{"frame for stream 0", nil, func(r *rawTunnel) {
-			r.send(hosWindowUp(0, 1))
+			r.send(windowUpdateFrame(0, 1))
 		}},
 		{"new_stream with ID 0", nil, func(r *rawTunnel) {
-			r.send(newStreamFrame(0, probeUnary, hosRev1, 65536))
+			r.send(newStreamFrame(0, probeUnary, rev1, 65536))
 		}},
 		{"message before new_stream", nil, func(r *rawTunnel) {
 			r.send(messageFrame(1, 1, []byte("x")))
-			r.send(newStreamFrame(1, probeUnary, hosRev1, 65536))
+			r.send(newStreamFrame(1, probeUnary, rev1, 65536))
 		}},
 		{"stream ID reused after its stream ended", nil, func(r *rawTunnel) {
-			hosRawEcho(r.t, r, 1)
-			r.send(newStreamFrame(1, probeUnary, hosRev1, 65536))
+			rawEcho(r.t, r, 1)
+			r.send(newStreamFrame(1, probeUnary, rev1, 65536))
 		}},
 		{"new_stream for a live stream after others", nil, func(r *rawTunnel) {
-			r.send(newStreamFrame(1, probeStream, hosRev1, 65536))
-			r.send(newStreamFrame(2, probeStream, hosRev1, 65536))
-			r.send(newStreamFrame(1, probeStream, hosRev1, 65536))
+			r.send(newStreamFrame(1, probeStream, rev1, 65536))
+			r.send(newStreamFrame(2, probeStream, rev1, 65536))
+			r.send(newStreamFrame(1, probeStream, rev1, 65536))
 		}},
 		{"cancel on stream -1 without tunnel-close", nil, func(r *rawTunnel) {
-			r.send(hosCancel(-1))
+			r.send(cancelFrame(-1))
 		}},
 		// tunnel-close lets a reverse tunnel's network server end the
 		// tunnel with a cancel on -1; a forward tunnel's client has no
 		// such frame.
 		{"cancel on stream -1 of a forward tunnel with tunnel-close", []string{"grpctunnel-extensions", "tunnel-close"}, func(r *rawTunnel) {
-			r.send(hosCancel(-1))
+			r.send(cancelFrame(-1))
 		}},
 		{"frame of no known type on stream -1", nil, func(r *rawTunnel) {
 			r.send(&tunnelpb.ClientToServer{StreamId: -1})
@@ -319,7 +258,7 @@ func TestHostileServerTunnelRules(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			r := hosOpenRaw(t, ts.stub, c.headers...)
+			r := openRawNegotiated(t, ts.stub, c.headers...)
 			c.play(r)
 			for {
 				_, err := r.stream.Recv()
@@ -344,13 +283,13 @@ func TestHostileServerTunnelRules(t *testing.T) {
 func TestHostileServerStreamsNeverFinish(t *testing.T) {
 	hold := &hosHold{}
 	ts := startServer(t, TunnelServiceHandlerOptions{TunnelOptions: []TunnelOption{WithMaxConcurrentStreams(3)}}, testServices(hold.probe()))
-	r := hosOpenRaw(t, ts.stub)
+	r := openRawNegotiated(t, ts.stub)
 	bystander := forward(t, ts.stub)
 	for id := int64(1); id <= 3; id++ {
-		r.send(newStreamFrame(id, probeStream, hosRev1, 65536))
+		r.send(newStreamFrame(id, probeStream, rev1, 65536))
 	}
 	waitFor(t, func() bool { return hold.started.Load() == 3 })
-	r.send(newStreamFrame(4, probeStream, hosRev1, 65536))
+	r.send(newStreamFrame(4, probeStream, rev1, 65536))
 	if _, st := r.readResponse(4, false); st.Code() != codes.ResourceExhausted {
 		t.Fatalf("call beyond the limit: %v; want ResourceExhausted", st)
 	}
@@ -422,15 +361,15 @@ func TestHostileServerPeerNeverReads(t *testing.T) {
 		frame   func(i int) *tunnelpb.ClientToServer
 	}{
 		{"refused streams", nil, func(i int) *tunnelpb.ClientToServer {
-			return newStreamFrame(int64(i), "/no.Such/Method", hosRev1, 65536)
+			return newStreamFrame(int64(i), "/no.Such/Method", rev1, 65536)
 		}},
 		{"keepalive pings", []string{"grpctunnel-extensions", "keepalive"}, func(int) *tunnelpb.ClientToServer {
-			return hosWindowUp(-1, pingBit|1)
+			return windowUpdateFrame(-1, pingBit|1)
 		}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			ts := startServer(t, TunnelServiceHandlerOptions{}, testServices(echoProbe()))
-			r := hosOpenRaw(t, ts.stub, c.headers...) // the last frame this peer reads, for now
+			r := openRawNegotiated(t, ts.stub, c.headers...) // the last frame this peer reads, for now
 			srv := hosForwardTunnels(ts.handler)[0]
 			bystander := forward(t, ts.stub)
 			sent := hosFlood(frames, func(i int) error { return r.stream.Send(c.frame(i)) })
@@ -453,36 +392,36 @@ func TestHostileServerPeerNeverReads(t *testing.T) {
 	}
 }
 
-// hosNet is a fake network server that hands each tunnel-opening RPC to the
+// fakeNet is a fake network server that hands each tunnel-opening RPC to the
 // test, which then plays the network server's end frame by frame.
-type hosNet struct {
+type fakeNet struct {
 	stub tunnelpb.TunnelServiceClient
-	fwd  chan *hosConn
-	rev  chan *hosConn
+	fwd  chan *fakeConn
+	rev  chan *fakeConn
 }
 
-// hosConn is one opening RPC held by the fake: fwd or rev is set. Sending
+// fakeConn is one opening RPC held by the fake: fwd or rev is set. Sending
 // on end makes the RPC return that error.
-type hosConn struct {
+type fakeConn struct {
 	fwd tunnelpb.TunnelService_OpenTunnelServer
 	rev tunnelpb.TunnelService_OpenReverseTunnelServer
 	end chan error
 }
 
-func hosStartNet(t *testing.T) *hosNet {
-	n := &hosNet{fwd: make(chan *hosConn), rev: make(chan *hosConn)}
+func startFakeNet(t *testing.T) *fakeNet {
+	n := &fakeNet{fwd: make(chan *fakeConn), rev: make(chan *fakeConn)}
 	n.stub = startFake(t, &fakeNetworkServer{
 		forward: func(s tunnelpb.TunnelService_OpenTunnelServer) error {
-			return n.hand(s.Context(), &hosConn{fwd: s, end: make(chan error, 1)}, n.fwd)
+			return n.hand(s.Context(), &fakeConn{fwd: s, end: make(chan error, 1)}, n.fwd)
 		},
 		reverse: func(s tunnelpb.TunnelService_OpenReverseTunnelServer) error {
-			return n.hand(s.Context(), &hosConn{rev: s, end: make(chan error, 1)}, n.rev)
+			return n.hand(s.Context(), &fakeConn{rev: s, end: make(chan error, 1)}, n.rev)
 		},
 	})
 	return n
 }
 
-func (n *hosNet) hand(ctx context.Context, c *hosConn, to chan *hosConn) error {
+func (n *fakeNet) hand(ctx context.Context, c *fakeConn, to chan *fakeConn) error {
 	select {
 	case to <- c:
 	case <-ctx.Done():
@@ -496,9 +435,9 @@ func (n *hosNet) hand(ctx context.Context, c *hosConn, to chan *hosConn) error {
 	}
 }
 
-// hosOpening is the network server's response headers: negotiation on
+// fakeOpening is the network server's response headers: negotiation on
 // unless negotiate is false, and ext as the accepted extensions.
-func hosOpening(negotiate bool, ext string) metadata.MD {
+func fakeOpening(negotiate bool, ext string) metadata.MD {
 	md := metadata.Pairs("x-hos", "1") // never empty: no headers is a refusal
 	if negotiate {
 		md.Set("grpctunnel-negotiate", "on")
@@ -512,28 +451,28 @@ func hosOpening(negotiate bool, ext string) metadata.MD {
 // openChannel starts a NewChannel tunnel over stub, which must lead to n,
 // and plays the network server's opening: headers, then settings if
 // negotiated. It returns the channel and the network server's end.
-func (n *hosNet) openChannel(t *testing.T, stub tunnelpb.TunnelServiceClient, negotiate bool, ext string, opts ...TunnelOption) (TunnelChannel, *hosConn) {
+func (n *fakeNet) openChannel(t *testing.T, stub tunnelpb.TunnelServiceClient, negotiate bool, ext string, opts ...TunnelOption) (TunnelChannel, *fakeConn) {
 	t.Helper()
 	type started struct {
 		ch  TunnelChannel
 		err error
 	}
 	res := make(chan started, 1)
-	ctx := hosContext(t)
+	ctx := peerContext(t)
 	go func() {
 		ch, err := NewChannel(stub, opts...).Start(ctx)
 		res <- started{ch, err}
 	}()
-	c := hosWait(t, n.fwd, "the tunnel-opening RPC")
-	if err := c.fwd.SendHeader(hosOpening(negotiate, ext)); err != nil {
+	c := peerWait(t, n.fwd, "the tunnel-opening RPC")
+	if err := c.fwd.SendHeader(fakeOpening(negotiate, ext)); err != nil {
 		t.Fatal(err)
 	}
 	if negotiate {
-		if err := c.fwd.Send(hosSettings(-1, tunnelpb.ProtocolRevision_REVISION_ZERO, hosRev1)); err != nil {
+		if err := c.fwd.Send(serverSettingsFrame(-1, 65536, tunnelpb.ProtocolRevision_REVISION_ZERO, rev1)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	s := hosWait(t, res, "the channel to start")
+	s := peerWait(t, res, "the channel to start")
 	if s.err != nil {
 		t.Fatal(s.err)
 	}
@@ -542,7 +481,7 @@ func (n *hosNet) openChannel(t *testing.T, stub tunnelpb.TunnelServiceClient, ne
 }
 
 // recvFwd reads the tunnel client's next frame on a forward tunnel.
-func (c *hosConn) recvFwd(t *testing.T) *tunnelpb.ClientToServer {
+func (c *fakeConn) recvFwd(t *testing.T) *tunnelpb.ClientToServer {
 	t.Helper()
 	f, err := c.fwd.Recv()
 	if err != nil {
@@ -551,7 +490,7 @@ func (c *hosConn) recvFwd(t *testing.T) *tunnelpb.ClientToServer {
 	return f
 }
 
-func (c *hosConn) sendFwd(t *testing.T, frames ...*tunnelpb.ServerToClient) {
+func (c *fakeConn) sendFwd(t *testing.T, frames ...*tunnelpb.ServerToClient) {
 	t.Helper()
 	for _, f := range frames {
 		if err := c.fwd.Send(f); err != nil {
@@ -563,7 +502,7 @@ func (c *hosConn) sendFwd(t *testing.T, frames ...*tunnelpb.ServerToClient) {
 // readUnary reads the frames of one unary call from the tunnel client (its
 // new_stream, request and half-close) and returns the stream ID and the
 // request.
-func (c *hosConn) readUnary(t *testing.T) (int64, []byte) {
+func (c *fakeConn) readUnary(t *testing.T) (int64, []byte) {
 	t.Helper()
 	f := c.recvFwd(t)
 	if f.GetNewStream() == nil {
@@ -580,9 +519,9 @@ func (c *hosConn) readUnary(t *testing.T) (int64, []byte) {
 	return id, m.GetRequestMessage().GetData()
 }
 
-// hosCall runs a unary call in the background; its error arrives on the
+// backgroundUnary runs a unary call in the background; its error arrives on the
 // returned channel.
-func hosCall(ctx context.Context, cc grpc.ClientConnInterface, in []byte) <-chan error {
+func backgroundUnary(ctx context.Context, cc grpc.ClientConnInterface, in []byte) <-chan error {
 	errc := make(chan error, 1)
 	go func() {
 		_, err := unary(ctx, cc, in)
@@ -591,20 +530,20 @@ func hosCall(ctx context.Context, cc grpc.ClientConnInterface, in []byte) <-chan
 	return errc
 }
 
-// hosEcho makes a call on ch and answers it as a well-behaved server would.
-func hosEcho(t *testing.T, ch TunnelChannel, c *hosConn) {
+// fakeEcho makes a call on ch and answers it as a well-behaved server would.
+func fakeEcho(t *testing.T, ch TunnelChannel, c *fakeConn) {
 	t.Helper()
 	out := make(chan []byte, 1)
 	errc := make(chan error, 1)
-	ctx := hosContext(t)
+	ctx := peerContext(t)
 	go func() {
 		b, err := unary(ctx, ch, []byte("echo"))
 		out <- b
 		errc <- err
 	}()
 	id, req := c.readUnary(t)
-	c.sendFwd(t, hosResp(id, uint32(len(req)), req), hosClose(id, codes.OK, nil))
-	if err := hosWait(t, errc, "the echo call"); err != nil {
+	c.sendFwd(t, responseFrame(id, uint32(len(req)), req), closeCodeFrame(id, codes.OK, nil))
+	if err := peerWait(t, errc, "the echo call"); err != nil {
 		t.Fatalf("a well-formed call on the tunnel: %v", err)
 	}
 	if b := <-out; string(b) != "echo" {
@@ -617,7 +556,7 @@ func hosEcho(t *testing.T, ch TunnelChannel, c *hosConn) {
 // Errors table, a cancel reaches the server where the call ended on the
 // client's side, and the tunnel carries on.
 func TestHostileClientStreamRules(t *testing.T) {
-	n := hosStartNet(t)
+	n := startFakeNet(t)
 	ch, c := n.openChannel(t, n.stub, true, "binary-metadata")
 	whole := mustMarshal(t, bytesValue([]byte("response")))
 	cases := []struct {
@@ -627,75 +566,75 @@ func TestHostileClientStreamRules(t *testing.T) {
 		cancel bool // the client tells the server the call is over
 	}{
 		{"chunk overruns its declared size", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosResp(id, 2, []byte("xyz"))}
+			return []*tunnelpb.ServerToClient{responseFrame(id, 2, []byte("xyz"))}
 		}, codes.Internal, true},
 		{"continuation overruns the declared size", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosResp(id, 2, []byte("x")), hosMore(id, []byte("yz"))}
+			return []*tunnelpb.ServerToClient{responseFrame(id, 2, []byte("x")), moreResponseFrame(id, []byte("yz"))}
 		}, codes.Internal, true},
 		{"data with no message started", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosMore(id, []byte("x"))}
+			return []*tunnelpb.ServerToClient{moreResponseFrame(id, []byte("x"))}
 		}, codes.Internal, true},
 		{"message started before the previous ended", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosResp(id, 2, []byte("x")), hosResp(id, 2, []byte("x"))}
+			return []*tunnelpb.ServerToClient{responseFrame(id, 2, []byte("x")), responseFrame(id, 2, []byte("x"))}
 		}, codes.Internal, true},
 		{"4 GiB message", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosResp(id, 0xFFFFFFFF, []byte("x"))}
+			return []*tunnelpb.ServerToClient{responseFrame(id, 0xFFFFFFFF, []byte("x"))}
 		}, codes.ResourceExhausted, true},
 		{"message over the size limit", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosResp(id, 4<<20+1, nil)}
+			return []*tunnelpb.ServerToClient{responseFrame(id, 4<<20+1, nil)}
 		}, codes.ResourceExhausted, true},
 		// Two updates of 2^31-1: the window starts at 64 KiB, so the
 		// first already overflows.
 		{"window update overflows", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosWindowDown(id, 0x7FFFFFFF), hosWindowDown(id, 0x7FFFFFFF)}
+			return []*tunnelpb.ServerToClient{serverWindowUpdateFrame(id, 0x7FFFFFFF), serverWindowUpdateFrame(id, 0x7FFFFFFF)}
 		}, codes.Internal, true},
 		{"headers twice", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosHeaders(id, hosMD("a", "1")), hosHeaders(id, hosMD("a", "2"))}
+			return []*tunnelpb.ServerToClient{headersFrame(id, pbMetadata("a", "1")), headersFrame(id, pbMetadata("a", "2"))}
 		}, codes.Internal, true},
 		{"headers after a message", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosResp(id, uint32(len(whole)), whole), hosHeaders(id, hosMD("a", "1"))}
+			return []*tunnelpb.ServerToClient{responseFrame(id, uint32(len(whole)), whole), headersFrame(id, pbMetadata("a", "1"))}
 		}, codes.Internal, true},
 		{"malformed binary headers", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosHeaders(id, hosMD("x-bin", "!!not base64"))}
+			return []*tunnelpb.ServerToClient{headersFrame(id, pbMetadata("x-bin", "!!not base64"))}
 		}, codes.InvalidArgument, true},
 		{"malformed binary trailers", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosResp(id, uint32(len(whole)), whole), hosClose(id, codes.OK, hosMD("x-bin", "!!not base64"))}
+			return []*tunnelpb.ServerToClient{responseFrame(id, uint32(len(whole)), whole), closeCodeFrame(id, codes.OK, pbMetadata("x-bin", "!!not base64"))}
 		}, codes.InvalidArgument, true},
 		// The client has nothing to cancel: the server ended the call.
 		{"unary call closed without a response", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosClose(id, codes.OK, nil)}
+			return []*tunnelpb.ServerToClient{closeCodeFrame(id, codes.OK, nil)}
 		}, codes.Internal, false},
 		{"two responses to a unary call", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosResp(id, uint32(len(whole)), whole), hosResp(id, uint32(len(whole)), whole)}
+			return []*tunnelpb.ServerToClient{responseFrame(id, uint32(len(whole)), whole), responseFrame(id, uint32(len(whole)), whole)}
 		}, codes.Internal, true},
 		// Frames for a call that has ended race with its end: ignored.
 		{"frames after the close are ignored", func(id int64) []*tunnelpb.ServerToClient {
 			return []*tunnelpb.ServerToClient{
-				hosResp(id, uint32(len(whole)), whole), hosClose(id, codes.OK, nil),
-				hosResp(id, 1, []byte("x")), hosMore(id, []byte("y")), hosWindowDown(id, 0x7FFFFFFF), hosHeaders(id, hosMD()), hosClose(id, codes.Internal, nil),
+				responseFrame(id, uint32(len(whole)), whole), closeCodeFrame(id, codes.OK, nil),
+				responseFrame(id, 1, []byte("x")), moreResponseFrame(id, []byte("y")), serverWindowUpdateFrame(id, 0x7FFFFFFF), headersFrame(id, pbMetadata()), closeCodeFrame(id, codes.Internal, nil),
 			}
 		}, codes.OK, false},
 	}
 	for _, k := range cases {
 		t.Run(k.name, func(t *testing.T) {
-			errc := hosCall(hosContext(t), ch, []byte("request"))
+			errc := backgroundUnary(peerContext(t), ch, []byte("request"))
 			id, _ := c.readUnary(t)
 			c.sendFwd(t, k.frames(id)...)
-			wantCode(t, hosWait(t, errc, "the call to end"), k.code)
+			wantCode(t, peerWait(t, errc, "the call to end"), k.code)
 			if k.cancel {
 				if f := c.recvFwd(t); f.GetStreamId() != id || f.GetCancel() == nil {
 					t.Fatalf("expected a cancel for stream %d, got %v", id, f)
 				}
 			}
 			// readUnary fails on any stray frame, a cancel among them.
-			hosEcho(t, ch, c)
+			fakeEcho(t, ch, c)
 		})
 	}
 	// A caller blocked for want of window is released by the end of its
 	// call. (Two window updates of 2^31-1 would not do here: with no
 	// credit left, the first is legal and lets the caller finish.)
 	t.Run("a stream error releases a caller waiting for window", func(t *testing.T) {
-		cs, err := ch.NewStream(hosContext(t), probeStreamDesc, probeStream)
+		cs, err := ch.NewStream(peerContext(t), probeStreamDesc, probeStream)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -712,15 +651,15 @@ func TestHostileClientStreamRules(t *testing.T) {
 			f := c.recvFwd(t)
 			got += len(f.GetRequestMessage().GetData()) + len(f.GetMoreRequestData())
 		}
-		c.sendFwd(t, hosResp(id, 2, []byte("xyz")))
-		if err := hosWait(t, sent, "the blocked SendMsg to return"); !errors.Is(err, io.EOF) {
+		c.sendFwd(t, responseFrame(id, 2, []byte("xyz")))
+		if err := peerWait(t, sent, "the blocked SendMsg to return"); !errors.Is(err, io.EOF) {
 			t.Fatalf("SendMsg returned %v; want io.EOF, the status coming from RecvMsg", err)
 		}
 		wantCode(t, cs.RecvMsg(new(wrapperspb.BytesValue)), codes.Internal)
 		if f := c.recvFwd(t); f.GetStreamId() != id || f.GetCancel() == nil {
 			t.Fatalf("expected a cancel for stream %d, got %v", id, f)
 		}
-		hosEcho(t, ch, c)
+		fakeEcho(t, ch, c)
 	})
 }
 
@@ -729,68 +668,68 @@ func TestHostileClientStreamRules(t *testing.T) {
 // ("protocol error"), the call in progress fails with Unavailable, and a
 // bystander tunnel to the same server carries on.
 func TestHostileClientTunnelRules(t *testing.T) {
-	n := hosStartNet(t)
+	n := startFakeNet(t)
 	bystander, bc := n.openChannel(t, n.stub, true, "")
 	cases := []struct {
 		name   string
 		frames func(id int64) []*tunnelpb.ServerToClient
 	}{
 		{"settings again", func(int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosSettings(-1, hosRev1)}
+			return []*tunnelpb.ServerToClient{serverSettingsFrame(-1, 65536, rev1)}
 		}},
 		{"settings on a stream", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosSettings(id, hosRev1)}
+			return []*tunnelpb.ServerToClient{serverSettingsFrame(id, 65536, rev1)}
 		}},
 		{"frame of no known type", func(id int64) []*tunnelpb.ServerToClient {
 			return []*tunnelpb.ServerToClient{{StreamId: id}}
 		}},
 		{"frame for stream 0", func(int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosWindowDown(0, 1)}
+			return []*tunnelpb.ServerToClient{serverWindowUpdateFrame(0, 1)}
 		}},
 		{"frame for a negative stream", func(int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosResp(-7, 1, []byte("x"))}
+			return []*tunnelpb.ServerToClient{responseFrame(-7, 1, []byte("x"))}
 		}},
 		{"close_stream on stream -1 without tunnel-close", func(int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosClose(-1, codes.OK, nil)}
+			return []*tunnelpb.ServerToClient{closeCodeFrame(-1, codes.OK, nil)}
 		}},
 		{"frame for the next stream, not opened yet", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosHeaders(id+1, nil)}
+			return []*tunnelpb.ServerToClient{headersFrame(id+1, nil)}
 		}},
 	}
 	for _, k := range cases {
 		t.Run(k.name, func(t *testing.T) {
 			ch, c := n.openChannel(t, n.stub, true, "")
-			errc := hosCall(hosContext(t), ch, []byte("request"))
+			errc := backgroundUnary(peerContext(t), ch, []byte("request"))
 			id, _ := c.readUnary(t)
 			c.sendFwd(t, k.frames(id)...)
-			wantCode(t, hosWait(t, errc, "the call to end"), codes.Unavailable)
-			hosWait(t, ch.Done(), "the tunnel to end")
+			wantCode(t, peerWait(t, errc, "the call to end"), codes.Unavailable)
+			peerWait(t, ch.Done(), "the tunnel to end")
 			if err := ch.Err(); status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "protocol error") {
 				t.Fatalf("tunnel ended with %v; want Internal protocol error", err)
 			}
-			_, err := unary(hosContext(t), ch, nil)
+			_, err := unary(peerContext(t), ch, nil)
 			wantCode(t, err, codes.Unavailable)
-			hosEcho(t, bystander, bc)
+			fakeEcho(t, bystander, bc)
 		})
 	}
 	t.Run("settings with no revision in common", func(t *testing.T) {
 		res := make(chan error, 1)
-		ctx := hosContext(t)
+		ctx := peerContext(t)
 		go func() {
 			_, err := NewChannel(n.stub).Start(ctx)
 			res <- err
 		}()
-		c := hosWait(t, n.fwd, "the tunnel-opening RPC")
-		if err := c.fwd.SendHeader(hosOpening(true, "")); err != nil {
+		c := peerWait(t, n.fwd, "the tunnel-opening RPC")
+		if err := c.fwd.SendHeader(fakeOpening(true, "")); err != nil {
 			t.Fatal(err)
 		}
-		c.sendFwd(t, hosSettings(-1, 7, 9))
-		err := hosWait(t, res, "Start to fail")
+		c.sendFwd(t, serverSettingsFrame(-1, 65536, 7, 9))
+		err := peerWait(t, res, "Start to fail")
 		wantCode(t, err, codes.Unavailable)
 		if !strings.Contains(err.Error(), "revision") {
 			t.Fatalf("unclear error: %v", err)
 		}
-		hosEcho(t, bystander, bc)
+		fakeEcho(t, bystander, bc)
 	})
 }
 
@@ -799,19 +738,19 @@ func TestHostileClientTunnelRules(t *testing.T) {
 // with ResourceExhausted, and when the server ends the tunnel every call in
 // progress ends with Unavailable.
 func TestHostileClientStreamsNeverFinish(t *testing.T) {
-	n := hosStartNet(t)
+	n := startFakeNet(t)
 	ch, c := n.openChannel(t, n.stub, true, "", WithMaxConcurrentStreams(2))
-	ctx := hosContext(t)
-	first := hosCall(ctx, ch, []byte("one"))
+	ctx := peerContext(t)
+	first := backgroundUnary(ctx, ch, []byte("one"))
 	c.readUnary(t)
-	second := hosCall(ctx, ch, []byte("two"))
+	second := backgroundUnary(ctx, ch, []byte("two"))
 	c.readUnary(t)
 	_, err := unary(ctx, ch, []byte("three"))
 	wantCode(t, err, codes.ResourceExhausted)
 	c.end <- nil
-	wantCode(t, hosWait(t, first, "the first call to end"), codes.Unavailable)
-	wantCode(t, hosWait(t, second, "the second call to end"), codes.Unavailable)
-	hosWait(t, ch.Done(), "the tunnel to end")
+	wantCode(t, peerWait(t, first, "the first call to end"), codes.Unavailable)
+	wantCode(t, peerWait(t, second, "the second call to end"), codes.Unavailable)
+	peerWait(t, ch.Done(), "the tunnel to end")
 }
 
 // hosCountingStub counts the message bytes that a tunnel client's outer
@@ -879,11 +818,11 @@ func hosParkedInSend() bool {
 // caller is released when its call or the tunnel ends.
 func TestHostileClientPeerNeverReads(t *testing.T) {
 	t.Run("revision one", func(t *testing.T) {
-		n := hosStartNet(t)
+		n := startFakeNet(t)
 		stub := &hosCountingStub{TunnelServiceClient: n.stub}
 		ch, c := n.openChannel(t, stub, true, "")
 		bystander, bc := n.openChannel(t, n.stub, true, "")
-		ctx, cancel := context.WithCancel(hosContext(t))
+		ctx, cancel := context.WithCancel(peerContext(t))
 		cs, err := ch.NewStream(ctx, probeStreamDesc, probeStream)
 		if err != nil {
 			t.Fatal(err)
@@ -902,24 +841,24 @@ func TestHostileClientPeerNeverReads(t *testing.T) {
 			t.Fatalf("%d messages of 1 MiB sent against a window of 64 KiB", n)
 		}
 		cancel()
-		if err := hosWait(t, done, "the blocked SendMsg to return"); !errors.Is(err, io.EOF) {
+		if err := peerWait(t, done, "the blocked SendMsg to return"); !errors.Is(err, io.EOF) {
 			t.Fatalf("SendMsg returned %v; want io.EOF", err)
 		}
 		wantCode(t, cs.RecvMsg(new(wrapperspb.BytesValue)), codes.Canceled)
 		if got := stub.sent.Load(); got != 65536 {
 			t.Fatalf("%d bytes reached the outer stream against a window of 64 KiB", got)
 		}
-		hosEcho(t, bystander, bc)
+		fakeEcho(t, bystander, bc)
 	})
 	t.Run("revision zero", func(t *testing.T) {
-		n := hosStartNet(t)
+		n := startFakeNet(t)
 		stub := &hosCountingStub{TunnelServiceClient: n.stub}
 		ch, c := n.openChannel(t, stub, false, "")
 		bystander, bc := n.openChannel(t, n.stub, false, "")
 		var before runtime.MemStats
 		runtime.GC()
 		runtime.ReadMemStats(&before)
-		cs, err := ch.NewStream(hosContext(t), probeStreamDesc, probeStream)
+		cs, err := ch.NewStream(peerContext(t), probeStreamDesc, probeStream)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -954,10 +893,10 @@ func TestHostileClientPeerNeverReads(t *testing.T) {
 		// A stalled outer stream stalls the whole revision-zero tunnel;
 		// ending the tunnel releases the caller.
 		ch.Close()
-		if err := hosWait(t, done, "the blocked SendMsg to return"); err == nil {
+		if err := peerWait(t, done, "the blocked SendMsg to return"); err == nil {
 			t.Fatal("SendMsg succeeded on a closed tunnel")
 		}
-		hosEcho(t, bystander, bc)
+		fakeEcho(t, bystander, bc)
 	})
 }
 
@@ -969,7 +908,7 @@ func TestHostileClientPeerNeverReads(t *testing.T) {
 // (WithMaxBufferedBytes), or a peer that repeats this exhausts the budget and
 // every call on the tunnel fails for want of it.
 func TestHostileClientAbandonedMessages(t *testing.T) {
-	n := hosStartNet(t)
+	n := startFakeNet(t)
 	ch, c := n.openChannel(t, n.stub, true, "")
 	tc := ch.(*tunnelClient)
 	first := mustMarshal(t, bytesValue([]byte("first")))
@@ -991,7 +930,7 @@ func TestHostileClientAbandonedMessages(t *testing.T) {
 		}},
 	} {
 		t.Run(k.name, func(t *testing.T) {
-			ctx, cancel := context.WithCancel(hosContext(t))
+			ctx, cancel := context.WithCancel(peerContext(t))
 			defer cancel()
 			cs, err := ch.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true}, probeStream)
 			if err != nil {
@@ -1002,17 +941,17 @@ func TestHostileClientAbandonedMessages(t *testing.T) {
 			}
 			id, _ := c.readUnary(t)
 			c.sendFwd(t,
-				hosResp(id, uint32(len(k.first)), k.first),
-				hosResp(id, uint32(len(more)), more),
-				hosResp(id, uint32(len(more)), more),
-				hosClose(id, codes.OK, nil))
+				responseFrame(id, uint32(len(k.first)), k.first),
+				responseFrame(id, uint32(len(more)), more),
+				responseFrame(id, uint32(len(more)), more),
+				closeCodeFrame(id, codes.OK, nil))
 			// The reader has taken every frame once the call has ended.
-			hosWait(t, cs.(*clientStream).ended, "the end of the call")
+			peerWait(t, cs.(*clientStream).ended, "the end of the call")
 			k.give(t, cs, cancel)
 			if used := tc.buffered.used.Load(); used != 0 {
 				t.Fatalf("%d bytes the caller will never read stay charged to the tunnel's budget", used)
 			}
-			hosEcho(t, ch, c)
+			fakeEcho(t, ch, c)
 		})
 	}
 }
@@ -1023,10 +962,10 @@ func TestHostileClientAbandonedMessages(t *testing.T) {
 // that peer stays bounded, and past the bound the tunnel ends with
 // ResourceExhausted.
 func TestHostileClientPeerPingsNeverReads(t *testing.T) {
-	n := hosStartNet(t)
+	n := startFakeNet(t)
 	ch, c := n.openChannel(t, n.stub, true, "keepalive")
 	bystander, bc := n.openChannel(t, n.stub, true, "keepalive")
-	sent := hosFlood(60000, func(int) error { return c.fwd.Send(hosWindowDown(-1, pingBit|1)) })
+	sent := hosFlood(60000, func(int) error { return c.fwd.Send(serverWindowUpdateFrame(-1, pingBit|1)) })
 	t.Cleanup(func() {
 		ch.Close() // ends the flood, if it is still going
 		<-sent
@@ -1034,18 +973,18 @@ func TestHostileClientPeerPingsNeverReads(t *testing.T) {
 	tc := ch.(*tunnelClient)
 	hosWatchQueue(t, func() int { return hosQueued(tc.out) }, tc.done)
 	wantCode(t, ch.Err(), codes.ResourceExhausted)
-	_, err := unary(hosContext(t), ch, nil)
+	_, err := unary(peerContext(t), ch, nil)
 	wantCode(t, err, codes.Unavailable)
-	hosEcho(t, bystander, bc)
+	fakeEcho(t, bystander, bc)
 }
 
 // serveReverse starts rs.Serve, which must reach n, and plays the network
 // server's opening: headers, then it reads the settings. It returns the
 // network server's end and Serve's result.
-func (n *hosNet) serveReverse(t *testing.T, rs *ReverseTunnelServer, ext string) (*hosConn, <-chan error) {
+func (n *fakeNet) serveReverse(t *testing.T, rs *ReverseTunnelServer, ext string) (*fakeConn, <-chan error) {
 	t.Helper()
 	res := make(chan error, 1)
-	ctx := hosContext(t)
+	ctx := peerContext(t)
 	go func() {
 		started, err := rs.Serve(ctx)
 		if !started && err == nil {
@@ -1053,8 +992,8 @@ func (n *hosNet) serveReverse(t *testing.T, rs *ReverseTunnelServer, ext string)
 		}
 		res <- err
 	}()
-	c := hosWait(t, n.rev, "the reverse tunnel-opening RPC")
-	if err := c.rev.SendHeader(hosOpening(true, ext)); err != nil {
+	c := peerWait(t, n.rev, "the reverse tunnel-opening RPC")
+	if err := c.rev.SendHeader(fakeOpening(true, ext)); err != nil {
 		t.Fatal(err)
 	}
 	if f := c.recvRev(t); f.GetSettings() == nil || f.GetStreamId() != -1 {
@@ -1063,7 +1002,7 @@ func (n *hosNet) serveReverse(t *testing.T, rs *ReverseTunnelServer, ext string)
 	return c, res
 }
 
-func (c *hosConn) recvRev(t *testing.T) *tunnelpb.ServerToClient {
+func (c *fakeConn) recvRev(t *testing.T) *tunnelpb.ServerToClient {
 	t.Helper()
 	f, err := c.rev.Recv()
 	if err != nil {
@@ -1072,7 +1011,7 @@ func (c *hosConn) recvRev(t *testing.T) *tunnelpb.ServerToClient {
 	return f
 }
 
-func (c *hosConn) sendRev(t *testing.T, frames ...*tunnelpb.ClientToServer) {
+func (c *fakeConn) sendRev(t *testing.T, frames ...*tunnelpb.ClientToServer) {
 	t.Helper()
 	for _, f := range frames {
 		if err := c.rev.Send(f); err != nil {
@@ -1083,7 +1022,7 @@ func (c *hosConn) sendRev(t *testing.T, frames ...*tunnelpb.ClientToServer) {
 
 // closeOf reads from a reverse tunnel's tunnel server until the
 // close_stream of stream id, failing on frames of other streams.
-func (c *hosConn) closeOf(t *testing.T, id int64) (body []byte, st *status.Status) {
+func (c *fakeConn) closeOf(t *testing.T, id int64) (body []byte, st *status.Status) {
 	t.Helper()
 	for {
 		f := c.recvRev(t)
@@ -1103,10 +1042,10 @@ func (c *hosConn) closeOf(t *testing.T, id int64) (body []byte, st *status.Statu
 
 // revEcho makes a well-formed unary call through a reverse tunnel, as its
 // network server.
-func (c *hosConn) revEcho(t *testing.T, id int64) {
+func (c *fakeConn) revEcho(t *testing.T, id int64) {
 	t.Helper()
 	req := mustMarshal(t, bytesValue([]byte("ping")))
-	c.sendRev(t, newStreamFrame(id, probeUnary, hosRev1, 65536), messageFrame(id, uint32(len(req)), req), halfCloseFrame(id))
+	c.sendRev(t, newStreamFrame(id, probeUnary, rev1, 65536), messageFrame(id, uint32(len(req)), req), halfCloseFrame(id))
 	if body, st := c.closeOf(t, id); st.Code() != codes.OK || string(body) != string(req) {
 		t.Fatalf("a well-formed call on the reverse tunnel: %q, %v", body, st)
 	}
@@ -1126,7 +1065,7 @@ func hosReverseServer(t *testing.T, stub tunnelpb.TunnelServiceClient, p *probe,
 // ReverseTunnelServer: each stream ends with the status of the Errors table,
 // and the tunnel, and another tunnel of the same server, carry on.
 func TestHostileReverseServerStreamRules(t *testing.T) {
-	n := hosStartNet(t)
+	n := startFakeNet(t)
 	hold := &hosHold{}
 	rs := hosReverseServer(t, n.stub, hold.probe())
 	bc, _ := n.serveReverse(t, rs, "binary-metadata")
@@ -1138,42 +1077,42 @@ func TestHostileReverseServerStreamRules(t *testing.T) {
 		code   codes.Code
 	}{
 		{"window update overflows", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, hosRev1, 65536), hosWindowUp(id, 0x7FFFFFFF), hosWindowUp(id, 0x7FFFFFFF)}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536), windowUpdateFrame(id, 0x7FFFFFFF), windowUpdateFrame(id, 0x7FFFFFFF)}
 		}, codes.Internal},
 		{"message after half-close", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, hosRev1, 65536), halfCloseFrame(id), messageFrame(id, 1, []byte("x"))}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536), halfCloseFrame(id), messageFrame(id, 1, []byte("x"))}
 		}, codes.Internal},
 		{"chunk overruns its declared size", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, hosRev1, 65536), messageFrame(id, 2, []byte("xyz"))}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536), messageFrame(id, 2, []byte("xyz"))}
 		}, codes.Internal},
 		{"data with no message started", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, hosRev1, 65536), moreFrame(id, []byte("x"))}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536), moreFrame(id, []byte("x"))}
 		}, codes.Internal},
 		{"message started before the previous ended", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, hosRev1, 65536), messageFrame(id, 2, []byte("x")), messageFrame(id, 2, []byte("x"))}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536), messageFrame(id, 2, []byte("x")), messageFrame(id, 2, []byte("x"))}
 		}, codes.Internal},
 		{"4 GiB message", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, hosRev1, 65536), messageFrame(id, 0xFFFFFFFF, []byte("x"))}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536), messageFrame(id, 0xFFFFFFFF, []byte("x"))}
 		}, codes.ResourceExhausted},
 		{"window overrun", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, hosRev1, 65536),
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536),
 				messageFrame(id, 40000, make([]byte, 16384)), moreFrame(id, make([]byte, 16384)), moreFrame(id, make([]byte, 7232)),
 				messageFrame(id, 40000, make([]byte, 16384)), moreFrame(id, make([]byte, 16384)), moreFrame(id, make([]byte, 7232))}
 		}, codes.ResourceExhausted},
 		{"empty method name", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, "", hosRev1, 65536)}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, "", rev1, 65536)}
 		}, codes.Unimplemented},
 		{"malformed method name", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{newStreamFrame(id, "grpctunnel.test.Probe.Unary", hosRev1, 65536)}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, "grpctunnel.test.Probe.Unary", rev1, 65536)}
 		}, codes.Unimplemented},
 		{"unsupported revision", func(id int64) []*tunnelpb.ClientToServer {
 			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeUnary, 5, 65536)}
 		}, codes.Unimplemented},
 		{"malformed grpc-timeout", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{hosNewStreamMD(id, probeStream, map[string]string{"grpc-timeout": "12345678901S"})}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536, "grpc-timeout", "12345678901S")}
 		}, codes.InvalidArgument},
 		{"malformed binary metadata", func(id int64) []*tunnelpb.ClientToServer {
-			return []*tunnelpb.ClientToServer{hosNewStreamMD(id, probeStream, map[string]string{"x-bin": "!!not base64"})}
+			return []*tunnelpb.ClientToServer{newStreamFrame(id, probeStream, rev1, 65536, "x-bin", "!!not base64")}
 		}, codes.InvalidArgument},
 	}
 	for _, k := range cases {
@@ -1197,7 +1136,7 @@ func TestHostileReverseServerStreamRules(t *testing.T) {
 // returns Internal ("protocol error"), and another tunnel of the same server
 // carries on.
 func TestHostileReverseServerTunnelRules(t *testing.T) {
-	n := hosStartNet(t)
+	n := startFakeNet(t)
 	hold := &hosHold{}
 	rs := hosReverseServer(t, n.stub, hold.probe())
 	bc, _ := n.serveReverse(t, rs, "")
@@ -1206,13 +1145,13 @@ func TestHostileReverseServerTunnelRules(t *testing.T) {
 		name   string
 		frames []*tunnelpb.ClientToServer
 	}{
-		{"frame for a stream never opened", []*tunnelpb.ClientToServer{hosWindowUp(3, 1)}},
-		{"message before new_stream", []*tunnelpb.ClientToServer{messageFrame(1, 1, []byte("x")), newStreamFrame(1, probeUnary, hosRev1, 65536)}},
-		{"second new_stream for a live ID", []*tunnelpb.ClientToServer{newStreamFrame(1, probeStream, hosRev1, 65536), newStreamFrame(1, probeStream, hosRev1, 65536)}},
-		{"stream ID goes down", []*tunnelpb.ClientToServer{newStreamFrame(5, probeStream, hosRev1, 65536), newStreamFrame(4, probeStream, hosRev1, 65536)}},
+		{"frame for a stream never opened", []*tunnelpb.ClientToServer{windowUpdateFrame(3, 1)}},
+		{"message before new_stream", []*tunnelpb.ClientToServer{messageFrame(1, 1, []byte("x")), newStreamFrame(1, probeUnary, rev1, 65536)}},
+		{"second new_stream for a live ID", []*tunnelpb.ClientToServer{newStreamFrame(1, probeStream, rev1, 65536), newStreamFrame(1, probeStream, rev1, 65536)}},
+		{"stream ID goes down", []*tunnelpb.ClientToServer{newStreamFrame(5, probeStream, rev1, 65536), newStreamFrame(4, probeStream, rev1, 65536)}},
 		{"frame for stream 0", []*tunnelpb.ClientToServer{halfCloseFrame(0)}},
-		{"frame of no known type", []*tunnelpb.ClientToServer{newStreamFrame(1, probeStream, hosRev1, 65536), {StreamId: 1}}},
-		{"cancel on stream -1 without tunnel-close", []*tunnelpb.ClientToServer{hosCancel(-1)}},
+		{"frame of no known type", []*tunnelpb.ClientToServer{newStreamFrame(1, probeStream, rev1, 65536), {StreamId: 1}}},
+		{"cancel on stream -1 without tunnel-close", []*tunnelpb.ClientToServer{cancelFrame(-1)}},
 	}
 	for _, k := range cases {
 		t.Run(k.name, func(t *testing.T) {
@@ -1220,7 +1159,7 @@ func TestHostileReverseServerTunnelRules(t *testing.T) {
 			for _, f := range k.frames {
 				_ = c.rev.Send(f) // the tunnel may be gone already
 			}
-			err := hosWait(t, res, "Serve to return")
+			err := peerWait(t, res, "Serve to return")
 			if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "protocol error") {
 				t.Fatalf("Serve returned %v; want Internal protocol error", err)
 			}
@@ -1237,20 +1176,20 @@ func TestHostileReverseServerTunnelRules(t *testing.T) {
 // ResourceExhausted, and when the network server ends the tunnel every
 // handler ends and Serve returns.
 func TestHostileReverseServerStreamsNeverFinish(t *testing.T) {
-	n := hosStartNet(t)
+	n := startFakeNet(t)
 	hold := &hosHold{}
 	rs := hosReverseServer(t, n.stub, hold.probe(), WithMaxConcurrentStreams(2))
 	bc, _ := n.serveReverse(t, rs, "")
 	c, res := n.serveReverse(t, rs, "")
-	c.sendRev(t, newStreamFrame(1, probeStream, hosRev1, 65536), newStreamFrame(2, probeStream, hosRev1, 65536))
+	c.sendRev(t, newStreamFrame(1, probeStream, rev1, 65536), newStreamFrame(2, probeStream, rev1, 65536))
 	waitFor(t, func() bool { return hold.started.Load() == 2 })
-	c.sendRev(t, newStreamFrame(3, probeStream, hosRev1, 65536))
+	c.sendRev(t, newStreamFrame(3, probeStream, rev1, 65536))
 	if _, st := c.closeOf(t, 3); st.Code() != codes.ResourceExhausted {
 		t.Fatalf("call beyond the limit: %v; want ResourceExhausted", st)
 	}
 	bc.revEcho(t, 1)
 	c.end <- nil
-	if err := hosWait(t, res, "Serve to return"); err != nil {
+	if err := peerWait(t, res, "Serve to return"); err != nil {
 		t.Fatalf("Serve returned %v after the network server ended the tunnel", err)
 	}
 	waitFor(t, func() bool { return hold.exited.Load() == 2 })
@@ -1279,7 +1218,7 @@ func hosReverseStream(rs *ReverseTunnelServer, id int64) *serverStream {
 // server that asks a ReverseTunnelServer's handler for far more than it
 // reads: the handler stops at the window, and a cancel releases it.
 func TestHostileReverseServerPeerNeverReads(t *testing.T) {
-	n := hosStartNet(t)
+	n := startFakeNet(t)
 	var sent atomic.Int64
 	exited := make(chan error, 1)
 	p := &probe{stream: func(ss grpc.ServerStream) error {
@@ -1295,7 +1234,7 @@ func TestHostileReverseServerPeerNeverReads(t *testing.T) {
 	rs := hosReverseServer(t, n.stub, p)
 	bc, _ := n.serveReverse(t, rs, "")
 	c, _ := n.serveReverse(t, rs, "")
-	c.sendRev(t, newStreamFrame(1, probeStream, hosRev1, 65536))
+	c.sendRev(t, newStreamFrame(1, probeStream, rev1, 65536))
 	// The network server reads nothing more from here on.
 	var st *serverStream
 	waitFor(t, func() bool {
@@ -1308,8 +1247,8 @@ func TestHostileReverseServerPeerNeverReads(t *testing.T) {
 		t.Fatalf("the handler sent %d messages of 32 KiB against a window of 64 KiB", got)
 	}
 	bc.revEcho(t, 1)
-	c.sendRev(t, hosCancel(1))
-	wantCode(t, hosWait(t, exited, "the blocked handler to return"), codes.Canceled)
+	c.sendRev(t, cancelFrame(1))
+	wantCode(t, peerWait(t, exited, "the blocked handler to return"), codes.Canceled)
 	bc.revEcho(t, 2)
 }
 
@@ -1329,7 +1268,7 @@ func TestHostileReverseTunnelClient(t *testing.T) {
 	reverseCtx(t, metadata.AppendToOutgoingContext(context.Background(), "hos-key", "good"), ts.handler, ts.stub, 1, testServices(echoProbe()))
 	good := ts.handler.KeyAsChannel("good")
 
-	ctx := metadata.AppendToOutgoingContext(hosContext(t), "hos-key", "bad", "grpctunnel-negotiate", "on")
+	ctx := metadata.AppendToOutgoingContext(peerContext(t), "hos-key", "bad", "grpctunnel-negotiate", "on")
 	raw, err := ts.stub.OpenReverseTunnel(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -1337,7 +1276,7 @@ func TestHostileReverseTunnelClient(t *testing.T) {
 	if _, err := raw.Header(); err != nil {
 		t.Fatal(err)
 	}
-	if err := raw.Send(hosSettings(-1, hosRev1)); err != nil {
+	if err := raw.Send(serverSettingsFrame(-1, 65536, rev1)); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool { return len(ts.handler.AllReverseTunnels()) == 2 })
@@ -1365,24 +1304,24 @@ func TestHostileReverseTunnelClient(t *testing.T) {
 		code   codes.Code
 	}{
 		{"chunk overruns its declared size", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosResp(id, 2, []byte("xyz"))}
+			return []*tunnelpb.ServerToClient{responseFrame(id, 2, []byte("xyz"))}
 		}, codes.Internal},
 		{"window update overflows", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosWindowDown(id, 0x7FFFFFFF), hosWindowDown(id, 0x7FFFFFFF)}
+			return []*tunnelpb.ServerToClient{serverWindowUpdateFrame(id, 0x7FFFFFFF), serverWindowUpdateFrame(id, 0x7FFFFFFF)}
 		}, codes.Internal},
 		{"4 GiB message", func(id int64) []*tunnelpb.ServerToClient {
-			return []*tunnelpb.ServerToClient{hosResp(id, 0xFFFFFFFF, nil)}
+			return []*tunnelpb.ServerToClient{responseFrame(id, 0xFFFFFFFF, nil)}
 		}, codes.ResourceExhausted},
 	} {
 		t.Run(k.name, func(t *testing.T) {
-			errc := hosCall(hosContext(t), bad, nil)
+			errc := backgroundUnary(peerContext(t), bad, nil)
 			id := readUnary()
 			for _, f := range k.frames(id) {
 				if err := raw.Send(f); err != nil {
 					t.Fatal(err)
 				}
 			}
-			wantCode(t, hosWait(t, errc, "the call to end"), k.code)
+			wantCode(t, peerWait(t, errc, "the call to end"), k.code)
 			if f := recv(); f.GetStreamId() != id || f.GetCancel() == nil {
 				t.Fatalf("expected a cancel for stream %d, got %v", id, f)
 			}
@@ -1390,12 +1329,12 @@ func TestHostileReverseTunnelClient(t *testing.T) {
 		})
 	}
 	t.Run("settings again", func(t *testing.T) {
-		errc := hosCall(hosContext(t), bad, nil)
+		errc := backgroundUnary(peerContext(t), bad, nil)
 		readUnary()
-		if err := raw.Send(hosSettings(-1, hosRev1)); err != nil {
+		if err := raw.Send(serverSettingsFrame(-1, 65536, rev1)); err != nil {
 			t.Fatal(err)
 		}
-		wantCode(t, hosWait(t, errc, "the call to end"), codes.Unavailable)
+		wantCode(t, peerWait(t, errc, "the call to end"), codes.Unavailable)
 		for {
 			if _, err := raw.Recv(); err != nil {
 				if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "protocol error") {

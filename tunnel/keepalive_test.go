@@ -26,7 +26,7 @@ func TestKeepaliveAnsweredPingsKeepTheTunnel(t *testing.T) {
 			t.Fatalf("expected a ping, got %v", f)
 		}
 		pings++
-		r.send(&tunnelpb.ClientToServer{StreamId: -1, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: v &^ pingBit}})
+		r.send(windowUpdateFrame(-1, v&^pingBit))
 	}
 	r.send(newStreamFrame(1, probeUnary, tunnelpb.ProtocolRevision_REVISION_ONE, 65536))
 	r.sendMessage(1, nil)
@@ -37,7 +37,7 @@ func TestKeepaliveAnsweredPingsKeepTheTunnel(t *testing.T) {
 			// Another ping: answered too, so that a slow machine cannot
 			// make the silence outlast the timeout before the answer.
 			if v := f.GetWindowUpdate(); v&pingBit != 0 {
-				r.send(&tunnelpb.ClientToServer{StreamId: -1, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: v &^ pingBit}})
+				r.send(windowUpdateFrame(-1, v&^pingBit))
 			}
 			continue
 		}

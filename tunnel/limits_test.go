@@ -9,10 +9,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
-
-	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
 
 // holdingProbe's stream handler sends its headers, then waits until the
@@ -104,7 +101,6 @@ func TestLimitBufferedBytes(t *testing.T) {
 	ts := startServer(t, TunnelServiceHandlerOptions{TunnelOptions: []TunnelOption{WithMaxBufferedBytes(100_000)}}, testServices(blocked))
 	r := openRaw(t, ts.stub, true)
 	r.recv() // settings
-	rev1 := tunnelpb.ProtocolRevision_REVISION_ONE
 	for id := int64(1); id <= 2; id++ {
 		r.send(newStreamFrame(id, probeStream, rev1, 65536))
 		r.sendMessage(id, make([]byte, 60000)) // within the window, 120000 in all
@@ -117,7 +113,7 @@ func TestLimitBufferedBytes(t *testing.T) {
 	if used := srv.buffered.used.Load(); used != 60000 {
 		t.Fatalf("budget holds %d bytes; want the 60000 of the surviving stream", used)
 	}
-	r.send(&tunnelpb.ClientToServer{StreamId: 1, Frame: &tunnelpb.ClientToServer_Cancel{Cancel: &emptypb.Empty{}}})
+	r.send(cancelFrame(1))
 	waitFor(t, func() bool { return srv.buffered.used.Load() == 0 })
 }
 

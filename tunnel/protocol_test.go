@@ -13,7 +13,6 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
@@ -66,40 +65,11 @@ func (r *rawTunnel) recv() *tunnelpb.ServerToClient {
 	return f
 }
 
-func newStreamFrame(id int64, method string, rev tunnelpb.ProtocolRevision, window uint32) *tunnelpb.ClientToServer {
-	return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_NewStream{NewStream: &tunnelpb.NewStream{
-		MethodName:        method,
-		ProtocolRevision:  rev,
-		InitialWindowSize: window,
-	}}}
-}
-
-func messageFrame(id int64, size uint32, data []byte) *tunnelpb.ClientToServer {
-	return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_RequestMessage{
-		RequestMessage: &tunnelpb.MessageData{Size: size, Data: data}}}
-}
-
-func moreFrame(id int64, data []byte) *tunnelpb.ClientToServer {
-	return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_MoreRequestData{MoreRequestData: data}}
-}
-
-func halfCloseFrame(id int64) *tunnelpb.ClientToServer {
-	return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_HalfClose{HalfClose: &emptypb.Empty{}}}
-}
-
 // sendMessage sends b as one message in chunks of at most 16 KiB.
 func (r *rawTunnel) sendMessage(id int64, b []byte) {
 	r.t.Helper()
-	first := true
-	for first || len(b) > 0 {
-		n := min(len(b), 16384)
-		if first {
-			r.send(messageFrame(id, uint32(len(b)), b[:n]))
-			first = false
-		} else {
-			r.send(moreFrame(id, b[:n]))
-		}
-		b = b[n:]
+	for _, f := range messageFrames(clientFramer(id), b, 16384) {
+		r.send(f)
 	}
 }
 
@@ -146,7 +116,7 @@ func (r *rawTunnel) readResponse(id int64, grant bool) (msgs [][]byte, st *statu
 		}
 		cur = append(cur, chunk...)
 		if grant && len(chunk) > 0 {
-			r.send(&tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: uint32(len(chunk))}})
+			r.send(windowUpdateFrame(id, uint32(len(chunk))))
 		}
 		if len(cur) == want {
 			msgs = append(msgs, cur)
@@ -248,7 +218,7 @@ func TestProtocolServerRespectsWindow(t *testing.T) {
 		t.Fatalf("server sent %d bytes against a window of %d", received, window)
 	}
 	// Grant the rest chunk by chunk; the message must complete.
-	r.send(&tunnelpb.ClientToServer{StreamId: 1, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: window}})
+	r.send(windowUpdateFrame(1, window))
 	for {
 		f := r.recv()
 		var n int
@@ -269,7 +239,7 @@ func TestProtocolServerRespectsWindow(t *testing.T) {
 			t.Fatalf("chunk of %d bytes", n)
 		}
 		received += n
-		r.send(&tunnelpb.ClientToServer{StreamId: 1, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: uint32(n)}})
+		r.send(windowUpdateFrame(1, uint32(n)))
 	}
 }
 
@@ -365,7 +335,6 @@ func TestProtocolStreamErrors(t *testing.T) {
 	r := openRaw(t, ts.stub, true)
 	r.recv() // settings
 	id := int64(0)
-	rev1 := tunnelpb.ProtocolRevision_REVISION_ONE
 	cases := []struct {
 		name   string
 		frames func(id int64) []*tunnelpb.ClientToServer
@@ -429,7 +398,6 @@ func TestProtocolStreamErrors(t *testing.T) {
 func TestProtocolViolationsEndTheTunnel(t *testing.T) {
 	ts := startServer(t, TunnelServiceHandlerOptions{}, testServices(echoProbe()))
 	bystander := forward(t, ts.stub)
-	rev1 := tunnelpb.ProtocolRevision_REVISION_ONE
 	cases := []struct {
 		name   string
 		frames []*tunnelpb.ClientToServer
@@ -577,14 +545,11 @@ func TestProtocolClientViolations(t *testing.T) {
 		}})
 		return forward(t, stub)
 	}
-	settings := &tunnelpb.ServerToClient{StreamId: -1, Frame: &tunnelpb.ServerToClient_Settings{Settings: &tunnelpb.Settings{
-		SupportedProtocolRevisions: []tunnelpb.ProtocolRevision{tunnelpb.ProtocolRevision_REVISION_ONE},
-		InitialWindowSize:          65536,
-	}}}
+	settings := serverSettingsFrame(-1, 65536, rev1)
 	t.Run("frame for a stream never opened", func(t *testing.T) {
 		ch := serve(func(s tunnelpb.TunnelService_OpenTunnelServer) error {
 			_ = s.Send(settings)
-			_ = s.Send(&tunnelpb.ServerToClient{StreamId: 9, Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: 1}})
+			_ = s.Send(serverWindowUpdateFrame(9, 1))
 			<-s.Context().Done()
 			return nil
 		})
@@ -598,7 +563,7 @@ func TestProtocolClientViolations(t *testing.T) {
 	t.Run("settings missing", func(t *testing.T) {
 		stub := startFake(t, &fakeNetworkServer{forward: func(s tunnelpb.TunnelService_OpenTunnelServer) error {
 			_ = s.SendHeader(metadata.Pairs("grpctunnel-negotiate", "on"))
-			_ = s.Send(&tunnelpb.ServerToClient{StreamId: 1, Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: 1}})
+			_ = s.Send(serverWindowUpdateFrame(1, 1))
 			<-s.Context().Done()
 			return nil
 		}})
@@ -620,12 +585,8 @@ func TestProtocolClientViolations(t *testing.T) {
 			// Two messages that together exceed the window.
 			for range 2 {
 				half := make([]byte, window/2+1)
-				_ = s.Send(&tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_ResponseMessage{
-					ResponseMessage: &tunnelpb.MessageData{Size: uint32(len(half)), Data: half[:min(len(half), 16384)]}}})
-				for rest := half[min(len(half), 16384):]; len(rest) > 0; {
-					n := min(len(rest), 16384)
-					_ = s.Send(&tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_MoreResponseData{MoreResponseData: rest[:n]}})
-					rest = rest[n:]
+				for _, f := range messageFrames(serverFramer(id), half, 16384) {
+					_ = s.Send(f)
 				}
 			}
 			<-s.Context().Done()
