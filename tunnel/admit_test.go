@@ -21,7 +21,7 @@ func TestAdmitGivesATunnelBack(t *testing.T) {
 	for _, ext := range []string{"drain", ""} {
 		t.Run("extensions="+ext, func(t *testing.T) {
 			n := startFakeNet(t)
-			rs := hosReverseServer(t, n.stub, echoProbe())
+			rs := peerReverseServer(t, n.stub, echoProbe())
 			errSame := errors.New("that server holds another tunnel already")
 			admitted := make(chan StateChange, 4)
 			changes := make(chan StateChange, 16)

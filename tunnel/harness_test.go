@@ -231,3 +231,10 @@ func (p *probe) callStream(ss grpc.ServerStream) error {
 }
 
 func bytesValue(b []byte) *wrapperspb.BytesValue { return wrapperspb.Bytes(b) }
+
+// echoProbe is a probe whose unary method echoes.
+func echoProbe() *probe {
+	return &probe{unary: func(_ context.Context, in *wrapperspb.BytesValue) (*wrapperspb.BytesValue, error) {
+		return in, nil
+	}}
+}

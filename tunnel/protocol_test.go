@@ -3,16 +3,13 @@ package tunnel
 import (
 	"context"
 	"io"
-	"net"
 	"strings"
 	"testing"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
@@ -20,110 +17,6 @@ import (
 
 // These tests speak grpctunnel.v1 frame by frame, as a peer that knows only
 // the published protocol would, to pin down the wire behaviour of each end.
-
-// rawTunnel is the network-client end of a forward tunnel driven by hand.
-type rawTunnel struct {
-	t      *testing.T
-	stream tunnelpb.TunnelService_OpenTunnelClient
-	header metadata.MD
-	cancel context.CancelFunc
-}
-
-func openRaw(t *testing.T, stub tunnelpb.TunnelServiceClient, negotiate bool, headers ...string) *rawTunnel {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	if negotiate {
-		ctx = metadata.AppendToOutgoingContext(ctx, "grpctunnel-negotiate", "on")
-	}
-	ctx = metadata.AppendToOutgoingContext(ctx, headers...)
-	stream, err := stub.OpenTunnel(ctx)
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	t.Cleanup(cancel)
-	hdr, err := stream.Header()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &rawTunnel{t: t, stream: stream, header: hdr, cancel: cancel}
-}
-
-func (r *rawTunnel) send(f *tunnelpb.ClientToServer) {
-	r.t.Helper()
-	if err := r.stream.Send(f); err != nil {
-		r.t.Fatalf("send: %v", err)
-	}
-}
-
-func (r *rawTunnel) recv() *tunnelpb.ServerToClient {
-	r.t.Helper()
-	f, err := r.stream.Recv()
-	if err != nil {
-		r.t.Fatalf("recv: %v", err)
-	}
-	return f
-}
-
-// sendMessage sends b as one message in chunks of at most 16 KiB.
-func (r *rawTunnel) sendMessage(id int64, b []byte) {
-	r.t.Helper()
-	for _, f := range messageFrames(clientFramer(id), b, 16384) {
-		r.send(f)
-	}
-}
-
-func echoProbe() *probe {
-	return &probe{unary: func(_ context.Context, in *wrapperspb.BytesValue) (*wrapperspb.BytesValue, error) {
-		return in, nil
-	}}
-}
-
-func mustMarshal(t *testing.T, m proto.Message) []byte {
-	b, err := proto.Marshal(m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-// readResponse collects one call's response frames until close_stream,
-// granting window as data arrives when grant is set.
-func (r *rawTunnel) readResponse(id int64, grant bool) (msgs [][]byte, st *status.Status) {
-	r.t.Helper()
-	var cur []byte
-	want := -1
-	for {
-		f := r.recv()
-		if f.GetStreamId() != id {
-			r.t.Fatalf("frame for stream %d while reading %d: %v", f.GetStreamId(), id, f)
-		}
-		var chunk []byte
-		switch fr := f.GetFrame().(type) {
-		case *tunnelpb.ServerToClient_ResponseHeaders:
-			continue
-		case *tunnelpb.ServerToClient_ResponseMessage:
-			want, cur, chunk = int(fr.ResponseMessage.GetSize()), nil, fr.ResponseMessage.GetData()
-		case *tunnelpb.ServerToClient_MoreResponseData:
-			chunk = fr.MoreResponseData
-		case *tunnelpb.ServerToClient_CloseStream:
-			return msgs, status.FromProto(fr.CloseStream.GetStatus())
-		default:
-			r.t.Fatalf("unexpected frame %v", f)
-		}
-		if len(chunk) > 16384 {
-			r.t.Fatalf("chunk of %d bytes exceeds 16 KiB", len(chunk))
-		}
-		cur = append(cur, chunk...)
-		if grant && len(chunk) > 0 {
-			r.send(windowUpdateFrame(id, uint32(len(chunk))))
-		}
-		if len(cur) == want {
-			msgs = append(msgs, cur)
-			want = -1
-		}
-	}
-}
 
 func TestProtocolNegotiation(t *testing.T) {
 	ts := startServer(t, TunnelServiceHandlerOptions{}, testServices(echoProbe()))
@@ -430,47 +323,6 @@ func TestProtocolViolationsEndTheTunnel(t *testing.T) {
 			}
 		})
 	}
-}
-
-// fakeNetworkServer is a TunnelService whose methods each test writes by
-// hand, to play a plain peer against this package's network clients.
-type fakeNetworkServer struct {
-	tunnelpb.UnimplementedTunnelServiceServer
-	forward func(tunnelpb.TunnelService_OpenTunnelServer) error
-	reverse func(tunnelpb.TunnelService_OpenReverseTunnelServer) error
-}
-
-func (f *fakeNetworkServer) OpenTunnel(s tunnelpb.TunnelService_OpenTunnelServer) error {
-	return f.forward(s)
-}
-
-func (f *fakeNetworkServer) OpenReverseTunnel(s tunnelpb.TunnelService_OpenReverseTunnelServer) error {
-	return f.reverse(s)
-}
-
-func startFake(t *testing.T, f *fakeNetworkServer) tunnelpb.TunnelServiceClient {
-	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := grpc.NewServer()
-	tunnelpb.RegisterTunnelServiceServer(srv, f)
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = srv.Serve(lis)
-	}()
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = conn.Close()
-		srv.Stop()
-		<-served
-	})
-	return tunnelpb.NewTunnelServiceClient(conn)
 }
 
 // TestProtocolReverseTunnelServer plays a plain network server that calls a
