@@ -43,14 +43,14 @@ func TestAdmitGivesATunnelBack(t *testing.T) {
 			next := func() StateChange {
 				t.Helper()
 				for {
-					if c := peerWait(t, changes, "a state change"); c.State != TunnelConnecting {
+					if c := recvWithin(t, changes, "a state change"); c.State != TunnelConnecting {
 						return c
 					}
 				}
 			}
 			open := func(name string) *fakeConn {
 				t.Helper()
-				c := peerWait(t, n.rev, "the reverse tunnel-opening RPC")
+				c := recvWithin(t, n.rev, "the reverse tunnel-opening RPC")
 				md := fakeOpening(true, ext)
 				md.Set("x-server", name)
 				if err := c.rev.SendHeader(md); err != nil {
@@ -63,7 +63,7 @@ func TestAdmitGivesATunnelBack(t *testing.T) {
 			}
 
 			first := open("first")
-			if c := peerWait(t, admitted, "Admit"); c.State != TunnelOpen || c.Tunnel != 0 || c.GiveBack != nil {
+			if c := recvWithin(t, admitted, "Admit"); c.State != TunnelOpen || c.Tunnel != 0 || c.GiveBack != nil {
 				t.Fatalf("Admit was asked about %+v; want tunnel 0 open, without GiveBack", c)
 			}
 			if ext == "drain" {
@@ -93,7 +93,7 @@ func TestAdmitGivesATunnelBack(t *testing.T) {
 			}
 
 			second := open("second")
-			if c := peerWait(t, admitted, "Admit"); c.Header.Get("x-server")[0] != "second" {
+			if c := recvWithin(t, admitted, "Admit"); c.Header.Get("x-server")[0] != "second" {
 				t.Fatalf("Admit was asked about the header %v", c.Header)
 			}
 			c = next()
@@ -102,7 +102,7 @@ func TestAdmitGivesATunnelBack(t *testing.T) {
 			}
 			second.revEcho(t, 1)
 			rs.Stop()
-			if err := peerWait(t, done, "ServeWithReconnect to return"); err != nil {
+			if err := recvWithin(t, done, "ServeWithReconnect to return"); err != nil {
 				t.Fatalf("ServeWithReconnect after Stop = %v; want nil", err)
 			}
 		})
@@ -134,7 +134,7 @@ func TestGiveBackMovesAnOpenTunnel(t *testing.T) {
 			},
 		})
 	}()
-	first := peerWait(t, opened, "the tunnel to open")
+	first := recvWithin(t, opened, "the tunnel to open")
 	waitFor(t, func() bool { return len(ts.handler.AllReverseTunnels()) == 1 })
 	old := ts.handler.AllReverseTunnels()[0]
 
@@ -170,11 +170,11 @@ func TestGiveBackMovesAnOpenTunnel(t *testing.T) {
 	if err := stream.RecvMsg(bytesValue(nil)); err != io.EOF {
 		t.Fatalf("the call's end: %v", err)
 	}
-	c := peerWait(t, given, "the tunnel to end")
+	c := recvWithin(t, given, "the tunnel to end")
 	if !errors.Is(c.Err, ErrGivenBack) || !errors.Is(c.Err, reason) || c.Delay > time.Millisecond {
 		t.Fatalf("after GiveBack: %v, delay %v; want given back for the first reason, within MinBackoff", c.Err, c.Delay)
 	}
-	peerWait(t, opened, "the tunnel to open again")
+	recvWithin(t, opened, "the tunnel to open again")
 	waitFor(t, func() bool {
 		now := ts.handler.AllReverseTunnels()
 		return len(now) == 1 && now[0] != old

@@ -126,26 +126,6 @@ func affCall(ctx context.Context, cc grpc.ClientConnInterface, opts ...grpc.Call
 	return string(out.GetValue()), err
 }
 
-func affWantCode(t testing.TB, err error, code codes.Code) {
-	t.Helper()
-	if got := status.Code(err); got != code {
-		t.Fatalf("got status %v (%v); want %v", got, err, code)
-	}
-}
-
-func affRecv[T any](t testing.TB, ch <-chan T, what string) T {
-	t.Helper()
-	timer := time.NewTimer(10 * time.Second)
-	defer timer.Stop()
-	select {
-	case v := <-ch:
-		return v
-	case <-timer.C:
-		t.Fatalf("timed out waiting for %s", what)
-		panic("unreachable")
-	}
-}
-
 type affServeResult struct {
 	started bool
 	err     error
@@ -326,7 +306,7 @@ func TestAffinityKeys(t *testing.T) {
 		// A WaitForReady call fails at once, without waiting.
 		start := time.Now()
 		_, err := affCall(context.Background(), zzz)
-		affWantCode(t, err, codes.Unavailable)
+		wantCode(t, err, codes.Unavailable)
 		if d := time.Since(start); d > 5*time.Second {
 			t.Fatalf("fail-fast call took %v", d)
 		}
@@ -342,12 +322,12 @@ func TestAffinityKeys(t *testing.T) {
 			t.Fatalf("WaitForReady(expired ctx) = %v; want context.DeadlineExceeded", err)
 		}
 		_, err = affCall(cancelled, zzz, grpc.WaitForReady(true))
-		affWantCode(t, err, codes.Canceled)
+		wantCode(t, err, codes.Canceled)
 		_, err = affCall(expired, zzz, grpc.WaitForReady(true))
-		affWantCode(t, err, codes.DeadlineExceeded)
+		wantCode(t, err, codes.DeadlineExceeded)
 		var served TunnelChannel
 		_, err = affCall(expired, zzz, grpc.WaitForReady(true), WithTunnelChannel(&served))
-		affWantCode(t, err, codes.DeadlineExceeded)
+		wantCode(t, err, codes.DeadlineExceeded)
 		if served != nil {
 			t.Fatal("WithTunnelChannel set for a call no tunnel carried")
 		}
@@ -378,10 +358,10 @@ func TestAffinityKeys(t *testing.T) {
 			t.Fatal(`KeyAsChannel("zzz") Ready with no such tunnel`)
 		}
 		z := affOpen(t, h, ts.stub, "z", "zzz", 2)
-		if r := affRecv(t, called, "the waiting call"); r.err != nil || r.id != "z" {
+		if r := recvWithin(t, called, "the waiting call"); r.err != nil || r.id != "z" {
 			t.Fatalf("waiting call: %q, %v; want z", r.id, r.err)
 		}
-		if err := affRecv(t, waited, "WaitForReady"); err != nil {
+		if err := recvWithin(t, waited, "WaitForReady"); err != nil {
 			t.Fatalf("WaitForReady: %v", err)
 		}
 		if !zzz.Ready() {
@@ -394,14 +374,14 @@ func TestAffinityKeys(t *testing.T) {
 		// reported closed once.
 		z.rs.Stop()
 		for range 2 {
-			if r := affRecv(t, z.res, "Serve to return after Stop"); !r.started || r.err != nil {
+			if r := recvWithin(t, z.res, "Serve to return after Stop"); !r.started || r.err != nil {
 				t.Fatalf("Serve after Stop = (%v, %v); want (true, nil)", r.started, r.err)
 			}
 		}
 		waitFor(t, func() bool { return len(h.AllReverseTunnels()) == len(servers) })
 		affWantTunnels(t, h, a0.tuns, b0.tuns, a1.tuns, b1.tuns, a2.tuns)
 		for _, tun := range z.tuns {
-			affRecv(t, tun.Done(), "a stopped server's tunnel to end")
+			recvWithin(t, tun.Done(), "a stopped server's tunnel to end")
 			waitFor(t, func() bool { _, _, closed := rec.counts(tun); return closed > 0 })
 			if keyed, opened, closed := rec.counts(tun); keyed != 1 || opened != 1 || closed != 1 {
 				t.Fatalf("stopped tunnel: keyed %d, opened %d, closed %d times; want 1, 1, 1", keyed, opened, closed)
@@ -411,15 +391,15 @@ func TestAffinityKeys(t *testing.T) {
 			t.Fatal(`KeyAsChannel("zzz") Ready after its tunnels closed`)
 		}
 		_, err = affCall(context.Background(), zzz)
-		affWantCode(t, err, codes.Unavailable)
+		wantCode(t, err, codes.Unavailable)
 	})
 
 	t.Run("stop-one-server", func(t *testing.T) {
 		b1.rs.Stop()
-		if r := affRecv(t, b1.res, "Serve to return after Stop"); !r.started || r.err != nil {
+		if r := recvWithin(t, b1.res, "Serve to return after Stop"); !r.started || r.err != nil {
 			t.Fatalf("Serve after Stop = (%v, %v); want (true, nil)", r.started, r.err)
 		}
-		affRecv(t, b1.tuns[0].Done(), "the stopped server's tunnel to end")
+		recvWithin(t, b1.tuns[0].Done(), "the stopped server's tunnel to end")
 		waitFor(t, func() bool { _, _, closed := rec.counts(b1.tuns[0]); return closed > 0 })
 		affWantTunnels(t, h, a0.tuns, b0.tuns, a1.tuns, a2.tuns)
 		if _, opened, closed := rec.counts(b1.tuns[0]); opened != 1 || closed != 1 {
@@ -433,11 +413,11 @@ func TestAffinityKeys(t *testing.T) {
 	t.Run("close-one-tunnel", func(t *testing.T) {
 		tun := a0.tuns[0]
 		tun.Close()
-		affRecv(t, tun.Done(), "the closed tunnel to end")
+		recvWithin(t, tun.Done(), "the closed tunnel to end")
 		if err := tun.Err(); err != nil {
 			t.Fatalf("Err of a closed tunnel = %v; want nil", err)
 		}
-		if r := affRecv(t, a0.res, "Serve to return after the handler closed its tunnel"); !r.started || r.err != nil {
+		if r := recvWithin(t, a0.res, "Serve to return after the handler closed its tunnel"); !r.started || r.err != nil {
 			t.Fatalf("Serve after Close = (%v, %v); want (true, nil)", r.started, r.err)
 		}
 		affWantTunnels(t, h, b0.tuns, a1.tuns, a2.tuns)
@@ -446,7 +426,7 @@ func TestAffinityKeys(t *testing.T) {
 			t.Fatalf("closed tunnel: opened %d, closed %d times; want 1, 1", opened, closed)
 		}
 		_, err := affCall(context.Background(), tun)
-		affWantCode(t, err, codes.Unavailable)
+		wantCode(t, err, codes.Unavailable)
 		affWantRoundRobin(t, affSpread(t, h.KeyAsChannel("a"), 20), []string{"a1", "a2"})
 		affWantRoundRobin(t, affSpread(t, h.AsChannel(), 30), []string{"b0", "a1", "a2"})
 	})
@@ -455,7 +435,7 @@ func TestAffinityKeys(t *testing.T) {
 	// reported open was reported closed exactly once.
 	for _, s := range []*affServer{b0, a1, a2} {
 		s.rs.Stop()
-		if r := affRecv(t, s.res, "Serve to return after Stop"); !r.started || r.err != nil {
+		if r := recvWithin(t, s.res, "Serve to return after Stop"); !r.started || r.err != nil {
 			t.Fatalf("server %s: Serve after Stop = (%v, %v); want (true, nil)", s.id, r.started, r.err)
 		}
 	}
@@ -513,7 +493,7 @@ func TestAffinityTunnelChannelOfCall(t *testing.T) {
 	// A failed call that a tunnel carried names it too.
 	var ch TunnelChannel
 	err := cc.Invoke(context.Background(), "/grpctunnel.test.Probe/Missing", bytesValue(nil), new(wrapperspb.BytesValue), WithTunnelChannel(&ch))
-	affWantCode(t, err, codes.Unimplemented)
+	wantCode(t, err, codes.Unimplemented)
 	if _, ok := byTunnel[ch]; !ok {
 		t.Fatal("WithTunnelChannel did not name the tunnel of a failed call")
 	}
@@ -521,7 +501,7 @@ func TestAffinityTunnelChannelOfCall(t *testing.T) {
 	// A failed pick leaves it alone.
 	ch = nil
 	_, err = affCall(context.Background(), h.KeyAsChannel("nobody"), WithTunnelChannel(&ch))
-	affWantCode(t, err, codes.Unavailable)
+	wantCode(t, err, codes.Unavailable)
 	if ch != nil {
 		t.Fatal("WithTunnelChannel set for a call no tunnel carried")
 	}
@@ -594,7 +574,7 @@ func TestAffinityNonComparableKey(t *testing.T) {
 	if !started {
 		t.Fatalf("Serve with a non-comparable affinity key = (false, %v); want (true, Internal)", err)
 	}
-	affWantCode(t, err, codes.Internal)
+	wantCode(t, err, codes.Internal)
 
 	affWantTunnels(t, h, good.tuns)
 	keyed, opened, closed := rec.totals()
@@ -639,11 +619,11 @@ func TestAffinityKeyAsChannelNonComparable(t *testing.T) {
 	})
 	noPanic("Invoke", func() {
 		_, err := affCall(context.Background(), cc)
-		affWantCode(t, err, codes.Unavailable)
+		wantCode(t, err, codes.Unavailable)
 	})
 	noPanic("NewStream", func() {
 		_, err := cc.NewStream(context.Background(), probeStreamDesc, probeStream)
-		affWantCode(t, err, codes.Unavailable)
+		wantCode(t, err, codes.Unavailable)
 	})
 	noPanic("WaitForReady", func() {
 		ctx, cancel := context.WithCancel(context.Background())

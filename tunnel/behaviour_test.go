@@ -36,7 +36,7 @@ func unary(ctx context.Context, cc grpc.ClientConnInterface, in []byte, opts ...
 	return out.GetValue(), err
 }
 
-func wantCode(t *testing.T, err error, code codes.Code) {
+func wantCode(t testing.TB, err error, code codes.Code) {
 	t.Helper()
 	if got := status.Code(err); got != code {
 		t.Fatalf("got status %v (%v); want %v", got, err, code)

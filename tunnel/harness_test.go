@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"testing"
+	"time"
 
 	"github.com/fullstorydev/grpchan/grpchantesting"
 	"google.golang.org/grpc"
@@ -237,4 +238,19 @@ func echoProbe() *probe {
 	return &probe{unary: func(_ context.Context, in *wrapperspb.BytesValue) (*wrapperspb.BytesValue, error) {
 		return in, nil
 	}}
+}
+
+// recvWithin receives from ch, failing the test if nothing arrives within
+// 10 seconds.
+func recvWithin[T any](t testing.TB, ch <-chan T, what string) T {
+	t.Helper()
+	timer := time.NewTimer(10 * time.Second)
+	defer timer.Stop()
+	select {
+	case v := <-ch:
+		return v
+	case <-timer.C:
+		t.Fatalf("timed out waiting for %s", what)
+		panic("unreachable")
+	}
 }

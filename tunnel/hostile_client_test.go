@@ -89,7 +89,7 @@ func TestHostileClientStreamRules(t *testing.T) {
 			errc := backgroundUnary(peerContext(t), ch, []byte("request"))
 			id, _ := c.readUnary(t)
 			c.sendFwd(t, k.frames(id)...)
-			wantCode(t, peerWait(t, errc, "the call to end"), k.code)
+			wantCode(t, recvWithin(t, errc, "the call to end"), k.code)
 			if k.cancel {
 				if f := c.recvFwd(t); f.GetStreamId() != id || f.GetCancel() == nil {
 					t.Fatalf("expected a cancel for stream %d, got %v", id, f)
@@ -121,7 +121,7 @@ func TestHostileClientStreamRules(t *testing.T) {
 			got += len(f.GetRequestMessage().GetData()) + len(f.GetMoreRequestData())
 		}
 		c.sendFwd(t, responseFrame(id, 2, []byte("xyz")))
-		if err := peerWait(t, sent, "the blocked SendMsg to return"); !errors.Is(err, io.EOF) {
+		if err := recvWithin(t, sent, "the blocked SendMsg to return"); !errors.Is(err, io.EOF) {
 			t.Fatalf("SendMsg returned %v; want io.EOF, the status coming from RecvMsg", err)
 		}
 		wantCode(t, cs.RecvMsg(new(wrapperspb.BytesValue)), codes.Internal)
@@ -171,8 +171,8 @@ func TestHostileClientTunnelRules(t *testing.T) {
 			errc := backgroundUnary(peerContext(t), ch, []byte("request"))
 			id, _ := c.readUnary(t)
 			c.sendFwd(t, k.frames(id)...)
-			wantCode(t, peerWait(t, errc, "the call to end"), codes.Unavailable)
-			peerWait(t, ch.Done(), "the tunnel to end")
+			wantCode(t, recvWithin(t, errc, "the call to end"), codes.Unavailable)
+			recvWithin(t, ch.Done(), "the tunnel to end")
 			if err := ch.Err(); status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "protocol error") {
 				t.Fatalf("tunnel ended with %v; want Internal protocol error", err)
 			}
@@ -188,12 +188,12 @@ func TestHostileClientTunnelRules(t *testing.T) {
 			_, err := NewChannel(n.stub).Start(ctx)
 			res <- err
 		}()
-		c := peerWait(t, n.fwd, "the tunnel-opening RPC")
+		c := recvWithin(t, n.fwd, "the tunnel-opening RPC")
 		if err := c.fwd.SendHeader(fakeOpening(true, "")); err != nil {
 			t.Fatal(err)
 		}
 		c.sendFwd(t, serverSettingsFrame(-1, 65536, 7, 9))
-		err := peerWait(t, res, "Start to fail")
+		err := recvWithin(t, res, "Start to fail")
 		wantCode(t, err, codes.Unavailable)
 		if !strings.Contains(err.Error(), "revision") {
 			t.Fatalf("unclear error: %v", err)
@@ -217,9 +217,9 @@ func TestHostileClientStreamsNeverFinish(t *testing.T) {
 	_, err := unary(ctx, ch, []byte("three"))
 	wantCode(t, err, codes.ResourceExhausted)
 	c.end <- nil
-	wantCode(t, peerWait(t, first, "the first call to end"), codes.Unavailable)
-	wantCode(t, peerWait(t, second, "the second call to end"), codes.Unavailable)
-	peerWait(t, ch.Done(), "the tunnel to end")
+	wantCode(t, recvWithin(t, first, "the first call to end"), codes.Unavailable)
+	wantCode(t, recvWithin(t, second, "the second call to end"), codes.Unavailable)
+	recvWithin(t, ch.Done(), "the tunnel to end")
 }
 
 // hosCountingStub counts the message bytes that a tunnel client's outer
@@ -310,7 +310,7 @@ func TestHostileClientPeerNeverReads(t *testing.T) {
 			t.Fatalf("%d messages of 1 MiB sent against a window of 64 KiB", n)
 		}
 		cancel()
-		if err := peerWait(t, done, "the blocked SendMsg to return"); !errors.Is(err, io.EOF) {
+		if err := recvWithin(t, done, "the blocked SendMsg to return"); !errors.Is(err, io.EOF) {
 			t.Fatalf("SendMsg returned %v; want io.EOF", err)
 		}
 		wantCode(t, cs.RecvMsg(new(wrapperspb.BytesValue)), codes.Canceled)
@@ -362,7 +362,7 @@ func TestHostileClientPeerNeverReads(t *testing.T) {
 		// A stalled outer stream stalls the whole revision-zero tunnel;
 		// ending the tunnel releases the caller.
 		ch.Close()
-		if err := peerWait(t, done, "the blocked SendMsg to return"); err == nil {
+		if err := recvWithin(t, done, "the blocked SendMsg to return"); err == nil {
 			t.Fatal("SendMsg succeeded on a closed tunnel")
 		}
 		fakeEcho(t, bystander, bc)
@@ -415,7 +415,7 @@ func TestHostileClientAbandonedMessages(t *testing.T) {
 				responseFrame(id, uint32(len(more)), more),
 				closeCodeFrame(id, codes.OK, nil))
 			// The reader has taken every frame once the call has ended.
-			peerWait(t, cs.(*clientStream).ended, "the end of the call")
+			recvWithin(t, cs.(*clientStream).ended, "the end of the call")
 			k.give(t, cs, cancel)
 			if used := tc.buffered.used.Load(); used != 0 {
 				t.Fatalf("%d bytes the caller will never read stay charged to the tunnel's budget", used)

@@ -118,7 +118,7 @@ func TestHostileReverseServerTunnelRules(t *testing.T) {
 			for _, f := range k.frames {
 				_ = c.rev.Send(f) // the tunnel may be gone already
 			}
-			err := peerWait(t, res, "Serve to return")
+			err := recvWithin(t, res, "Serve to return")
 			if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "protocol error") {
 				t.Fatalf("Serve returned %v; want Internal protocol error", err)
 			}
@@ -148,7 +148,7 @@ func TestHostileReverseServerStreamsNeverFinish(t *testing.T) {
 	}
 	bc.revEcho(t, 1)
 	c.end <- nil
-	if err := peerWait(t, res, "Serve to return"); err != nil {
+	if err := recvWithin(t, res, "Serve to return"); err != nil {
 		t.Fatalf("Serve returned %v after the network server ended the tunnel", err)
 	}
 	waitFor(t, func() bool { return hold.exited.Load() == 2 })
@@ -207,7 +207,7 @@ func TestHostileReverseServerPeerNeverReads(t *testing.T) {
 	}
 	bc.revEcho(t, 1)
 	c.sendRev(t, cancelFrame(1))
-	wantCode(t, peerWait(t, exited, "the blocked handler to return"), codes.Canceled)
+	wantCode(t, recvWithin(t, exited, "the blocked handler to return"), codes.Canceled)
 	bc.revEcho(t, 2)
 }
 
@@ -280,7 +280,7 @@ func TestHostileReverseTunnelClient(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			wantCode(t, peerWait(t, errc, "the call to end"), k.code)
+			wantCode(t, recvWithin(t, errc, "the call to end"), k.code)
 			if f := recv(); f.GetStreamId() != id || f.GetCancel() == nil {
 				t.Fatalf("expected a cancel for stream %d, got %v", id, f)
 			}
@@ -293,7 +293,7 @@ func TestHostileReverseTunnelClient(t *testing.T) {
 		if err := raw.Send(serverSettingsFrame(-1, 65536, rev1)); err != nil {
 			t.Fatal(err)
 		}
-		wantCode(t, peerWait(t, errc, "the call to end"), codes.Unavailable)
+		wantCode(t, recvWithin(t, errc, "the call to end"), codes.Unavailable)
 		for {
 			if _, err := raw.Recv(); err != nil {
 				if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "protocol error") {

@@ -184,20 +184,6 @@ func peerContext(t testing.TB) context.Context {
 	return ctx
 }
 
-// peerWait receives from ch, failing the test if nothing arrives in time.
-func peerWait[T any](t testing.TB, ch <-chan T, what string) T {
-	t.Helper()
-	timer := time.NewTimer(10 * time.Second)
-	defer timer.Stop()
-	select {
-	case v := <-ch:
-		return v
-	case <-timer.C:
-		t.Fatalf("timed out waiting for %s", what)
-		panic("unreachable")
-	}
-}
-
 // openRawNegotiated opens a forward tunnel by hand as openRaw does,
 // negotiating revision one, and reads the settings. The tunnel ends at
 // peerDeadline at the latest, so that no read can block the test for ever.
@@ -305,7 +291,7 @@ func (n *fakeNet) openChannel(t *testing.T, stub tunnelpb.TunnelServiceClient, n
 		ch, err := NewChannel(stub, opts...).Start(ctx)
 		res <- started{ch, err}
 	}()
-	c := peerWait(t, n.fwd, "the tunnel-opening RPC")
+	c := recvWithin(t, n.fwd, "the tunnel-opening RPC")
 	if err := c.fwd.SendHeader(fakeOpening(negotiate, ext)); err != nil {
 		t.Fatal(err)
 	}
@@ -314,7 +300,7 @@ func (n *fakeNet) openChannel(t *testing.T, stub tunnelpb.TunnelServiceClient, n
 			t.Fatal(err)
 		}
 	}
-	s := peerWait(t, res, "the channel to start")
+	s := recvWithin(t, res, "the channel to start")
 	if s.err != nil {
 		t.Fatal(s.err)
 	}
@@ -385,7 +371,7 @@ func fakeEcho(t *testing.T, ch TunnelChannel, c *fakeConn) {
 	}()
 	id, req := c.readUnary(t)
 	c.sendFwd(t, responseFrame(id, uint32(len(req)), req), closeCodeFrame(id, codes.OK, nil))
-	if err := peerWait(t, errc, "the echo call"); err != nil {
+	if err := recvWithin(t, errc, "the echo call"); err != nil {
 		t.Fatalf("a well-formed call on the tunnel: %v", err)
 	}
 	if b := <-out; string(b) != "echo" {
@@ -407,7 +393,7 @@ func (n *fakeNet) serveReverse(t *testing.T, rs *ReverseTunnelServer, ext string
 		}
 		res <- err
 	}()
-	c := peerWait(t, n.rev, "the reverse tunnel-opening RPC")
+	c := recvWithin(t, n.rev, "the reverse tunnel-opening RPC")
 	if err := c.rev.SendHeader(fakeOpening(true, ext)); err != nil {
 		t.Fatal(err)
 	}

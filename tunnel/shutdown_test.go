@@ -6,7 +6,6 @@ import (
 	"io"
 	"sync"
 	"testing"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -55,19 +54,6 @@ func (g *sdGate) probe() *probe {
 	}
 }
 
-func sdRecv[T any](t testing.TB, ch <-chan T, what string) T {
-	t.Helper()
-	timer := time.NewTimer(10 * time.Second)
-	defer timer.Stop()
-	select {
-	case v := <-ch:
-		return v
-	case <-timer.C:
-		t.Fatalf("timed out waiting for %s", what)
-		panic("unreachable")
-	}
-}
-
 func sdClosed(ch <-chan struct{}) bool {
 	select {
 	case <-ch:
@@ -109,7 +95,7 @@ func sdStart(t testing.TB, g *sdGate, cc grpc.ClientConnInterface) *sdCall {
 	if err != nil {
 		t.Fatalf("starting the streaming call: %v", err)
 	}
-	sdRecv(t, g.started, "the streaming handler to start")
+	recvWithin(t, g.started, "the streaming handler to start")
 	c := &sdCall{stream: stream, result: make(chan error, 1)}
 	// The caller waits for the outcome in the background, as a caller
 	// blocked on a long call would.
@@ -195,7 +181,7 @@ func TestShutdownForwardDrain(t *testing.T) {
 	_, err := NewChannel(ts.stub).Start(context.Background())
 	sdWantCode(t, err, codes.Unavailable)
 
-	sdRecv(t, other.Done(), "the idle tunnel to end")
+	recvWithin(t, other.Done(), "the idle tunnel to end")
 	if err := other.Err(); err != nil {
 		t.Fatalf("Err of the drained idle tunnel = %v; want nil", err)
 	}
@@ -203,15 +189,15 @@ func TestShutdownForwardDrain(t *testing.T) {
 		t.Fatal("the tunnel ended while a call was in progress")
 	}
 	g.open()
-	if err := sdRecv(t, call.result, "the call in progress"); err != nil {
+	if err := recvWithin(t, call.result, "the call in progress"); err != nil {
 		t.Fatalf("call in progress during the drain: %v", err)
 	}
-	sdRecv(t, ch.Done(), "the drained tunnel to end")
+	recvWithin(t, ch.Done(), "the drained tunnel to end")
 	if err := ch.Err(); err != nil {
 		t.Fatalf("Err of the drained tunnel = %v; want nil", err)
 	}
 	sdWantCode(t, sdUnary(ch), codes.Unavailable)
-	sdRecv(t, g.exited, "the handler to return")
+	recvWithin(t, g.exited, "the handler to return")
 }
 
 func TestShutdownReverseDrain(t *testing.T) {
@@ -250,21 +236,21 @@ func TestShutdownReverseDrain(t *testing.T) {
 	default:
 	}
 	g.open()
-	if err := sdRecv(t, call.result, "the call in progress"); err != nil {
+	if err := recvWithin(t, call.result, "the call in progress"); err != nil {
 		t.Fatalf("call in progress during the drain: %v", err)
 	}
-	sdRecv(t, tun.Done(), "the drained tunnel to end")
+	recvWithin(t, tun.Done(), "the drained tunnel to end")
 	if err := tun.Err(); err != nil {
 		t.Fatalf("Err of the drained tunnel = %v; want nil", err)
 	}
-	if r := sdRecv(t, res, "Serve to return"); !r.started || r.err != nil {
+	if r := recvWithin(t, res, "Serve to return"); !r.started || r.err != nil {
 		t.Fatalf("Serve after the drain = (%v, %v); want (true, nil)", r.started, r.err)
 	}
 	if n := len(ts.handler.AllReverseTunnels()); n != 0 {
 		t.Fatalf("AllReverseTunnels has %d tunnels after the drain", n)
 	}
 	sdWantCode(t, sdUnary(cc), codes.Unavailable)
-	sdRecv(t, g.exited, "the handler to return")
+	recvWithin(t, g.exited, "the handler to return")
 }
 
 func TestShutdownReverseGracefulStop(t *testing.T) {
@@ -308,14 +294,14 @@ func TestShutdownReverseGracefulStop(t *testing.T) {
 	}
 
 	g.open()
-	if err := sdRecv(t, call.result, "the call in progress"); err != nil {
+	if err := recvWithin(t, call.result, "the call in progress"); err != nil {
 		t.Fatalf("call in progress during GracefulStop: %v", err)
 	}
-	if r := sdRecv(t, res, "Serve to return"); !r.started || r.err != nil {
+	if r := recvWithin(t, res, "Serve to return"); !r.started || r.err != nil {
 		t.Fatalf("Serve after GracefulStop = (%v, %v); want (true, nil)", r.started, r.err)
 	}
-	sdRecv(t, stopped, "GracefulStop to return")
-	sdRecv(t, tun.Done(), "the handler's end of the tunnel to end")
+	recvWithin(t, stopped, "GracefulStop to return")
+	recvWithin(t, tun.Done(), "the handler's end of the tunnel to end")
 	if err := tun.Err(); err != nil {
 		t.Fatalf("Err of the gracefully stopped tunnel = %v; want nil", err)
 	}
@@ -326,7 +312,7 @@ func TestShutdownReverseGracefulStop(t *testing.T) {
 	if started || !errors.Is(err, ErrServerStopped) {
 		t.Fatalf("Serve after GracefulStop = (%v, %v); want (false, ErrServerStopped)", started, err)
 	}
-	sdRecv(t, g.exited, "the handler to return")
+	recvWithin(t, g.exited, "the handler to return")
 }
 
 func TestShutdownReverseStop(t *testing.T) {
@@ -346,15 +332,15 @@ func TestShutdownReverseStop(t *testing.T) {
 		<-stopped
 	})
 
-	err := sdRecv(t, call.result, "the call in progress to fail")
+	err := recvWithin(t, call.result, "the call in progress to fail")
 	sdWantCode(t, err, codes.Unavailable, codes.Canceled)
-	sdRecv(t, g.ctxDone, "the handler's context to end")
-	sdRecv(t, g.exited, "the handler to return")
-	sdRecv(t, stopped, "Stop to return")
-	if r := sdRecv(t, res, "Serve to return"); !r.started || r.err != nil {
+	recvWithin(t, g.ctxDone, "the handler's context to end")
+	recvWithin(t, g.exited, "the handler to return")
+	recvWithin(t, stopped, "Stop to return")
+	if r := recvWithin(t, res, "Serve to return"); !r.started || r.err != nil {
 		t.Fatalf("Serve after Stop = (%v, %v); want (true, nil)", r.started, r.err)
 	}
-	sdRecv(t, tun.Done(), "the handler's end of the tunnel to end")
+	recvWithin(t, tun.Done(), "the handler's end of the tunnel to end")
 	waitFor(t, func() bool { return len(ts.handler.AllReverseTunnels()) == 0 })
 	sdWantCode(t, sdUnary(cc), codes.Unavailable)
 
@@ -379,9 +365,9 @@ func TestShutdownForwardClose(t *testing.T) {
 	if err := ch.Err(); err != nil {
 		t.Fatalf("Err of a closed tunnel = %v; want nil", err)
 	}
-	sdWantCode(t, sdRecv(t, call.result, "the call in progress to fail"), codes.Unavailable)
-	sdRecv(t, g.ctxDone, "the handler's context to end")
-	sdRecv(t, g.exited, "the handler to return")
+	sdWantCode(t, recvWithin(t, call.result, "the call in progress to fail"), codes.Unavailable)
+	recvWithin(t, g.ctxDone, "the handler's context to end")
+	recvWithin(t, g.exited, "the handler to return")
 	sdWantCode(t, sdUnary(ch), codes.Unavailable)
 	ch.Close() // again: a no-op
 }
@@ -404,10 +390,10 @@ func TestShutdownStartContextCancelled(t *testing.T) {
 
 	cancel()
 
-	sdRecv(t, ch.Done(), "the tunnel to end")
-	sdWantCode(t, sdRecv(t, call.result, "the call in progress to fail"), codes.Unavailable)
-	sdRecv(t, g.ctxDone, "the handler's context to end")
-	sdRecv(t, g.exited, "the handler to return")
+	recvWithin(t, ch.Done(), "the tunnel to end")
+	sdWantCode(t, recvWithin(t, call.result, "the call in progress to fail"), codes.Unavailable)
+	recvWithin(t, g.ctxDone, "the handler's context to end")
+	recvWithin(t, g.exited, "the handler to return")
 	for range 3 {
 		sdWantCode(t, sdUnary(ch), codes.Unavailable)
 	}
@@ -425,12 +411,12 @@ func TestShutdownServerDies(t *testing.T) {
 
 	ts.server.Stop()
 
-	sdWantCode(t, sdRecv(t, call.result, "the call in progress to fail"), codes.Unavailable)
-	sdRecv(t, ch.Done(), "the tunnel to end")
+	sdWantCode(t, recvWithin(t, call.result, "the call in progress to fail"), codes.Unavailable)
+	recvWithin(t, ch.Done(), "the tunnel to end")
 	if err := ch.Err(); err == nil {
 		t.Fatal("Err of a tunnel whose server died is nil")
 	}
-	sdRecv(t, g.ctxDone, "the handler's context to end")
-	sdRecv(t, g.exited, "the handler to return")
+	recvWithin(t, g.ctxDone, "the handler's context to end")
+	recvWithin(t, g.exited, "the handler to return")
 	sdWantCode(t, sdUnary(ch), codes.Unavailable)
 }
