@@ -32,31 +32,31 @@ func codecFrames() []proto.Message {
 		out = append(out,
 			&tunnelpb.ClientToServer{StreamId: id},
 			&tunnelpb.ServerToClient{StreamId: id},
-			&tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: 65535}},
-			&tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: 1}},
-			&tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_HalfClose{HalfClose: &emptypb.Empty{}}},
-			&tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_Cancel{Cancel: &emptypb.Empty{}}},
-			&tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_MoreRequestData{MoreRequestData: bytesOf(10)}},
-			&tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_ResponseMessage{ResponseMessage: &tunnelpb.MessageData{Size: 100, Data: bytesOf(100)}}},
+			windowUpdateFrame(id, 65535),
+			serverWindowUpdateFrame(id, 1),
+			halfCloseFrame(id),
+			cancelFrame(id),
+			moreFrame(id, bytesOf(10)),
+			responseFrame(id, 100, bytesOf(100)),
 		)
 	}
 	for _, w := range []uint32{0, 1, 127, 128, 1 << 16, math.MaxUint32} {
 		out = append(out,
-			&tunnelpb.ClientToServer{StreamId: 3, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: w}},
-			&tunnelpb.ServerToClient{StreamId: 3, Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: w}},
+			windowUpdateFrame(3, w),
+			serverWindowUpdateFrame(3, w),
 		)
 	}
 	// Sizes around the small-frame and pooling thresholds, and big chunks.
 	for _, n := range []int{0, 1, 15, 16, 17, 20, 29, 30, 31, 32, 33, 127, 128, 1000, 1010, 1011, 1012, 1013, 1020, 1024, 1025, 4096, 16 << 10, 64<<10 + 3, 1 << 20} {
 		for _, size := range []uint32{0, uint32(n), math.MaxUint32} {
 			out = append(out,
-				&tunnelpb.ClientToServer{StreamId: 5, Frame: &tunnelpb.ClientToServer_RequestMessage{RequestMessage: &tunnelpb.MessageData{Size: size, Data: bytesOf(n)}}},
-				&tunnelpb.ServerToClient{StreamId: 5, Frame: &tunnelpb.ServerToClient_ResponseMessage{ResponseMessage: &tunnelpb.MessageData{Size: size, Data: bytesOf(n)}}},
+				messageFrame(5, size, bytesOf(n)),
+				responseFrame(5, size, bytesOf(n)),
 			)
 		}
 		out = append(out,
-			&tunnelpb.ClientToServer{StreamId: 5, Frame: &tunnelpb.ClientToServer_MoreRequestData{MoreRequestData: bytesOf(n)}},
-			&tunnelpb.ServerToClient{StreamId: 5, Frame: &tunnelpb.ServerToClient_MoreResponseData{MoreResponseData: bytesOf(n)}},
+			moreFrame(5, bytesOf(n)),
+			moreResponseFrame(5, bytesOf(n)),
 		)
 	}
 	out = append(out,
@@ -69,21 +69,16 @@ func codecFrames() []proto.Message {
 		&tunnelpb.ServerToClient{StreamId: 1, Frame: &tunnelpb.ServerToClient_MoreResponseData{}},
 		&tunnelpb.ClientToServer{Frame: &tunnelpb.ClientToServer_RequestMessage{RequestMessage: &tunnelpb.MessageData{}}},
 		// The frames the proto codec encodes.
-		&tunnelpb.ClientToServer{StreamId: 9, Frame: &tunnelpb.ClientToServer_NewStream{NewStream: &tunnelpb.NewStream{
-			MethodName: "/a.B/C", InitialWindowSize: 65536, ProtocolRevision: tunnelpb.ProtocolRevision_REVISION_ONE,
-			RequestHeaders: &tunnelpb.Metadata{Md: map[string]*tunnelpb.Metadata_Values{"k": {Val: []string{"v"}}}},
-		}}},
-		&tunnelpb.ServerToClient{StreamId: -1, Frame: &tunnelpb.ServerToClient_Settings{Settings: &tunnelpb.Settings{
-			SupportedProtocolRevisions: []tunnelpb.ProtocolRevision{0, 1}, InitialWindowSize: 65536,
-		}}},
-		&tunnelpb.ServerToClient{StreamId: 9, Frame: &tunnelpb.ServerToClient_ResponseHeaders{ResponseHeaders: &tunnelpb.Metadata{}}},
+		newStreamFrame(9, "/a.B/C", rev1, 65536, "k", "v"),
+		serverSettingsFrame(-1, 65536, 0, 1),
+		headersFrame(9, &tunnelpb.Metadata{}),
 		&tunnelpb.ServerToClient{StreamId: 9, Frame: &tunnelpb.ServerToClient_CloseStream{CloseStream: &tunnelpb.CloseStream{}}},
 		// Other messages.
 		wrapperspb.String("not a frame"),
 		&tunnelpb.MessageData{Size: 3, Data: []byte("abc")},
 	)
 	// Unknown fields, which only the proto codec keeps.
-	withUnknown := &tunnelpb.ClientToServer{StreamId: 2, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: 1}}
+	withUnknown := windowUpdateFrame(2, 1)
 	withUnknown.ProtoReflect().SetUnknown(protowire.AppendTag(nil, 99, protowire.VarintType))
 	unknownInData := &tunnelpb.MessageData{Size: 1, Data: []byte{1}}
 	unknownInData.ProtoReflect().SetUnknown([]byte{0x18, 1})
@@ -359,7 +354,7 @@ func BenchmarkFrameCodec(b *testing.B) {
 		{"more_data_16KiB", &tunnelpb.ServerToClient{StreamId: 3, Frame: &tunnelpb.ServerToClient_MoreResponseData{
 			MoreResponseData: bytesOf(16 << 10)}},
 			func() any { return new(tunnelpb.ServerToClient) }},
-		{"window_update", &tunnelpb.ClientToServer{StreamId: 3, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: 1 << 16}},
+		{"window_update", windowUpdateFrame(3, 1<<16),
 			func() any { return new(tunnelpb.ClientToServer) }},
 	}
 	codecs := []struct {
