@@ -167,7 +167,7 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 			request = []byte{}
 		}
 	}
-	err = t.register(st, ns, request)
+	err = t.register(ctx, st, ns, request)
 	st.sentClose = withRequest
 	if err != nil {
 		return nil, err
@@ -342,7 +342,7 @@ func (st *clientStream) CloseSend() error {
 	// ends this call with Unavailable naming the cause, and RecvMsg
 	// reports it. CloseSend itself returns nil, as grpc-go's does: the
 	// status is RecvMsg's to give.
-	_ = st.t.out.Send(&tunnelpb.ClientToServer{
+	_ = st.t.out.Send(st.ended, &tunnelpb.ClientToServer{
 		StreamId: st.id,
 		Frame:    &tunnelpb.ClientToServer_HalfClose{HalfClose: emptyFrame},
 	})

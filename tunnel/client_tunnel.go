@@ -74,6 +74,8 @@ type tunnelClient struct {
 	// ka watches for a silent peer; set by the reader once the tunnel is
 	// ready, under mu.
 	ka *keepalive
+	// peerDead is set when ka gives the peer up, before the tunnel ends.
+	peerDead atomic.Bool
 	// counters feed Info.
 	counters tunnelCounters
 	// conn reports the tunnel to the client stats handler.
@@ -125,6 +127,7 @@ func newTunnelClient(ctx context.Context, cancel context.CancelFunc, frames clie
 	}
 	t.ctx = t.conn.begin(o.clientStats, ctx, p, true)
 	t.out = newSender(frames.Send, func(err error) { t.shutdown(tunnelFailure(err)) })
+	t.out.ended = t.done
 	t.buffered.limit = o.maxBuffered
 	t.counters.openedAt = time.Now()
 	if !a.negotiated {
@@ -164,7 +167,10 @@ func (t *tunnelClient) handshake() error {
 		if !t.closed {
 			t.ka = startKeepalive(t.opts.keepaliveInterval, t.opts.keepaliveTimeout, func(v uint32) {
 				t.out.Queue(&tunnelpb.ClientToServer{StreamId: settingsStreamID, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: v}})
-			}, t.shutdown)
+			}, func(err error) {
+				t.peerDead.Store(true)
+				t.shutdown(err)
+			})
 		}
 		t.mu.Unlock()
 	}
@@ -252,8 +258,12 @@ func (t *tunnelClient) dispatch(f *tunnelpb.ServerToClient) error {
 // frames, under one hold of the sender so IDs reach the peer in increasing
 // order: the new_stream ns and, if only is not nil, the call's one request
 // message and the half-close.
-func (t *tunnelClient) register(st *clientStream, ns *tunnelpb.NewStream, only []byte) error {
-	err := t.out.hold()
+//
+// Waiting for the sender ends with ctx: the call then fails with its
+// context's status, like a call whose context ends at any other point of its
+// start.
+func (t *tunnelClient) register(ctx context.Context, st *clientStream, ns *tunnelpb.NewStream, only []byte) error {
+	err := t.out.hold(ctx.Done())
 	if err == nil {
 		err = t.registerHeld(st, ns, only)
 		t.out.release()
@@ -261,6 +271,8 @@ func (t *tunnelClient) register(st *clientStream, ns *tunnelpb.NewStream, only [
 	switch {
 	case err == nil:
 		return nil
+	case errors.Is(err, errDone):
+		return status.FromContextError(ctx.Err()).Err()
 	case errors.Is(err, errTooManyStreams):
 		return unstarted(err)
 	default:

@@ -228,12 +228,29 @@ func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_O
 	p, _ := peer.FromContext(ctx)
 	t := newTunnelClient(ctx, cancel, stream, h.opts, agreed, true, p)
 	t.onClose = func() { h.pool.remove(t) }
-	defer t.out.Close(errTunnelClosed)
-
 	// With tunnel-close this goroutine reads the frames itself and ends the
 	// tunnel by asking the client to; without it a reader goroutine must,
 	// so that this one can return whenever the tunnel has to end.
 	inline := agreed.tunnelClose
+	defer func() {
+		if inline || !t.peerDead.Load() {
+			// Sends end soon: the peer reads, or (inline) holds this
+			// goroutine in Recv anyway; a request to close must leave
+			// before the return.
+			t.out.Close(errTunnelClosed)
+			return
+		}
+		// The keepalive gave the peer up: a send that stays blocked on it
+		// ends only with the outer stream, that is once this returns, so
+		// it is not waited for (see tunnelServer.serve).
+		t.out.abandon(errTunnelClosed)
+		closed := make(chan struct{})
+		go func() {
+			t.out.Close(errTunnelClosed)
+			close(closed)
+		}()
+		t.out.outlast(closed, blockedSendPatience(h.opts.keepaliveTimeout))
+	}()
 	// Set before any goroutine of the tunnel starts; later changes are
 	// under t.mu (see shutdownHere).
 	t.askPeerToClose = inline

@@ -86,6 +86,15 @@ func (k *keepalive) stop() {
 	k.mu.Unlock()
 }
 
+// blockedSendPatience is how long a network server whose keepalive gave the
+// peer up waits for a send that makes no progress before it ends the outer
+// stream under it (see sender.outlast): the keepalive's timeout, since the
+// peer has had that long to answer already, but never so short that a send
+// merely descheduled on a loaded machine counts as blocked.
+func blockedSendPatience(timeout time.Duration) time.Duration {
+	return max(timeout, 100*time.Millisecond)
+}
+
 // clock anchors monotonic readings.
 var clock = time.Now()
 

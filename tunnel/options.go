@@ -201,8 +201,12 @@ func WithMaxBufferedBytes(n int64) TunnelOption {
 // answers the peer's pings). It needs a peer of this package (the
 // keepalive extension); with a plain peer use gRPC's own keepalive on the
 // connection (grpc.WithKeepaliveParams, grpc.KeepaliveParams). On a network
-// server, pair it with gRPC keepalive anyway: a tunnel given up there still
-// holds its handler's goroutine until the connection under it closes.
+// server, pair it with gRPC keepalive anyway: with the tunnel-close
+// extension its handler's goroutine does the reading, so a tunnel given up
+// there still holds that goroutine (and a send blocked on the peer) until
+// the connection under it closes. Without it, a network server whose peer
+// is given up returns from the handler, which ends the outer stream and
+// releases a send blocked on it.
 func WithKeepalive(interval, timeout time.Duration) TunnelOption {
 	return optionFunc(func(o *options) {
 		o.keepaliveInterval, o.keepaliveTimeout = max(interval, 0), max(timeout, 0)

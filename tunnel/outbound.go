@@ -9,11 +9,12 @@ import (
 // sendMessage sends one encoded message as a message frame and continuation
 // frames, taking window credit before each chunk. Chunks are slices of the
 // codec's buffers; the only copy is the outer stream's own encoding. It
-// returns errDone if done closes while it waits for credit.
+// returns errDone if done closes while it waits for credit or for its turn
+// to send.
 func sendMessage[F any](s *sender[F], win *flowcontrol.SendWindow, done <-chan struct{}, fr framer[F], data mem.BufferSlice, maxChunk int) error {
 	size := data.Len()
 	if size == 0 {
-		return s.Send(fr.message(0, nil))
+		return s.Send(done, fr.message(0, nil))
 	}
 	var small [4][]byte
 	bufs := small[:0]
@@ -41,7 +42,7 @@ func sendMessage[F any](s *sender[F], win *flowcontrol.SendWindow, done <-chan s
 		} else {
 			f = fr.more(chunk)
 		}
-		if err := s.Send(f); err != nil {
+		if err := s.Send(done, f); err != nil {
 			return err
 		}
 	}

@@ -199,8 +199,13 @@ func (st *serverStream) end(err error, fromReader bool, last lastMessage) {
 	st.in.abort(errStreamClosed)
 	// A send that fails here is not reported to anyone, rightly: the
 	// handler has returned, and the failure is the whole tunnel's. A hold
-	// that fails means the sender already failed or was closed, so the
-	// tunnel is ending already; a sendLocked that fails makes release call
+	// that fails means the sender already failed or was closed, or the
+	// tunnel ended, so the tunnel is ending already; or that the call's
+	// context ended while the outer stream was busy, and then the client
+	// needs no status from here either: it cancelled the call or its own
+	// deadline, which this one derives from, ends it. A handler whose peer
+	// stopped reading thus returns with its context rather than wait for
+	// the outer stream. A sendLocked that fails makes release call
 	// the sender's onFail, which shuts the tunnel down with the cause
 	// (tunnelFailure), and that ends every call on it. The client learns
 	// of it from its own end of the outer stream.
@@ -208,7 +213,7 @@ func (st *serverStream) end(err error, fromReader bool, last lastMessage) {
 		for _, f := range frames {
 			st.t.out.Queue(f)
 		}
-	} else if st.t.out.hold() == nil {
+	} else if st.t.out.hold(st.done) == nil {
 		for _, f := range frames {
 			if st.t.out.sendLocked(f) != nil {
 				break
@@ -322,7 +327,10 @@ func (st *serverStream) flushHeader(explicit bool) error {
 	if err != nil {
 		return err
 	}
-	if err := st.t.out.Send(f); err != nil {
+	if err := st.t.out.Send(st.done, f); err != nil {
+		if errors.Is(err, errDone) {
+			return status.FromContextError(st.ctx.Err()).Err()
+		}
 		return tunnelFailed(err)
 	}
 	st.stats.outHeader(st.method, nil, md, compressorName(st.comp))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -56,6 +57,8 @@ type tunnelServer struct {
 	buffered budget
 	// ka watches for a silent peer; set before reading starts, under mu.
 	ka *keepalive
+	// peerDead is set when ka gives the peer up, before the tunnel ends.
+	peerDead atomic.Bool
 	// counters feed info.
 	counters tunnelCounters
 
@@ -101,6 +104,7 @@ func newTunnelServer(ctx context.Context, frames serverFrames, o *options, svc *
 	}
 	t.ctx = t.conn.begin(o.serverStats, ctx, p, false)
 	t.out = newSender(frames.Send, func(err error) { t.shutdown(tunnelFailure(err)) })
+	t.out.ended = t.done
 	t.buffered.limit = o.maxBuffered
 	t.counters.openedAt = time.Now()
 	return t
@@ -112,7 +116,7 @@ func newTunnelServer(ctx context.Context, frames serverFrames, o *options, svc *
 // or shutdown) while a read is blocked.
 func (t *tunnelServer) serve(inline bool) error {
 	if t.agreed.negotiated {
-		if err := t.out.Send(t.opts.settingsFrame()); err != nil {
+		if err := t.out.Send(nil, t.opts.settingsFrame()); err != nil {
 			t.shutdown(tunnelFailure(err))
 		}
 	}
@@ -121,7 +125,10 @@ func (t *tunnelServer) serve(inline bool) error {
 		if !t.closed {
 			t.ka = startKeepalive(t.opts.keepaliveInterval, t.opts.keepaliveTimeout, func(v uint32) {
 				t.out.Queue(&tunnelpb.ServerToClient{StreamId: settingsStreamID, Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: v}})
-			}, t.shutdown)
+			}, func(err error) {
+				t.peerDead.Store(true)
+				t.shutdown(err)
+			})
 		}
 		t.mu.Unlock()
 	}
@@ -131,12 +138,36 @@ func (t *tunnelServer) serve(inline bool) error {
 		go func() { t.shutdown(t.read()) }()
 		<-t.done
 	}
-	// Handlers stop once their contexts are cancelled; after that nothing
-	// sends, and the outer stream may be released.
+	if t.abort == nil && !t.askPeerToClose && t.peerDead.Load() {
+		// A network server ends the outer stream only by returning from
+		// its handler, and a send blocked on a peer that stopped reading
+		// ends only with the outer stream. Once the keepalive has given
+		// the peer up, a send that stays blocked is such a send: this
+		// returns without waiting for it, and the rest finishes in the
+		// background once the return has released it. (With tunnel-close
+		// the handler's goroutine reads, and a silent peer holds it in
+		// Recv anyway, until the connection closes; see WithKeepalive.)
+		t.out.abandon(errTunnelClosed)
+		finished := make(chan struct{})
+		go func() {
+			t.finish()
+			close(finished)
+		}()
+		t.out.outlast(finished, blockedSendPatience(t.opts.keepaliveTimeout))
+		return t.err
+	}
+	t.finish()
+	return t.err
+}
+
+// finish waits for what the tunnel started once it has ended. Handlers stop
+// once their contexts are cancelled, and no hold of the sender begins on an
+// ended tunnel; after that nothing sends but the flusher, and the outer
+// stream may be released.
+func (t *tunnelServer) finish() {
 	t.handlers.Wait()
 	t.workers.Close()
 	t.out.Close(errTunnelClosed)
-	return t.err
 }
 
 // maxIdleWorkers bounds the worker goroutines a tunnel keeps waiting for
@@ -367,7 +398,7 @@ func (t *tunnelServer) endIdle() {
 		t.shutdown(nil)
 		return
 	}
-	err := t.out.Do(func(func(*tunnelpb.ServerToClient) error) error { return t.closeSend() })
+	err := t.out.Do(nil, func(func(*tunnelpb.ServerToClient) error) error { return t.closeSend() })
 	if err != nil {
 		// The half-close failed, so the peer will not end the stream: end
 		// the tunnel here, keeping why (a failed sender has ended it with
