@@ -237,10 +237,7 @@ func (st *clientStream) afterData(update uint32, err error) {
 }
 
 func (st *clientStream) sendWindowUpdate(n uint32) {
-	st.t.out.Queue(&tunnelpb.ClientToServer{
-		StreamId: st.id,
-		Frame:    &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: n},
-	})
+	st.t.out.Queue(clientFramer(st.id).windowUpdate(n))
 }
 
 // onClose handles the server's close_stream: the call's status and trailers.
@@ -281,10 +278,7 @@ func (st *clientStream) abort(err error, tellPeer bool) {
 		return
 	}
 	if tellPeer {
-		st.t.out.Queue(&tunnelpb.ClientToServer{
-			StreamId: st.id,
-			Frame:    &tunnelpb.ClientToServer_Cancel{Cancel: emptyFrame},
-		})
+		st.t.out.Queue(clientFramer(st.id).cancel())
 		st.t.forget(st.id)
 	}
 }
@@ -342,10 +336,7 @@ func (st *clientStream) CloseSend() error {
 	// ends this call with Unavailable naming the cause, and RecvMsg
 	// reports it. CloseSend itself returns nil, as grpc-go's does: the
 	// status is RecvMsg's to give.
-	_ = st.t.out.Send(st.ended, &tunnelpb.ClientToServer{
-		StreamId: st.id,
-		Frame:    &tunnelpb.ClientToServer_HalfClose{HalfClose: emptyFrame},
-	})
+	_ = st.t.out.Send(st.ended, clientFramer(st.id).halfClose())
 	return nil
 }
 

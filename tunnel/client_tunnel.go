@@ -166,7 +166,7 @@ func (t *tunnelClient) handshake() error {
 		t.mu.Lock()
 		if !t.closed {
 			t.ka = startKeepalive(t.opts.keepaliveInterval, t.opts.keepaliveTimeout, func(v uint32) {
-				t.out.Queue(&tunnelpb.ClientToServer{StreamId: settingsStreamID, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: v}})
+				t.out.Queue(clientFramer(settingsStreamID).windowUpdate(v))
 			}, func(err error) {
 				t.peerDead.Store(true)
 				t.shutdown(err)
@@ -223,7 +223,7 @@ func (t *tunnelClient) dispatch(f *tunnelpb.ServerToClient) error {
 	}
 	if v, ok := f.GetFrame().(*tunnelpb.ServerToClient_WindowUpdate); ok && id == settingsStreamID && t.agreed.keepalive {
 		if v.WindowUpdate&pingBit != 0 {
-			t.out.Queue(&tunnelpb.ClientToServer{StreamId: settingsStreamID, Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: v.WindowUpdate &^ pingBit}})
+			t.out.Queue(clientFramer(settingsStreamID).windowUpdate(v.WindowUpdate &^ pingBit))
 		}
 		return nil
 	}
@@ -297,13 +297,12 @@ func (t *tunnelClient) registerHeld(st *clientStream, ns *tunnelpb.NewStream, on
 	t.load.Add(1)
 	t.counters.started++
 	t.mu.Unlock()
-	err := t.out.sendLocked(&tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_NewStream{NewStream: ns}})
+	fr := clientFramer(id)
+	err := t.out.sendLocked(fr.newStream(ns))
 	if err == nil && only != nil {
-		err = t.out.sendLocked(&tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_RequestMessage{
-			RequestMessage: &tunnelpb.MessageData{Size: uint32(len(only)), Data: only},
-		}})
+		err = t.out.sendLocked(fr.message(uint32(len(only)), only))
 		if err == nil {
-			err = t.out.sendLocked(&tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_HalfClose{HalfClose: emptyFrame}})
+			err = t.out.sendLocked(fr.halfClose())
 		}
 	}
 	if err != nil {
@@ -375,7 +374,7 @@ func (t *tunnelClient) shutdown(err error) {
 		ka.stop()
 		t.cancel()
 		if askPeer {
-			t.out.Queue(&tunnelpb.ClientToServer{StreamId: settingsStreamID, Frame: &tunnelpb.ClientToServer_Cancel{Cancel: emptyFrame}})
+			t.out.Queue(clientFramer(settingsStreamID).cancel())
 		}
 		gone := t.unavailableAfter(err)
 		for _, st := range streams {

@@ -36,9 +36,91 @@ func framePayload[F any](f F) int {
 // emptyFrame is the payload of half_close and cancel frames.
 var emptyFrame = &emptypb.Empty{}
 
-func closeFrame(id int64, st *status.Status, trailer *tunnelpb.Metadata) *tunnelpb.ServerToClient {
+// framer builds the frames of one message of one direction of one stream: a
+// message frame, then continuations. clientFramer and serverFramer are the
+// two; sendMessage takes either.
+type framer[F any] interface {
+	// message is the first frame of a message of size bytes, carrying chunk.
+	message(size uint32, chunk []byte) F
+	// more is a continuation carrying chunk.
+	more(chunk []byte) F
+}
+
+// clientFramer builds the frames a tunnel client sends on one stream (on
+// stream -1, settingsStreamID, the tunnel's own: keepalive pings and pongs,
+// the request to close). Every ClientToServer frame is built here, each kind
+// in one method.
+type clientFramer int64
+
+func (id clientFramer) newStream(ns *tunnelpb.NewStream) *tunnelpb.ClientToServer {
+	return &tunnelpb.ClientToServer{StreamId: int64(id), Frame: &tunnelpb.ClientToServer_NewStream{NewStream: ns}}
+}
+
+func (id clientFramer) message(size uint32, chunk []byte) *tunnelpb.ClientToServer {
+	return &tunnelpb.ClientToServer{StreamId: int64(id), Frame: &tunnelpb.ClientToServer_RequestMessage{
+		RequestMessage: &tunnelpb.MessageData{Size: size, Data: chunk},
+	}}
+}
+
+func (id clientFramer) more(chunk []byte) *tunnelpb.ClientToServer {
+	return &tunnelpb.ClientToServer{StreamId: int64(id), Frame: &tunnelpb.ClientToServer_MoreRequestData{MoreRequestData: chunk}}
+}
+
+// windowUpdate grants the server n more bytes on the stream; on stream -1 it
+// is a keepalive ping or pong.
+func (id clientFramer) windowUpdate(n uint32) *tunnelpb.ClientToServer {
+	return &tunnelpb.ClientToServer{StreamId: int64(id), Frame: &tunnelpb.ClientToServer_WindowUpdate{WindowUpdate: n}}
+}
+
+func (id clientFramer) halfClose() *tunnelpb.ClientToServer {
+	return &tunnelpb.ClientToServer{StreamId: int64(id), Frame: &tunnelpb.ClientToServer_HalfClose{HalfClose: emptyFrame}}
+}
+
+// cancel ends the stream; on stream -1 it asks the peer to close the tunnel.
+func (id clientFramer) cancel() *tunnelpb.ClientToServer {
+	return &tunnelpb.ClientToServer{StreamId: int64(id), Frame: &tunnelpb.ClientToServer_Cancel{Cancel: emptyFrame}}
+}
+
+// serverFramer builds the frames a tunnel server sends on one stream (on
+// stream -1, settingsStreamID, the tunnel's own: settings, keepalive pings
+// and pongs, the drain signal, the request to close). Every ServerToClient
+// frame is built here, each kind in one method.
+type serverFramer int64
+
+func (id serverFramer) settings(revs []tunnelpb.ProtocolRevision, window uint32) *tunnelpb.ServerToClient {
+	return &tunnelpb.ServerToClient{StreamId: int64(id), Frame: &tunnelpb.ServerToClient_Settings{Settings: &tunnelpb.Settings{
+		SupportedProtocolRevisions: revs,
+		InitialWindowSize:          window,
+	}}}
+}
+
+// headers is the response headers md; on stream -1, with empty md, the
+// signal that the server drains.
+func (id serverFramer) headers(md *tunnelpb.Metadata) *tunnelpb.ServerToClient {
+	return &tunnelpb.ServerToClient{StreamId: int64(id), Frame: &tunnelpb.ServerToClient_ResponseHeaders{ResponseHeaders: md}}
+}
+
+func (id serverFramer) message(size uint32, chunk []byte) *tunnelpb.ServerToClient {
+	return &tunnelpb.ServerToClient{StreamId: int64(id), Frame: &tunnelpb.ServerToClient_ResponseMessage{
+		ResponseMessage: &tunnelpb.MessageData{Size: size, Data: chunk},
+	}}
+}
+
+func (id serverFramer) more(chunk []byte) *tunnelpb.ServerToClient {
+	return &tunnelpb.ServerToClient{StreamId: int64(id), Frame: &tunnelpb.ServerToClient_MoreResponseData{MoreResponseData: chunk}}
+}
+
+// windowUpdate grants the client n more bytes on the stream; on stream -1 it
+// is a keepalive ping or pong.
+func (id serverFramer) windowUpdate(n uint32) *tunnelpb.ServerToClient {
+	return &tunnelpb.ServerToClient{StreamId: int64(id), Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: n}}
+}
+
+// closeStream ends the stream with st and trailer; on stream -1 it asks the
+// peer to close the tunnel.
+func (id serverFramer) closeStream(st *status.Status, trailer *tunnelpb.Metadata) *tunnelpb.ServerToClient {
 	return &tunnelpb.ServerToClient{
-		StreamId: id,
+		StreamId: int64(id),
 		Frame: &tunnelpb.ServerToClient_CloseStream{CloseStream: &tunnelpb.CloseStream{
 			ResponseTrailers: trailer,
 			Status:           st.Proto(),
@@ -46,34 +128,7 @@ func closeFrame(id int64, st *status.Status, trailer *tunnelpb.Metadata) *tunnel
 	}
 }
 
-// framer builds the frames of one direction of one stream.
-type framer[F any] struct {
-	message func(size uint32, chunk []byte) F
-	more    func(chunk []byte) F
-}
-
-func clientFramer(id int64) framer[*tunnelpb.ClientToServer] {
-	return framer[*tunnelpb.ClientToServer]{
-		message: func(size uint32, chunk []byte) *tunnelpb.ClientToServer {
-			return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_RequestMessage{
-				RequestMessage: &tunnelpb.MessageData{Size: size, Data: chunk},
-			}}
-		},
-		more: func(chunk []byte) *tunnelpb.ClientToServer {
-			return &tunnelpb.ClientToServer{StreamId: id, Frame: &tunnelpb.ClientToServer_MoreRequestData{MoreRequestData: chunk}}
-		},
-	}
-}
-
-func serverFramer(id int64) framer[*tunnelpb.ServerToClient] {
-	return framer[*tunnelpb.ServerToClient]{
-		message: func(size uint32, chunk []byte) *tunnelpb.ServerToClient {
-			return &tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_ResponseMessage{
-				ResponseMessage: &tunnelpb.MessageData{Size: size, Data: chunk},
-			}}
-		},
-		more: func(chunk []byte) *tunnelpb.ServerToClient {
-			return &tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_MoreResponseData{MoreResponseData: chunk}}
-		},
-	}
+// closeFrame is serverFramer(id).closeStream(st, trailer).
+func closeFrame(id int64, st *status.Status, trailer *tunnelpb.Metadata) *tunnelpb.ServerToClient {
+	return serverFramer(id).closeStream(st, trailer)
 }

@@ -191,13 +191,7 @@ func hasValue(md metadata.MD, key, want string) bool {
 
 // settingsFrame is the tunnel server's first frame under revision one.
 func (o *options) settingsFrame() *tunnelpb.ServerToClient {
-	return &tunnelpb.ServerToClient{
-		StreamId: settingsStreamID,
-		Frame: &tunnelpb.ServerToClient_Settings{Settings: &tunnelpb.Settings{
-			SupportedProtocolRevisions: supportedRevisions,
-			InitialWindowSize:          o.initialWindow,
-		}},
-	}
+	return serverFramer(settingsStreamID).settings(supportedRevisions, o.initialWindow)
 }
 
 // chooseRevision picks the highest revision both ends support.

@@ -11,7 +11,7 @@ import (
 // codec's buffers; the only copy is the outer stream's own encoding. It
 // returns errDone if done closes while it waits for credit or for its turn
 // to send.
-func sendMessage[F any](s *sender[F], win *flowcontrol.SendWindow, done <-chan struct{}, fr framer[F], data mem.BufferSlice, maxChunk int) error {
+func sendMessage[F any, FR framer[F]](s *sender[F], win *flowcontrol.SendWindow, done <-chan struct{}, fr FR, data mem.BufferSlice, maxChunk int) error {
 	size := data.Len()
 	if size == 0 {
 		return s.Send(done, fr.message(0, nil))

@@ -92,10 +92,7 @@ func (st *serverStream) afterData(update uint32, err error) {
 		return
 	}
 	if update > 0 {
-		st.t.out.Queue(&tunnelpb.ServerToClient{
-			StreamId: st.id,
-			Frame:    &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: update},
-		})
+		st.t.out.Queue(serverFramer(st.id).windowUpdate(update))
 	}
 	st.in.waitForSpace(st.done)
 }
@@ -254,7 +251,7 @@ func (st *serverStream) closeFrame(s *status.Status, trailer metadata.MD) *tunne
 		s = status.New(codes.Internal, "grpctunnel: "+encErr.Error())
 		pbTrailer = nil
 	}
-	return closeFrame(st.id, s, pbTrailer)
+	return serverFramer(st.id).closeStream(s, pbTrailer)
 }
 
 // statusOf turns a handler's result into the status sent to the client.
@@ -276,7 +273,7 @@ func (st *serverStream) headerFrame(md metadata.MD) (*tunnelpb.ServerToClient, e
 		return nil, status.Error(codes.Internal, "grpctunnel: "+err.Error())
 	}
 	pb = withEncoding(pb, st.comp)
-	return &tunnelpb.ServerToClient{StreamId: st.id, Frame: &tunnelpb.ServerToClient_ResponseHeaders{ResponseHeaders: pb}}, nil
+	return serverFramer(st.id).headers(pb), nil
 }
 
 // Handler side: grpc.ServerStream.
@@ -398,10 +395,7 @@ func (st *serverStream) RecvMsg(m any) error {
 		return err
 	}
 	if update > 0 {
-		st.t.out.Queue(&tunnelpb.ServerToClient{
-			StreamId: st.id,
-			Frame:    &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: update},
-		})
+		st.t.out.Queue(serverFramer(st.id).windowUpdate(update))
 	}
 	data := msg.gathered()
 	wire := data.Len()

@@ -124,7 +124,7 @@ func (t *tunnelServer) serve(inline bool) error {
 		t.mu.Lock()
 		if !t.closed {
 			t.ka = startKeepalive(t.opts.keepaliveInterval, t.opts.keepaliveTimeout, func(v uint32) {
-				t.out.Queue(&tunnelpb.ServerToClient{StreamId: settingsStreamID, Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: v}})
+				t.out.Queue(serverFramer(settingsStreamID).windowUpdate(v))
 			}, func(err error) {
 				t.peerDead.Store(true)
 				t.shutdown(err)
@@ -196,7 +196,7 @@ func (t *tunnelServer) dispatch(f *tunnelpb.ClientToServer) error {
 	case *tunnelpb.ClientToServer_WindowUpdate:
 		if id == settingsStreamID && t.agreed.keepalive {
 			if fr.WindowUpdate&pingBit != 0 {
-				t.out.Queue(&tunnelpb.ServerToClient{StreamId: settingsStreamID, Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: fr.WindowUpdate &^ pingBit}})
+				t.out.Queue(serverFramer(settingsStreamID).windowUpdate(fr.WindowUpdate &^ pingBit))
 			}
 			return nil
 		}
@@ -249,7 +249,7 @@ func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
 	t.lastID = id
 	st, err := t.prepare(id, ns)
 	if err != nil {
-		t.out.Queue(closeFrame(id, status.Convert(err), nil))
+		t.out.Queue(serverFramer(id).closeStream(status.Convert(err), nil))
 		return nil
 	}
 	t.mu.Lock()
@@ -265,7 +265,7 @@ func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
 	if refuse != nil {
 		t.mu.Unlock()
 		st.cancel()
-		t.out.Queue(closeFrame(id, status.Convert(refuse), nil))
+		t.out.Queue(serverFramer(id).closeStream(status.Convert(refuse), nil))
 		return nil
 	}
 	t.streams[id] = st
@@ -276,7 +276,7 @@ func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
 		// The settings fixed the initial window; a stream that starts from
 		// a learned larger one says so at once.
 		if extra := st.in.win.Grant(); extra > 0 {
-			t.out.Queue(&tunnelpb.ServerToClient{StreamId: id, Frame: &tunnelpb.ServerToClient_WindowUpdate{WindowUpdate: extra}})
+			t.out.Queue(serverFramer(id).windowUpdate(extra))
 		}
 	}
 	if h := t.opts.serverStats; h != nil {
@@ -383,9 +383,7 @@ func (t *tunnelServer) drain() {
 	switch {
 	case wasDraining:
 	case t.agreed.drain:
-		t.out.Queue(&tunnelpb.ServerToClient{StreamId: settingsStreamID, Frame: &tunnelpb.ServerToClient_ResponseHeaders{
-			ResponseHeaders: &tunnelpb.Metadata{},
-		}})
+		t.out.Queue(serverFramer(settingsStreamID).headers(&tunnelpb.Metadata{}))
 	case idle:
 		t.endIdle()
 	}
@@ -422,9 +420,7 @@ func (t *tunnelServer) shutdown(err error) {
 			t.abort()
 		}
 		if askPeer {
-			t.out.Queue(&tunnelpb.ServerToClient{StreamId: settingsStreamID, Frame: &tunnelpb.ServerToClient_CloseStream{
-				CloseStream: &tunnelpb.CloseStream{Status: statusOf(nil).Proto()},
-			}})
+			t.out.Queue(serverFramer(settingsStreamID).closeStream(statusOf(nil), nil))
 		}
 		t.conn.end(false)
 		close(t.done)
