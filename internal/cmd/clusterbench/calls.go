@@ -3,14 +3,12 @@ package main
 import (
 	"context"
 	"fmt"
-	"math"
 	"slices"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
 
+	"github.com/grpctunnel/grpctunnel/internal/benchkit"
 	"github.com/grpctunnel/grpctunnel/internal/embedetcd"
 )
 
@@ -204,20 +202,11 @@ func unaryLatency(ctx context.Context, chans [2]grpc.ClientConnInterface, d time
 	for path := range chans {
 		if len(lat[path]) > 0 && errs[path] == nil {
 			slices.Sort(lat[path])
-			figs[path] = []float64{micros(percentile(lat[path], 0.50)), micros(percentile(lat[path], 0.99))}
+			figs[path] = []float64{benchkit.Micros(benchkit.Percentile(lat[path], 0.50)), benchkit.Micros(benchkit.Percentile(lat[path], 0.99))}
 		}
 	}
 	return figs, errs
 }
-
-// percentile returns the nearest-rank q-quantile of sorted, which must not
-// be empty.
-func percentile[T any](sorted []T, q float64) T {
-	i := int(math.Ceil(q*float64(len(sorted)))) - 1
-	return sorted[max(i, 0)]
-}
-
-func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
 func millis(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
@@ -281,36 +270,14 @@ func (t turn) cpuPerCall() float64 {
 	if !t.cpuOK || t.calls == 0 {
 		return 0
 	}
-	return micros(t.cpu) / float64(t.calls)
+	return benchkit.Micros(t.cpu) / float64(t.calls)
 }
 
 // callFor keeps callers calls in flight through cc for d.
 func callFor(ctx context.Context, cc grpc.ClientConnInterface, callers int, d time.Duration) (turn, error) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var calls atomic.Int64
-	var once sync.Once
-	var firstErr error
-	var wg sync.WaitGroup
-	cpuStart, cpuOK := processCPU()
-	start := time.Now()
-	end := start.Add(d)
-	for range callers {
-		wg.Go(func() {
-			for time.Now().Before(end) {
-				if err := unaryCall(ctx, cc); err != nil {
-					once.Do(func() { firstErr = err; cancel() })
-					return
-				}
-				calls.Add(1)
-			}
-		})
+	load, err := benchkit.CallFor(ctx, callers, d, func(ctx context.Context) error { return unaryCall(ctx, cc) })
+	if err != nil {
+		return turn{}, err
 	}
-	wg.Wait()
-	elapsed := time.Since(start)
-	cpuEnd, cpuEndOK := processCPU()
-	if firstErr != nil {
-		return turn{}, firstErr
-	}
-	return turn{calls: calls.Load(), elapsed: elapsed, cpu: cpuEnd - cpuStart, cpuOK: cpuOK && cpuEndOK}, nil
+	return turn{calls: load.Calls, elapsed: load.Elapsed, cpu: load.CPU, cpuOK: load.CPUOK}, nil
 }

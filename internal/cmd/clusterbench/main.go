@@ -49,6 +49,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/grpctunnel/grpctunnel/internal/benchkit"
 	"github.com/grpctunnel/grpctunnel/internal/embedetcd"
 )
 
@@ -175,7 +176,7 @@ func run(ctx context.Context, cfg config, out, log io.Writer) error {
 	}
 	fmt.Fprintln(out, "## clusterbench: gateway replicas on one etcd")
 	fmt.Fprintln(out)
-	writeMachine(out)
+	benchkit.WriteMachine(out, benchkit.GRPC, benchkit.Module{Name: "etcd", Path: "go.etcd.io/etcd/server/v3"})
 	fmt.Fprintf(out, "- settings: -duration %v -runs %d -callers %d -entries %d -tunnels %d\n",
 		cfg.duration, cfg.runs, cfg.callers, cfg.entries, cfg.tunnels)
 	fmt.Fprintln(out)
@@ -263,7 +264,7 @@ func writeNotes(out io.Writer, cfg config) {
 			"while another, alone in a child process, watches them arrive; the figure is that process's live heap growth "+
 			"(HeapAlloc after runtime.GC, the least of %d readings %v apart, as an idle replica still talks to etcd now and then) divided by %s. The baseline is the same process's growth when it keeps a plain "+
 			"map from each etcd key to its value, read with one Get of the directory: the least a replica could keep.\n",
-			thousands(float64(cfg.entries)), len(memoryAgentKey(0)), steadyReadings, steadyEvery, thousands(float64(cfg.entries)))
+			benchkit.Thousands(float64(cfg.entries)), len(memoryAgentKey(0)), steadyReadings, steadyEvery, benchkit.Thousands(float64(cfg.entries)))
 	}
 	if cfg.wants(keyWrites) {
 		fmt.Fprintf(out, "- Writes rows: 2 replicas; %d agents open a tunnel each on replica A, one after the other, then %s calls go through A and B from %d callers at once, "+
@@ -272,6 +273,6 @@ func writeNotes(out io.Writer, cfg config) {
 			"lease keepalives do not, and nothing else writes to this etcd meanwhile. "+
 			"Each tunnel is waited for until the other replica's directory shows the change, so no two share a transaction "+
 			"(tunnels opening or closing together are written in one, which costs less).\n",
-			cfg.tunnels, thousands(writesCalls), cfg.callers)
+			cfg.tunnels, benchkit.Thousands(writesCalls), cfg.callers)
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/grpctunnel/grpctunnel/gateway/cluster"
+	"github.com/grpctunnel/grpctunnel/internal/benchkit"
 	"github.com/grpctunnel/grpctunnel/internal/embedetcd"
 )
 
@@ -55,7 +56,7 @@ func memoryAgentKey(i int) string { return fmt.Sprintf("agent-%05d", i) }
 func memorySection(ctx context.Context, cfg config, etcd *embedetcd.Server, say func(string, ...any)) []*row {
 	n := cfg.entries
 	perEntry := &row{
-		label:  fmt.Sprintf("heap per directory entry, %s entries, on a replica watching them: vs a plain map of their etcd keys ↓", thousands(float64(n))),
+		label:  fmt.Sprintf("heap per directory entry, %s entries, on a replica watching them: vs a plain map of their etcd keys ↓", benchkit.Thousands(float64(n))),
 		format: formatBytes,
 		goal:   atMost(1024, formatBytes),
 	}

@@ -5,6 +5,8 @@ import (
 	"io"
 	"math"
 	"strings"
+
+	"github.com/grpctunnel/grpctunnel/internal/benchkit"
 )
 
 // row is one line of the table: a figure of the cluster, the baseline it
@@ -141,11 +143,11 @@ func cell(v float64, err error, format func(float64) string) string {
 
 // Formats of the table's units.
 
-func formatMicros(v float64) string { return decimals(v) + " µs" }
+func formatMicros(v float64) string { return benchkit.Decimals(v) + " µs" }
 
-func formatMillis(v float64) string { return decimals(v) + " ms" }
+func formatMillis(v float64) string { return benchkit.Decimals(v) + " ms" }
 
-func formatRate(v float64) string { return thousands(v) + " calls/s" }
+func formatRate(v float64) string { return benchkit.Thousands(v) + " calls/s" }
 
 func formatBytes(v float64) string {
 	if math.Abs(v) >= 1024 {
@@ -155,33 +157,3 @@ func formatBytes(v float64) string {
 }
 
 func formatCount(v float64) string { return fmt.Sprintf("%.2f", v) }
-
-// decimals prints v with about three significant digits, never in
-// exponent form.
-func decimals(v float64) string {
-	switch a := math.Abs(v); {
-	case a >= 100:
-		return thousands(v)
-	case a >= 10:
-		return fmt.Sprintf("%.1f", v)
-	default:
-		return fmt.Sprintf("%.2f", v)
-	}
-}
-
-// thousands prints v rounded to an integer with commas between groups of
-// three digits.
-func thousands(v float64) string {
-	s := fmt.Sprintf("%.0f", math.Abs(v))
-	var b strings.Builder
-	if v < 0 && s != "0" {
-		b.WriteByte('-')
-	}
-	for i, c := range s {
-		if i > 0 && (len(s)-i)%3 == 0 {
-			b.WriteByte(',')
-		}
-		b.WriteRune(c)
-	}
-	return b.String()
-}

@@ -9,6 +9,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/grpctunnel/grpctunnel/internal/benchkit"
 	"github.com/grpctunnel/grpctunnel/internal/embedetcd"
 )
 
@@ -28,7 +29,7 @@ const writesCalls = 1000
 func writesSection(ctx context.Context, cfg config, etcd *embedetcd.Server, say func(string, ...any)) []*row {
 	n := cfg.tunnels
 	perOpen := &row{label: fmt.Sprintf("etcd writes per tunnel opened, %d tunnels on replica A", n), format: formatCount, goal: exactly(1, formatCount)}
-	perCall := &row{label: fmt.Sprintf("etcd writes per 1,000 calls, %s calls through A and B", thousands(writesCalls)), format: formatCount, goal: exactly(0, formatCount)}
+	perCall := &row{label: fmt.Sprintf("etcd writes per 1,000 calls, %s calls through A and B", benchkit.Thousands(writesCalls)), format: formatCount, goal: exactly(0, formatCount)}
 	perClose := &row{label: fmt.Sprintf("etcd writes per tunnel closed, the same %d", n), format: formatCount, goal: exactly(1, formatCount)}
 	rows := []*row{perOpen, perCall, perClose}
 	fail := func(from int, err error) []*row {

@@ -40,6 +40,8 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+
+	"github.com/grpctunnel/grpctunnel/internal/benchkit"
 )
 
 // Measurement names, for -only.
@@ -182,7 +184,7 @@ func run(ctx context.Context, cfg config, out, log io.Writer) error {
 	}
 	fmt.Fprintln(out, "## tunnelbench: tunnels and the gateway against direct gRPC")
 	fmt.Fprintln(out)
-	writeMachine(out)
+	benchkit.WriteMachine(out, benchkit.GRPC)
 	fmt.Fprintf(out, "- settings: -duration %v -runs %d -callers %d -size %d (%s) -delay %v -idle %d\n",
 		cfg.duration, cfg.runs, cfg.callers, cfg.size, formatSize(cfg.size), cfg.delay, cfg.idle)
 	fmt.Fprintln(out)

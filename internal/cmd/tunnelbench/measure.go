@@ -4,14 +4,13 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"math"
 	"slices"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/grpctunnel/grpctunnel/internal/benchkit"
 )
 
 // unaryPayload is the size of unary requests and responses: small, so that
@@ -47,18 +46,9 @@ func unaryLatency(call unaryCall) probe {
 			lat = append(lat, time.Since(start))
 		}
 		slices.Sort(lat)
-		return []float64{micros(percentile(lat, 0.50)), micros(percentile(lat, 0.99))}, nil
+		return []float64{benchkit.Micros(benchkit.Percentile(lat, 0.50)), benchkit.Micros(benchkit.Percentile(lat, 0.99))}, nil
 	}
 }
-
-// percentile returns the nearest-rank q-quantile of sorted, which must not
-// be empty.
-func percentile(sorted []time.Duration, q float64) time.Duration {
-	i := int(math.Ceil(q*float64(len(sorted)))) - 1
-	return sorted[max(i, 0)]
-}
-
-func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
 // unaryThroughput returns a probe that keeps callers calls in flight for d
 // and reports the completed calls per second, then the CPU time the whole
@@ -68,37 +58,15 @@ func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsec
 // CPU figure is 0 where the process's CPU time cannot be read.
 func unaryThroughput(callers int, call unaryCall) probe {
 	return func(ctx context.Context, cc grpc.ClientConnInterface, d time.Duration) ([]float64, error) {
-		ctx, cancel := context.WithCancel(ctx)
-		defer cancel()
-		var calls atomic.Int64
-		var once sync.Once
-		var firstErr error
-		var wg sync.WaitGroup
-		cpuStart, cpuOK := processCPU()
-		start := time.Now()
-		end := start.Add(d)
-		for range callers {
-			wg.Go(func() {
-				for time.Now().Before(end) {
-					if err := call(ctx, cc); err != nil {
-						once.Do(func() { firstErr = err; cancel() })
-						return
-					}
-					calls.Add(1)
-				}
-			})
-		}
-		wg.Wait()
-		elapsed := time.Since(start)
-		cpuEnd, cpuEndOK := processCPU()
-		if firstErr != nil {
-			return nil, firstErr
+		load, err := benchkit.CallFor(ctx, callers, d, func(ctx context.Context) error { return call(ctx, cc) })
+		if err != nil {
+			return nil, err
 		}
 		var cpuPerCall float64
-		if cpuOK && cpuEndOK {
-			cpuPerCall = micros(cpuEnd-cpuStart) / float64(calls.Load())
+		if load.CPUOK {
+			cpuPerCall = benchkit.Micros(load.CPU) / float64(load.Calls)
 		}
-		return []float64{float64(calls.Load()) / elapsed.Seconds(), cpuPerCall}, nil
+		return []float64{float64(load.Calls) / load.Elapsed.Seconds(), cpuPerCall}, nil
 	}
 }
 

@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"github.com/grpctunnel/grpctunnel/agent"
 	"io"
 	"net"
 	"os"
@@ -15,6 +14,8 @@ import (
 	"github.com/hashicorp/yamux"
 	"google.golang.org/grpc"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+
+	"github.com/grpctunnel/grpctunnel/agent"
 )
 
 // serverCost is what one client costs a server's process, measured in a

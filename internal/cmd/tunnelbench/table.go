@@ -5,6 +5,8 @@ import (
 	"io"
 	"math"
 	"strings"
+
+	"github.com/grpctunnel/grpctunnel/internal/benchkit"
 )
 
 // row is one line of a table: one quantity for each target of the table,
@@ -84,13 +86,13 @@ func writeTable(w io.Writer, targets []target, rows []*row) {
 
 // Formats of the table's units.
 
-func formatMicros(v float64) string { return decimals(v) + " µs" }
+func formatMicros(v float64) string { return benchkit.Decimals(v) + " µs" }
 
-func formatRate(v float64) string { return thousands(v) + " calls/s" }
+func formatRate(v float64) string { return benchkit.Thousands(v) + " calls/s" }
 
-func formatMsgRate(v float64) string { return thousands(v) + " msg/s" }
+func formatMsgRate(v float64) string { return benchkit.Thousands(v) + " msg/s" }
 
-func formatMiBps(v float64) string { return decimals(v) + " MiB/s" }
+func formatMiBps(v float64) string { return benchkit.Decimals(v) + " MiB/s" }
 
 func formatHeap(v float64) string {
 	if math.Abs(v) >= 1024 {
@@ -100,36 +102,6 @@ func formatHeap(v float64) string {
 }
 
 func formatCount(v float64) string { return fmt.Sprintf("%.2f", v) }
-
-// decimals prints v with about three significant digits, never in
-// exponent form.
-func decimals(v float64) string {
-	switch a := math.Abs(v); {
-	case a >= 100:
-		return thousands(v)
-	case a >= 10:
-		return fmt.Sprintf("%.1f", v)
-	default:
-		return fmt.Sprintf("%.2f", v)
-	}
-}
-
-// thousands prints v rounded to an integer with commas between groups of
-// three digits.
-func thousands(v float64) string {
-	s := fmt.Sprintf("%.0f", math.Abs(v))
-	var b strings.Builder
-	if v < 0 && s != "0" {
-		b.WriteByte('-')
-	}
-	for i, c := range s {
-		if i > 0 && (len(s)-i)%3 == 0 {
-			b.WriteByte(',')
-		}
-		b.WriteRune(c)
-	}
-	return b.String()
-}
 
 // formatSize prints a byte count the way -size is best read.
 func formatSize(n int) string {

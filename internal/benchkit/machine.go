@@ -1,4 +1,4 @@
-package main
+package benchkit
 
 import (
 	"bufio"
@@ -10,17 +10,29 @@ import (
 	"strings"
 )
 
-// writeMachine prints what the figures were measured on, since they mean
-// little without it: the platform, the CPUs, and the Go and gRPC versions.
-func writeMachine(w io.Writer) {
+// Module is a dependency whose version a table names.
+type Module struct {
+	Name string // as printed, "gRPC-Go"
+	Path string // the module path, "google.golang.org/grpc"
+}
+
+// GRPC is gRPC-Go, which every table of the project's benches names.
+var GRPC = Module{Name: "gRPC-Go", Path: "google.golang.org/grpc"}
+
+// WriteMachine prints what the figures were measured on, since they mean
+// little without it: the platform, the CPUs, and the versions of Go and of
+// modules built into this binary.
+func WriteMachine(w io.Writer, modules ...Module) {
 	fmt.Fprintf(w, "- machine: %s/%s, %d CPUs, GOMAXPROCS %d", runtime.GOOS, runtime.GOARCH, runtime.NumCPU(), runtime.GOMAXPROCS(0))
 	if m := cpuModel(); m != "" {
 		fmt.Fprintf(w, ", %s", m)
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "- Go: %s", runtime.Version())
-	if v := moduleVersion("google.golang.org/grpc"); v != "" {
-		fmt.Fprintf(w, ", gRPC-Go %s", v)
+	for _, m := range modules {
+		if v := moduleVersion(m.Path); v != "" {
+			fmt.Fprintf(w, ", %s %s", m.Name, v)
+		}
 	}
 	fmt.Fprintln(w)
 }
