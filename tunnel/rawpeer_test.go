@@ -19,17 +19,16 @@ package tunnel
 import (
 	"context"
 	"errors"
-	"net"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/grpctunnel/grpctunnel/internal/loopback"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
 
@@ -149,27 +148,9 @@ func (f *fakeNetworkServer) OpenReverseTunnel(s tunnelpb.TunnelService_OpenRever
 
 func startFake(t *testing.T, f *fakeNetworkServer) tunnelpb.TunnelServiceClient {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	srv := grpc.NewServer()
 	tunnelpb.RegisterTunnelServiceServer(srv, f)
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = srv.Serve(lis)
-	}()
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = conn.Close()
-		srv.Stop()
-		<-served
-	})
-	return tunnelpb.NewTunnelServiceClient(conn)
+	return tunnelpb.NewTunnelServiceClient(loopback.Serve(t, srv))
 }
 
 // peerDeadline bounds every tunnel the peers open, so that a library that

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"net"
 	"runtime"
 	"strings"
 	"sync"
@@ -13,11 +12,11 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/grpctunnel/grpctunnel/internal/loopback"
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
 
@@ -61,20 +60,6 @@ var wrDesc = grpc.ServiceDesc{
 			}
 		},
 	}},
-}
-
-// wrWait receives from ch, failing the test if nothing comes in time.
-func wrWait[T any](t *testing.T, ch <-chan T, what string) T {
-	t.Helper()
-	timer := time.NewTimer(wrPatience)
-	defer timer.Stop()
-	select {
-	case v := <-ch:
-		return v
-	case <-timer.C:
-		t.Fatalf("timed out waiting for %s", what)
-		panic("unreachable")
-	}
 }
 
 // wrUntil waits for cond, failing the test if it does not hold in time. It
@@ -144,32 +129,13 @@ func wrServer(t *testing.T, opts ...TunnelOption) (*TunnelServiceHandler, *wrFlo
 // returns a stub dialled to it; both are stopped at cleanup.
 func wrServe(t *testing.T, reg func(*grpc.Server)) tunnelpb.TunnelServiceClient {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	// Fixed windows turn gRPC's bandwidth estimator off: it widens the
 	// windows of a connection that receives, read or not, which would let a
 	// send that blocked go on later.
 	const window = 64 << 10
 	srv := grpc.NewServer(grpc.InitialWindowSize(window), grpc.InitialConnWindowSize(window))
 	reg(srv)
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = srv.Serve(lis)
-	}()
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithInitialWindowSize(window), grpc.WithInitialConnWindowSize(window))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = conn.Close()
-		srv.Stop()
-		<-served
-	})
-	return tunnelpb.NewTunnelServiceClient(conn)
+	return tunnelpb.NewTunnelServiceClient(loopback.Serve(t, srv, grpc.WithInitialWindowSize(window), grpc.WithInitialConnWindowSize(window)))
 }
 
 // wrStalledClient opens a forward tunnel as a raw network client with the
@@ -225,7 +191,7 @@ func TestWriterStalledPeerCallsEndWithTheirContexts(t *testing.T) {
 		}
 	}
 	for range calls - 1 {
-		if err := wrWait(t, flood.errs, "a waiting handler to return"); status.Code(err) != codes.Canceled {
+		if err := recvWithin(t, flood.errs, "a waiting handler to return"); status.Code(err) != codes.Canceled {
 			t.Fatalf("a waiting handler's SendMsg returned %v; want Canceled, its context's status", err)
 		}
 	}
@@ -234,7 +200,7 @@ func TestWriterStalledPeerCallsEndWithTheirContexts(t *testing.T) {
 	}
 	// Ending the outer stream releases the send gRPC has blocked.
 	cancel()
-	if err := wrWait(t, flood.errs, "the blocked handler to return"); err == nil {
+	if err := recvWithin(t, flood.errs, "the blocked handler to return"); err == nil {
 		t.Fatal("SendMsg succeeded on a stream that ended")
 	}
 	wrUntil(t, "nothing left waiting or sending", func() bool { return wrWaiting() == 0 && wrBlockedInSend() == 0 })
@@ -254,7 +220,7 @@ func TestWriterDeadPeerReleasedByKeepalive(t *testing.T) {
 	start := time.Now()
 	stream, _ := wrStalledClient(t, stub, extKeepalive, calls)
 	for range calls {
-		if err := wrWait(t, flood.errs, "every handler to return"); err == nil {
+		if err := recvWithin(t, flood.errs, "every handler to return"); err == nil {
 			t.Fatal("SendMsg succeeded with nobody reading")
 		}
 	}
@@ -345,7 +311,7 @@ func TestWriterStalledPeerClientWaiters(t *testing.T) {
 	cancelOpen()
 	wantOpen := func(code codes.Code) {
 		t.Helper()
-		if err := wrWait(t, opened, "a waiting call to give up"); status.Code(err) != code {
+		if err := recvWithin(t, opened, "a waiting call to give up"); status.Code(err) != code {
 			t.Fatalf("NewStream returned %v; want %v, its context's status", err, code)
 		}
 	}
@@ -360,7 +326,7 @@ func TestWriterStalledPeerClientWaiters(t *testing.T) {
 	// The tunnel's end releases the rest, the blocked Send included.
 	ch.Close()
 	for range streams {
-		if err := wrWait(t, sent, "a sender to return"); !errors.Is(err, io.EOF) {
+		if err := recvWithin(t, sent, "a sender to return"); !errors.Is(err, io.EOF) {
 			t.Fatalf("SendMsg returned %v on a closed tunnel; want io.EOF", err)
 		}
 	}

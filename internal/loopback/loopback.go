@@ -11,12 +11,12 @@ import (
 )
 
 // Serve serves srv on a free loopback port until the test ends, and
-// returns a plaintext client connection to it. At cleanup the connection
+// returns a plaintext client connection to it, dialled with opts too. At cleanup the connection
 // is closed, the server stopped and its Serve goroutine waited for, so
 // that leak checks see nothing left behind.
-func Serve(t testing.TB, srv *grpc.Server) *grpc.ClientConn {
+func Serve(t testing.TB, srv *grpc.Server, opts ...grpc.DialOption) *grpc.ClientConn {
 	t.Helper()
-	conn, err := grpc.NewClient(ServeAddr(t, srv), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(ServeAddr(t, srv), append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
