@@ -3,6 +3,7 @@ package gateway_test
 import (
 	"bytes"
 	"context"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -382,14 +383,8 @@ func TestFanOutToSeveralAgents(t *testing.T) {
 	// One labelled result per agent named, including the one that is not
 	// connected.
 	got := testkit.FanOut(t, gw, gateway.DefaultKeyHeader, "a, b", "gone")
-	want := map[string]string{"a": "ping", "b": "ping", "gone": "Unavailable"}
-	if len(got) != len(want) {
-		t.Fatalf("results %v, want %v", got, want)
-	}
-	for k, v := range want {
-		if got[k] != v {
-			t.Errorf("result of %s: %q, want %q", k, got[k], v)
-		}
+	if want := map[string]string{"a": "ping", "b": "ping", "gone": "Unavailable"}; !maps.Equal(got, want) {
+		t.Errorf("results %v, want %v", got, want)
 	}
 }
 

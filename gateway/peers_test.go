@@ -2,6 +2,7 @@ package gateway_test
 
 import (
 	"context"
+	"maps"
 	"net"
 	"slices"
 	"strings"
@@ -331,14 +332,8 @@ func TestFanOutAcrossReplicas(t *testing.T) {
 	r2.cluster.set("a", r1.peer)
 
 	got := testkit.FanOut(t, r2.callers, gateway.DefaultKeyHeader, "a,b", "gone")
-	want := map[string]string{"a": "ping", "b": "ping", "gone": "Unavailable"}
-	if len(got) != len(want) {
-		t.Fatalf("results %v, want %v", got, want)
-	}
-	for k, v := range want {
-		if got[k] != v {
-			t.Errorf("result of %s: %q, want %q", k, got[k], v)
-		}
+	if want := map[string]string{"a": "ping", "b": "ping", "gone": "Unavailable"}; !maps.Equal(got, want) {
+		t.Errorf("results %v, want %v", got, want)
 	}
 }
 
