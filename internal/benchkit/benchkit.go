@@ -24,6 +24,27 @@ type Load struct {
 	CPUOK bool
 }
 
+// Add adds u, measured later, to l: both together, as one longer Load.
+func (l *Load) Add(u Load) {
+	l.CPUOK = u.CPUOK && (l.CPUOK || l.Calls == 0)
+	l.Calls += u.Calls
+	l.Elapsed += u.Elapsed
+	l.CPU += u.CPU
+}
+
+// Rate is the calls completed per second.
+func (l Load) Rate() float64 { return float64(l.Calls) / l.Elapsed.Seconds() }
+
+// CPUPerCall is the process's CPU time per call, in microseconds: every
+// part of a bench's path runs in its process, so that is what a call costs
+// end to end. It is 0 where the CPU time cannot be read.
+func (l Load) CPUPerCall() float64 {
+	if !l.CPUOK || l.Calls == 0 {
+		return 0
+	}
+	return Micros(l.CPU) / float64(l.Calls)
+}
+
 // CallFor keeps callers goroutines calling call, one call after the other
 // each, for d, and returns what they did. The first failure stops every
 // caller and is returned.

@@ -227,7 +227,7 @@ const throughputSlice = 200 * time.Millisecond
 // be read.
 func unaryThroughput(callers int) probe {
 	return func(ctx context.Context, chans [2]grpc.ClientConnInterface, d time.Duration) (figs [2][]float64, errs [2]error) {
-		var turns [2]turn
+		var turns [2]benchkit.Load // what the callers did through each path
 		slice := min(d, throughputSlice)
 		for spent := time.Duration(0); spent < d; spent += slice {
 			for path, cc := range chans {
@@ -239,45 +239,19 @@ func unaryThroughput(callers int) probe {
 					errs[path] = err
 					continue
 				}
-				turns[path].add(t)
+				turns[path].Add(t)
 			}
 		}
 		for path, t := range turns {
-			if t.calls > 0 && errs[path] == nil {
-				figs[path] = []float64{float64(t.calls) / t.elapsed.Seconds(), t.cpuPerCall()}
+			if t.Calls > 0 && errs[path] == nil {
+				figs[path] = []float64{t.Rate(), t.CPUPerCall()}
 			}
 		}
 		return figs, errs
 	}
 }
 
-// turn is what callers did through one path for a while.
-type turn struct {
-	calls   int64
-	elapsed time.Duration
-	cpu     time.Duration // the whole process's
-	cpuOK   bool
-}
-
-func (t *turn) add(u turn) {
-	t.cpuOK = u.cpuOK && (t.cpuOK || t.calls == 0)
-	t.calls += u.calls
-	t.elapsed += u.elapsed
-	t.cpu += u.cpu
-}
-
-func (t turn) cpuPerCall() float64 {
-	if !t.cpuOK || t.calls == 0 {
-		return 0
-	}
-	return benchkit.Micros(t.cpu) / float64(t.calls)
-}
-
 // callFor keeps callers calls in flight through cc for d.
-func callFor(ctx context.Context, cc grpc.ClientConnInterface, callers int, d time.Duration) (turn, error) {
-	load, err := benchkit.CallFor(ctx, callers, d, func(ctx context.Context) error { return unaryCall(ctx, cc) })
-	if err != nil {
-		return turn{}, err
-	}
-	return turn{calls: load.Calls, elapsed: load.Elapsed, cpu: load.CPU, cpuOK: load.CPUOK}, nil
+func callFor(ctx context.Context, cc grpc.ClientConnInterface, callers int, d time.Duration) (benchkit.Load, error) {
+	return benchkit.CallFor(ctx, callers, d, func(ctx context.Context) error { return unaryCall(ctx, cc) })
 }

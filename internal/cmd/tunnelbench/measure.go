@@ -62,11 +62,7 @@ func unaryThroughput(callers int, call unaryCall) probe {
 		if err != nil {
 			return nil, err
 		}
-		var cpuPerCall float64
-		if load.CPUOK {
-			cpuPerCall = benchkit.Micros(load.CPU) / float64(load.Calls)
-		}
-		return []float64{float64(load.Calls) / load.Elapsed.Seconds(), cpuPerCall}, nil
+		return []float64{load.Rate(), load.CPUPerCall()}, nil
 	}
 }
 
