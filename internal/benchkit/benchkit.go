@@ -1,7 +1,8 @@
 // Package benchkit is what the project's bench commands (tunnelbench and
 // clusterbench) share: the account of the machine a table was measured
-// on, the process's CPU time, keeping callers busy for a while, and the
-// number formats of the tables, so that both print their figures alike.
+// on, the process's CPU time, keeping callers busy for a while, the
+// number formats of the tables, and the service they call, so that both
+// measure and print their figures alike.
 package benchkit
 
 import (

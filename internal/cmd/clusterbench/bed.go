@@ -12,13 +12,13 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/interop"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
 
 	"github.com/grpctunnel/grpctunnel/agent"
 	"github.com/grpctunnel/grpctunnel/gateway"
 	"github.com/grpctunnel/grpctunnel/gateway/cluster"
+	"github.com/grpctunnel/grpctunnel/internal/benchkit"
 	"github.com/grpctunnel/grpctunnel/internal/embedetcd"
 	"github.com/grpctunnel/grpctunnel/internal/window"
 	"github.com/grpctunnel/grpctunnel/tunnel"
@@ -48,7 +48,7 @@ type bed struct {
 	etcd      *embedetcd.Server
 	name      string
 	replicas  []*replica
-	service   *testService
+	service   *benchkit.TestService
 	toService *grpc.ClientConn // the agents' connection to the service
 
 	cleanups []func() // run last first by close
@@ -78,11 +78,11 @@ func startBed(ctx context.Context, etcd *embedetcd.Server, name string, n int) (
 			b.close()
 		}
 	}()
-	if b.service, err = startTestService(); err != nil {
+	if b.service, err = benchkit.StartTestService(); err != nil {
 		return nil, err
 	}
-	b.onClose(b.service.stop)
-	if b.toService, err = b.dial(b.service.addr, agent.DialOptions(0)...); err != nil {
+	b.onClose(b.service.Stop)
+	if b.toService, err = b.dial(b.service.Addr, agent.DialOptions(0)...); err != nil {
 		return nil, err
 	}
 	for i := range n {
@@ -256,23 +256,6 @@ func waitDir(ctx context.Context, d *cluster.Directory, cond func() bool) (time.
 	}
 }
 
-// keyed is a channel whose calls name an agent in the key header, as every
-// call a client makes through the gateway does.
-type keyed struct {
-	cc  grpc.ClientConnInterface
-	key string
-}
-
-func (k keyed) Invoke(ctx context.Context, method string, args, reply any, opts ...grpc.CallOption) error {
-	ctx = metadata.AppendToOutgoingContext(ctx, gateway.DefaultKeyHeader, k.key)
-	return k.cc.Invoke(ctx, method, args, reply, opts...)
-}
-
-func (k keyed) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-	ctx = metadata.AppendToOutgoingContext(ctx, gateway.DefaultKeyHeader, k.key)
-	return k.cc.NewStream(ctx, desc, method, opts...)
-}
-
 // unaryPayload is the size of unary requests and responses: small, so that
 // latency and call rates show the per-call overhead rather than copying.
 const unaryPayload = 64
@@ -294,34 +277,6 @@ var unaryRequest = &testgrpc.SimpleRequest{
 	ResponseType: testgrpc.PayloadType_COMPRESSABLE,
 	ResponseSize: unaryPayload,
 	Payload:      &testgrpc.Payload{Body: make([]byte, unaryPayload)},
-}
-
-// testService is a gRPC server on loopback with gRPC's interop
-// TestService registered: a service that knows nothing of tunnels.
-type testService struct {
-	server *grpc.Server
-	addr   string
-	served chan struct{}
-}
-
-func startTestService() (*testService, error) {
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	s := &testService{server: grpc.NewServer(), addr: lis.Addr().String(), served: make(chan struct{})}
-	testgrpc.RegisterTestServiceServer(s.server, interop.NewTestServer())
-	go func() {
-		defer close(s.served)
-		_ = s.server.Serve(lis)
-	}()
-	return s, nil
-}
-
-// stop closes every connection and returns once the server has stopped.
-func (s *testService) stop() {
-	s.server.Stop()
-	<-s.served
 }
 
 // revision returns etcd's current revision, which every write (a Put, a

@@ -82,8 +82,8 @@ func callSection(ctx context.Context, cfg config, etcd *embedetcd.Server, say fu
 		return fail(fmt.Errorf("waiting for replica B to see the agent on A: %w", err))
 	}
 	chans := [2]grpc.ClientConnInterface{
-		sameReplica:  keyed{a.callers, callAgentKey},
-		crossReplica: keyed{other.callers, callAgentKey},
+		sameReplica:  benchkit.Keyed{Conn: a.callers, Key: callAgentKey},
+		crossReplica: benchkit.Keyed{Conn: other.callers, Key: callAgentKey},
 	}
 	for _, tb := range group {
 		figs, errs := compare(ctx, chans, tb.probe, cfg.duration/4, cfg.duration, cfg.runs, func(run int) {

@@ -11,6 +11,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/grpctunnel/grpctunnel/internal/benchkit"
 	"github.com/grpctunnel/grpctunnel/internal/embedetcd"
 )
 
@@ -107,7 +108,7 @@ func propagate(ctx context.Context, b *bed, key string) (dir, call time.Duration
 				errs[j] = fmt.Errorf("waiting for %s to see the tunnel on %s: %w", r.id, a.id, err)
 				return
 			}
-			if err := unaryCall(waitCtx, keyed{r.callers, key}); err != nil {
+			if err := unaryCall(waitCtx, benchkit.Keyed{Conn: r.callers, Key: key}); err != nil {
 				errs[j] = fmt.Errorf("a call through %s: %w", r.id, err)
 				return
 			}

@@ -126,7 +126,7 @@ func callAll(ctx context.Context, via []*replica, keys []string, callers int) er
 					return
 				}
 				r := via[i%len(via)]
-				if err := unaryCall(ctx, keyed{r.callers, keys[i%len(keys)]}); err != nil {
+				if err := unaryCall(ctx, benchkit.Keyed{Conn: r.callers, Key: keys[i%len(keys)]}); err != nil {
 					cancel()
 					errs <- fmt.Errorf("a call through %s: %w", r.id, err)
 					return

@@ -9,10 +9,10 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/metadata"
 
 	"github.com/grpctunnel/grpctunnel/agent"
 	"github.com/grpctunnel/grpctunnel/gateway"
+	"github.com/grpctunnel/grpctunnel/internal/benchkit"
 	"github.com/grpctunnel/grpctunnel/tunnel"
 )
 
@@ -78,7 +78,7 @@ func runAgent(ctx context.Context, toGateway, toService grpc.ClientConnInterface
 // a relay, and so does direct gRPC's only connection. Everything a
 // gatewayBed starts is stopped by close.
 type gatewayBed struct {
-	service    *testService
+	service    *benchkit.TestService
 	directAddr string // the service, or a relay to it
 	gatewayLis net.Listener
 	l4         *l4Forward
@@ -95,12 +95,12 @@ func startGatewayBed(ctx context.Context, delay time.Duration) (b *gatewayBed, e
 			b.close()
 		}
 	}()
-	inPart("service", func() { b.service, err = startTestService() })
+	inPart("service", func() { b.service, err = benchkit.StartTestService() })
 	if err != nil {
 		return nil, err
 	}
-	b.onClose(b.service.stop)
-	if b.directAddr, err = b.delayed(b.service.addr, delay); err != nil {
+	b.onClose(b.service.Stop)
+	if b.directAddr, err = b.delayed(b.service.Addr, delay); err != nil {
 		return nil, err
 	}
 
@@ -131,7 +131,7 @@ func startGatewayBed(ctx context.Context, delay time.Duration) (b *gatewayBed, e
 		return nil, err
 	}
 
-	inPart("l4", func() { b.l4, err = startL4Forward(b.service.addr, delay) })
+	inPart("l4", func() { b.l4, err = startL4Forward(b.service.Addr, delay) })
 	if err != nil {
 		return nil, err
 	}
@@ -146,7 +146,7 @@ func (b *gatewayBed) startAgent(ctx context.Context, gatewayAddr string) error {
 	if err != nil {
 		return err
 	}
-	toService, err := b.dial(b.service.addr, agent.DialOptions(0)...)
+	toService, err := b.dial(b.service.Addr, agent.DialOptions(0)...)
 	if err != nil {
 		return err
 	}
@@ -209,28 +209,11 @@ func (b *gatewayBed) connect(_ context.Context, t target) (grpc.ClientConnInterf
 		if err != nil {
 			return nil, err
 		}
-		return keyed{conn, benchAgentKey}, nil
+		return benchkit.Keyed{Conn: conn, Key: benchAgentKey}, nil
 	case viaL4:
 		return b.dial(b.l4.addr())
 	}
 	return nil, fmt.Errorf("unknown target %v", t)
-}
-
-// keyed is a channel whose calls name an agent in the key header, as every
-// call a client makes through the gateway does.
-type keyed struct {
-	cc  grpc.ClientConnInterface
-	key string
-}
-
-func (k keyed) Invoke(ctx context.Context, method string, args, reply any, opts ...grpc.CallOption) error {
-	ctx = metadata.AppendToOutgoingContext(ctx, gateway.DefaultKeyHeader, k.key)
-	return k.cc.Invoke(ctx, method, args, reply, opts...)
-}
-
-func (k keyed) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-	ctx = metadata.AppendToOutgoingContext(ctx, gateway.DefaultKeyHeader, k.key)
-	return k.cc.NewStream(ctx, desc, method, opts...)
 }
 
 // waitForAgent waits until the gateway has tunnels open with key, so that

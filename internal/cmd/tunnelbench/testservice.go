@@ -5,12 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"sync"
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/interop"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 )
 
@@ -27,35 +25,6 @@ const smallMessage = 1 << 10
 // service to send back: a batch of messages, so that the requests going up
 // the stream cost little next to the responses coming down.
 const duplexBatchBytes = 64 << 10
-
-// testService is a gRPC server on loopback with the interop TestService
-// registered.
-type testService struct {
-	server *grpc.Server
-	addr   string
-	served chan struct{}
-}
-
-// startTestService starts a TestService server on a loopback port.
-func startTestService() (*testService, error) {
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	s := &testService{server: grpc.NewServer(), addr: lis.Addr().String(), served: make(chan struct{})}
-	testgrpc.RegisterTestServiceServer(s.server, interop.NewTestServer())
-	go func() {
-		defer close(s.served)
-		_ = s.server.Serve(lis)
-	}()
-	return s, nil
-}
-
-// stop closes every connection and returns once the server has stopped.
-func (s *testService) stop() {
-	s.server.Stop()
-	<-s.served
-}
 
 // testUnaryCall is a UnaryCall with unaryPayload bytes each way.
 func testUnaryCall() unaryCall {
