@@ -98,9 +98,14 @@ func (s *Server) Restart(ctx context.Context) error {
 	}
 }
 
-// Stop stops the member; its clients see an outage until Restart.
+// Stop stops the member as if it were killed; its clients see an outage
+// until Restart. The server's loop is stopped before its listeners: etcd's
+// own Close waits up to its request timeout (7 s) for open streams such as
+// watches, and its loop would meanwhile go on revoking leases whose
+// keepalives can no longer reach it, which no crash or partition does.
 func (s *Server) Stop() {
 	if s.e != nil {
+		s.e.Server.HardStop()
 		s.e.Close()
 		s.e = nil
 	}
