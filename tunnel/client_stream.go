@@ -210,7 +210,7 @@ func (st *clientStream) setHeader(md metadata.MD) {
 	})
 }
 
-func (st *clientStream) onMessage(size uint32, data []byte) {
+func (st *clientStream) onMessage(size uint32, data *chunk) {
 	if !st.sawHeader {
 		// The peer skipped empty headers; the message ends them.
 		st.sawHeader = true
@@ -221,7 +221,7 @@ func (st *clientStream) onMessage(size uint32, data []byte) {
 	st.afterData(update, err)
 }
 
-func (st *clientStream) onMoreData(data []byte) {
+func (st *clientStream) onMoreData(data *chunk) {
 	st.afterData(0, st.in.moreData(data))
 }
 
@@ -402,9 +402,10 @@ func (st *clientStream) RecvMsg(m any) error {
 		return nil
 	}
 	// One response only: the next thing must be the end of the call.
-	_, _, err = st.in.recv(nil)
+	extra, _, err := st.in.recv(nil)
 	switch {
 	case err == nil:
+		extra.free()
 		err = status.Error(codes.Internal, "grpctunnel: cardinality violation: more than one response for a unary-response call")
 		st.abort(err, true)
 	case errors.Is(err, io.EOF):

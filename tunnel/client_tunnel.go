@@ -51,7 +51,8 @@ type TunnelChannel interface {
 // end dialled.
 type clientFrames interface {
 	Send(*tunnelpb.ClientToServer) error
-	Recv() (*tunnelpb.ServerToClient, error)
+	// RecvMsg receives into a *receivedServerFrame.
+	RecvMsg(any) error
 }
 
 // tunnelClient is the end of a tunnel that issues calls: the network client
@@ -179,12 +180,12 @@ func (t *tunnelClient) handshake() error {
 
 // readFrames dispatches frames until the outer stream ends.
 func (t *tunnelClient) readFrames() error {
-	return receiveFrames(t.frames.Recv, t.ka, t.dispatch, t.done, func() error { return t.err }, &t.counters.received)
+	return receiveFrames(t.frames.RecvMsg, new(receivedServerFrame), t.ka, t.dispatch, t.done, func() error { return t.err }, &t.counters.received)
 }
 
 func (t *tunnelClient) readSettings() error {
-	f, err := t.frames.Recv()
-	if err != nil {
+	f := new(tunnelpb.ServerToClient)
+	if err := t.frames.RecvMsg(f); err != nil {
 		return tunnelFailure(err)
 	}
 	s := f.GetSettings()
@@ -204,7 +205,7 @@ func (t *tunnelClient) readSettings() error {
 	return nil
 }
 
-func (t *tunnelClient) dispatch(f *tunnelpb.ServerToClient) error {
+func (t *tunnelClient) dispatch(f *receivedServerFrame) error {
 	id := f.GetStreamId()
 	if _, ok := f.GetFrame().(*tunnelpb.ServerToClient_Settings); ok {
 		return protocolErrorf("settings received again (stream %d)", id)
@@ -241,9 +242,9 @@ func (t *tunnelClient) dispatch(f *tunnelpb.ServerToClient) error {
 	case *tunnelpb.ServerToClient_ResponseHeaders:
 		st.onHeaders(fr.ResponseHeaders)
 	case *tunnelpb.ServerToClient_ResponseMessage:
-		st.onMessage(fr.ResponseMessage.GetSize(), fr.ResponseMessage.GetData())
+		st.onMessage(fr.ResponseMessage.GetSize(), f.payload())
 	case *tunnelpb.ServerToClient_MoreResponseData:
-		st.onMoreData(fr.MoreResponseData)
+		st.onMoreData(f.payload())
 	case *tunnelpb.ServerToClient_CloseStream:
 		st.onClose(fr.CloseStream)
 	case *tunnelpb.ServerToClient_WindowUpdate:

@@ -257,6 +257,16 @@ func frameBuffer(n int) (mem.BufferSlice, []byte) {
 
 func (c *frameCodec) Unmarshal(data mem.BufferSlice, v any) error {
 	switch m := v.(type) {
+	case *receivedClientFrame:
+		if m.decode(data) {
+			return nil
+		}
+		return c.fallback.Unmarshal(data, &m.ClientToServer)
+	case *receivedServerFrame:
+		if m.decode(data) {
+			return nil
+		}
+		return c.fallback.Unmarshal(data, &m.ServerToClient)
 	case *tunnelpb.ClientToServer:
 		if m != nil && decodeClientFrame(data, m) {
 			return nil
@@ -291,7 +301,7 @@ type (
 )
 
 func decodeClientFrame(data mem.BufferSlice, m *tunnelpb.ClientToServer) bool {
-	h, ok := decodeHotFrame(data, true)
+	h, ok := decodeHotFrame(data, true, nil)
 	if !ok {
 		return false
 	}
@@ -319,7 +329,7 @@ func decodeClientFrame(data mem.BufferSlice, m *tunnelpb.ClientToServer) bool {
 }
 
 func decodeServerFrame(data mem.BufferSlice, m *tunnelpb.ServerToClient) bool {
-	h, ok := decodeHotFrame(data, false)
+	h, ok := decodeHotFrame(data, false, nil)
 	if !ok {
 		return false
 	}
@@ -344,10 +354,13 @@ func decodeServerFrame(data mem.BufferSlice, m *tunnelpb.ServerToClient) bool {
 // a malformed encoding. The caller then leaves the whole buffer to the proto
 // codec, which has the last word on what it means.
 //
-// Bytes come out as proto.Unmarshal leaves them: copied, MessageData.data
-// nil when empty, more data empty but not nil.
-func decodeHotFrame(data mem.BufferSlice, client bool) (h hotFrame, ok bool) {
-	var r frameReader
+// Without into, bytes come out as proto.Unmarshal leaves them: copied,
+// MessageData.data nil when empty, more data empty but not nil. With into,
+// they are not copied: into gets views of data's buffers, each with a
+// reference of its own, and h.data stays nil. On failure into may hold
+// pieces already, which the caller frees.
+func decodeHotFrame(data mem.BufferSlice, client bool, into *chunk) (h hotFrame, ok bool) {
+	r := frameReader{into: into}
 	r.init(data)
 	for r.left > 0 {
 		tag, ok := r.varint()
@@ -386,8 +399,12 @@ func decodeHotFrame(data mem.BufferSlice, client bool) (h hotFrame, ok bool) {
 			if !ok {
 				return h, false
 			}
-			h.field, h.data = fieldMoreData, r.bytes(n)
-			if h.data == nil {
+			h.field = fieldMoreData
+			if into != nil {
+				r.views(n)
+				continue
+			}
+			if h.data = r.bytes(n); h.data == nil {
 				h.data = []byte{}
 			}
 		case client && (num == fieldHalfClose || num == fieldCancel):
@@ -407,8 +424,12 @@ func decodeHotFrame(data mem.BufferSlice, client bool) (h hotFrame, ok bool) {
 // buffer slice, without joining them first.
 type frameReader struct {
 	cur  []byte          // the unread bytes of the current buffer
+	buf  mem.Buffer      // the current buffer
 	rest mem.BufferSlice // the buffers after it
 	left int             // unread bytes in all
+	// into, if not nil, receives message data as views (see views)
+	// rather than copies.
+	into *chunk
 }
 
 func (r *frameReader) init(data mem.BufferSlice) {
@@ -419,7 +440,8 @@ func (r *frameReader) init(data mem.BufferSlice) {
 // fill makes cur non-empty, unless nothing is left.
 func (r *frameReader) fill() {
 	for len(r.cur) == 0 && len(r.rest) > 0 {
-		r.cur = r.rest[0].ReadOnlyData()
+		r.buf = r.rest[0]
+		r.cur = r.buf.ReadOnlyData()
 		r.rest = r.rest[1:]
 	}
 }
@@ -502,6 +524,21 @@ func (r *frameReader) bytes(n int) []byte {
 	return b
 }
 
+// views adds the next n bytes, which must be there, to r.into as views of
+// the buffers that hold them, taking a reference to each buffer: the bytes
+// outlive the Unmarshal call without being copied.
+func (r *frameReader) views(n int) {
+	r.left -= n
+	for n > 0 {
+		r.fill()
+		k := min(n, len(r.cur))
+		r.buf.Ref()
+		r.into.add(piece{data: r.cur[:k:k], owner: r.buf})
+		r.cur = r.cur[k:]
+		n -= k
+	}
+}
+
 // messageData reads the n bytes of a MessageData into h.
 func (r *frameReader) messageData(h *hotFrame, n int) bool {
 	end := r.left - n
@@ -522,6 +559,13 @@ func (r *frameReader) messageData(h *hotFrame, n int) bool {
 			k, ok := r.length()
 			if !ok || k > r.left-end {
 				return false
+			}
+			if r.into != nil {
+				// A repeated field replaces the earlier one, as in
+				// proto.Unmarshal.
+				r.into.free()
+				r.views(k)
+				continue
 			}
 			h.data = r.bytes(k)
 		default:

@@ -223,13 +223,13 @@ func TestFrameCodecHotPath(t *testing.T) {
 			continue
 		}
 		b, _ := proto.Marshal(m)
-		if _, ok := decodeHotFrame(splits(b), isClientFrame(m)); !ok {
+		if _, ok := decodeHotFrame(splits(b), isClientFrame(m), nil); !ok {
 			t.Fatalf("%v (%x) was left to the proto codec", m, b)
 		}
 	}
 	// The oneof first, the stream ID after; data before size.
 	b := []byte{0x1a, 0x05, 0x12, 0x01, 'x', 0x08, 0x01, 0x08, 0x07}
-	h, ok := decodeHotFrame(splits(b), true)
+	h, ok := decodeHotFrame(splits(b), true, nil)
 	if !ok || h.streamID != 7 || h.field != fieldMessage || h.size != 1 || string(h.data) != "x" {
 		t.Fatalf("reordered frame: %+v, %v", h, ok)
 	}

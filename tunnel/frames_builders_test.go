@@ -147,3 +147,14 @@ func marshalValue(value []byte) []byte {
 	}
 	return b
 }
+
+// receiveEncoded hands fr to a tunnel end's reader as the outer stream
+// would: encoded, split in two buffers (so that message data spans both),
+// and decoded by the frame codec into m, the reader's received frame.
+func receiveEncoded(m any, fr proto.Message) error {
+	b, err := proto.Marshal(fr)
+	if err != nil {
+		return err
+	}
+	return Codec().Unmarshal(splits(b, len(b)/2), m)
+}

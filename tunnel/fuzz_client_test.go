@@ -44,6 +44,14 @@ type fzClientFrames struct {
 	closedOut    atomic.Bool
 }
 
+func (f *fzClientFrames) RecvMsg(m any) error {
+	fr, err := f.Recv()
+	if err != nil {
+		return err
+	}
+	return receiveEncoded(m, fr)
+}
+
 func (f *fzClientFrames) Recv() (*tunnelpb.ServerToClient, error) {
 	if f.next > 0 || !f.handshake {
 		<-f.gate

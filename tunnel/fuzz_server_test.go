@@ -40,6 +40,14 @@ type fzServerFrames struct {
 	closedOut                  atomic.Bool // the tunnel is over: no more sends
 }
 
+func (f *fzServerFrames) RecvMsg(m any) error {
+	fr, err := f.Recv()
+	if err != nil {
+		return err
+	}
+	return receiveEncoded(m, fr)
+}
+
 func (f *fzServerFrames) Recv() (*tunnelpb.ClientToServer, error) {
 	if f.next < len(f.in) {
 		fr := f.in[f.next]

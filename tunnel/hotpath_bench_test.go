@@ -30,21 +30,23 @@ func BenchmarkFraming(b *testing.B) {
 // BenchmarkReassembly feeds a 1 MiB message in 256 KiB chunks through the
 // receive path, window accounting included, and takes it out.
 func BenchmarkReassembly(b *testing.B) {
-	chunk := make([]byte, 256<<10)
+	data := bytesChunk(make([]byte, 256<<10))
 	in := newInbound(flowcontrol.NewRecvWindow(1<<30, 1<<30), 0, 1<<30, &budget{limit: 1 << 40}, "request")
 	b.SetBytes(1 << 20)
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := in.startMessage(1<<20, chunk); err != nil {
+		if _, err := in.startMessage(1<<20, &data); err != nil {
 			b.Fatal(err)
 		}
 		for range 3 {
-			if err := in.moreData(chunk); err != nil {
+			if err := in.moreData(&data); err != nil {
 				b.Fatal(err)
 			}
 		}
-		if _, _, err := in.recv(nil); err != nil {
+		m, _, err := in.recv(nil)
+		if err != nil {
 			b.Fatal(err)
 		}
+		m.gathered().Free()
 	}
 }

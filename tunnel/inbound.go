@@ -10,12 +10,31 @@ import (
 	"github.com/grpctunnel/grpctunnel/flowcontrol"
 )
 
-// message is one complete tunneled message: the chunks as they arrived, never
-// copied into one buffer here. A codec that needs contiguous bytes gathers
-// them itself, once.
+// message is one complete tunneled message: its bytes where they arrived,
+// in gRPC's receive buffers, never copied here. The first piece is kept
+// apart so that a message in one piece, the common case, needs no list.
+// gathered hands it to the codec, or free drops it.
 type message struct {
-	chunks mem.BufferSlice
-	size   int
+	first piece
+	rest  []piece
+	size  int
+}
+
+// add appends p, taking over its reference.
+func (m *message) add(p piece) {
+	if m.first.data == nil {
+		m.first = p
+		return
+	}
+	m.rest = append(m.rest, p)
+}
+
+// free drops the message's references.
+func (m message) free() {
+	m.first.free()
+	for _, p := range m.rest {
+		p.free()
+	}
 }
 
 // inbound is the receiving half of one tunneled stream: it reassembles
@@ -33,8 +52,7 @@ type inbound struct {
 	kind    string                  // "request" or "response", for errors
 
 	// Reassembly, owned by the reader.
-	partial   mem.BufferSlice
-	size      int
+	partial   message
 	remaining int
 	active    bool
 
@@ -66,80 +84,87 @@ func newInbound(win *flowcontrol.RecvWindow, hold, maxSize int, b *budget, kind 
 	return in
 }
 
-// startMessage handles the first frame of a message. It returns credit to
-// grant the peer at once (a message larger than the window needs it), or a
-// status error that ends the stream.
-func (in *inbound) startMessage(size uint32, data []byte) (uint32, error) {
+// startMessage handles the first frame of a message, whose data is c. It
+// returns credit to grant the peer at once (a message larger than the window
+// needs it), or a status error that ends the stream. What it keeps of c it
+// takes references for; c stays the caller's.
+func (in *inbound) startMessage(size uint32, c *chunk) (uint32, error) {
 	if in.active {
 		return 0, status.Error(codes.Internal, "grpctunnel: new message started before the previous one completed")
 	}
 	if int64(size) > int64(in.maxSize) {
 		return 0, status.Errorf(codes.ResourceExhausted, "grpctunnel: received %s message larger than max (%d vs. %d)", in.kind, size, in.maxSize)
 	}
-	if len(data) > int(size) {
-		return 0, status.Errorf(codes.Internal, "grpctunnel: message chunk of %d bytes overruns its declared size of %d", len(data), size)
+	if c.len > int(size) {
+		return 0, status.Errorf(codes.Internal, "grpctunnel: message chunk of %d bytes overruns its declared size of %d", c.len, size)
 	}
 	var update uint32
 	if in.win != nil {
 		update = in.win.BeginMessage(size)
-		if err := in.win.Receive(len(data)); err != nil {
+		if err := in.win.Receive(c.len); err != nil {
 			return 0, windowOverrun(err)
 		}
 	}
 	in.active = true
-	in.size = int(size)
+	in.partial = message{size: int(size)}
 	in.remaining = int(size)
-	in.partial = in.partial[:0]
-	return update, in.appendChunk(data)
+	return update, in.appendChunk(c)
 }
 
-// moreData handles a continuation chunk.
-func (in *inbound) moreData(data []byte) error {
+// moreData handles a continuation chunk, c, as startMessage does.
+func (in *inbound) moreData(c *chunk) error {
 	if !in.active {
 		return status.Error(codes.Internal, "grpctunnel: message data received with no message started")
 	}
-	if len(data) > in.remaining {
-		return status.Errorf(codes.Internal, "grpctunnel: message chunk overruns the declared size of %d bytes", in.size)
+	if c.len > in.remaining {
+		return status.Errorf(codes.Internal, "grpctunnel: message chunk overruns the declared size of %d bytes", in.partial.size)
 	}
 	if in.win != nil {
-		if err := in.win.Receive(len(data)); err != nil {
+		if err := in.win.Receive(c.len); err != nil {
 			return windowOverrun(err)
 		}
 	}
-	return in.appendChunk(data)
+	return in.appendChunk(c)
 }
 
 // appendChunk adds a chunk to the message in progress, charging it to the
 // tunnel's budget, and queues the message once it is complete.
-func (in *inbound) appendChunk(data []byte) error {
-	if len(data) > 0 {
-		if !in.budget.take(len(data)) {
+func (in *inbound) appendChunk(c *chunk) error {
+	if n := c.len; n > 0 {
+		if !in.budget.take(n) {
 			return errBudget
 		}
 		in.mu.Lock()
 		if in.aborted {
 			// Nobody will consume it; give the bytes back at once.
 			in.mu.Unlock()
-			in.budget.release(len(data))
+			in.budget.release(n)
 		} else {
-			in.held += len(data)
+			in.held += n
 			in.mu.Unlock()
 		}
-		in.partial = append(in.partial, mem.SliceBuffer(data))
-		in.remaining -= len(data)
+		for _, p := range c.pieces {
+			p.ref()
+			in.partial.add(p)
+		}
+		in.remaining -= n
 	}
 	if in.remaining > 0 {
 		return nil
 	}
-	m := message{chunks: in.partial, size: in.size}
-	in.partial = nil
+	m := in.partial
+	in.partial = message{}
 	in.active = false
 	in.mu.Lock()
-	if in.err == nil {
+	keep := in.err == nil
+	if keep {
 		in.msgs = append(in.msgs, m)
 		in.queued += m.size
 	}
 	in.mu.Unlock()
+	if !keep {
+		m.free()
+	}
 	notify(in.signal)
 	return nil
 }
@@ -174,8 +199,9 @@ func (in *inbound) finish(err error) {
 	partial := 0
 	if in.active {
 		// A message cut short by the end will never be delivered.
-		partial = in.size - in.remaining
-		in.active, in.partial = false, nil
+		partial = in.partial.size - in.remaining
+		in.partial.free()
+		in.active, in.partial = false, message{}
 	}
 	in.mu.Lock()
 	if in.err == nil {
@@ -206,16 +232,21 @@ func (in *inbound) detach() {
 
 // abort ends the stream at once with err, dropping undelivered messages.
 func (in *inbound) abort(err error) {
+	var dropped []message
 	in.mu.Lock()
 	if !in.aborted {
 		in.aborted = true
 		in.err = err
+		dropped = in.msgs
 		in.msgs = nil
 		in.queued = 0
 		in.budget.release(in.held)
 		in.held = 0
 	}
 	in.mu.Unlock()
+	for _, m := range dropped {
+		m.free()
+	}
 	notify(in.signal)
 	notify(in.consumed)
 }
@@ -270,17 +301,21 @@ func notify(c chan struct{}) {
 }
 
 // gathered returns a message as the codec wants it, one contiguous buffer,
-// copying only when it arrived in several chunks. The caller frees the
-// result once the codec is done with it.
+// copying only when it arrived in several pieces, and gives up the
+// message's references. The caller frees the result once the codec is done
+// with it.
 func (m message) gathered() mem.BufferSlice {
-	if len(m.chunks) <= 1 {
-		return m.chunks
+	switch {
+	case m.first.data == nil:
+		return nil
+	case len(m.rest) == 0:
+		return m.first.lend()
 	}
 	buf := gatherPool.Get(m.size)
-	off := 0
-	for _, c := range m.chunks {
-		off += copy((*buf)[off:], c.ReadOnlyData())
+	off := copy(*buf, m.first.data)
+	for _, p := range m.rest {
+		off += copy((*buf)[off:], p.data)
 	}
-	m.chunks.Free()
+	m.free()
 	return mem.BufferSlice{mem.NewBuffer(buf, gatherPool)}
 }

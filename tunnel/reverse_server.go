@@ -189,7 +189,7 @@ type reverseFrames struct {
 	reading bool // only the tunnel's reader calls Recv
 }
 
-func (f *reverseFrames) Recv() (*tunnelpb.ClientToServer, error) {
+func (f *reverseFrames) RecvMsg(m any) error {
 	if !f.reading {
 		f.reading = true
 		f.s.mu.Lock()
@@ -201,7 +201,7 @@ func (f *reverseFrames) Recv() (*tunnelpb.ClientToServer, error) {
 			t.drain()
 		}
 	}
-	return f.TunnelService_OpenReverseTunnelClient.Recv()
+	return f.TunnelService_OpenReverseTunnelClient.RecvMsg(m)
 }
 
 // GracefulStop stops the server gently: every tunnel refuses new calls with

@@ -21,7 +21,8 @@ import (
 // end dialled.
 type serverFrames interface {
 	Send(*tunnelpb.ServerToClient) error
-	Recv() (*tunnelpb.ClientToServer, error)
+	// RecvMsg receives into a *receivedClientFrame.
+	RecvMsg(any) error
 }
 
 // tunnelServer is the end of a tunnel that handles calls: the network server
@@ -179,10 +180,10 @@ const (
 )
 
 func (t *tunnelServer) read() error {
-	return receiveFrames(t.frames.Recv, t.ka, t.dispatch, t.done, func() error { return t.err }, &t.counters.received)
+	return receiveFrames(t.frames.RecvMsg, new(receivedClientFrame), t.ka, t.dispatch, t.done, func() error { return t.err }, &t.counters.received)
 }
 
-func (t *tunnelServer) dispatch(f *tunnelpb.ClientToServer) error {
+func (t *tunnelServer) dispatch(f *receivedClientFrame) error {
 	id := f.GetStreamId()
 	switch fr := f.GetFrame().(type) {
 	case nil:
@@ -216,14 +217,14 @@ func (t *tunnelServer) dispatch(f *tunnelpb.ClientToServer) error {
 			st.fail(status.Error(codes.Internal, "grpctunnel: request message after half-close"))
 			return nil
 		}
-		update, err := st.in.startMessage(fr.RequestMessage.GetSize(), fr.RequestMessage.GetData())
+		update, err := st.in.startMessage(fr.RequestMessage.GetSize(), f.payload())
 		st.afterData(update, err)
 	case *tunnelpb.ClientToServer_MoreRequestData:
 		if st.halfClosed {
 			st.fail(status.Error(codes.Internal, "grpctunnel: request data after half-close"))
 			return nil
 		}
-		st.afterData(0, st.in.moreData(fr.MoreRequestData))
+		st.afterData(0, st.in.moreData(f.payload()))
 	case *tunnelpb.ClientToServer_HalfClose:
 		if st.in.active {
 			st.fail(status.Error(codes.Internal, "grpctunnel: half-close in the middle of a request message"))

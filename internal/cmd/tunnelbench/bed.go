@@ -98,7 +98,10 @@ func startBed(delay time.Duration) (*bed, error) {
 		return nil, err
 	}
 	b := &bed{
-		server:  grpc.NewServer(),
+		// The tunnel's frame codec, as the package tells a server that
+		// accepts tunnels to use; the bench's other services fall through
+		// it to gRPC's proto codec.
+		server:  grpc.NewServer(grpc.ForceServerCodecV2(tunnel.Codec())),
 		handler: tunnel.NewTunnelServiceHandler(tunnel.TunnelServiceHandlerOptions{}),
 		served:  make(chan struct{}),
 		addr:    lis.Addr().String(),

@@ -1,0 +1,108 @@
+package tunnel
+
+import (
+	"google.golang.org/grpc/mem"
+)
+
+// piece is part of a received chunk: bytes still in a buffer that gRPC read
+// them into, and a reference to that buffer (owner) which keeps it from
+// going back to gRPC's pool. A piece whose owner is nil holds bytes of its
+// own (a frame that protobuf decoded, or a test's).
+type piece struct {
+	data  []byte
+	owner mem.Buffer
+}
+
+// free drops the piece's reference.
+func (p piece) free() {
+	if p.owner != nil {
+		p.owner.Free()
+	}
+}
+
+// ref takes a reference of the piece's own, for a holder that outlives the
+// one it got the piece from.
+func (p piece) ref() {
+	if p.owner != nil {
+		p.owner.Ref()
+	}
+}
+
+// chunk is the data of one message or continuation frame as the frame codec
+// decoded it: views of gRPC's receive buffers rather than a copy. A frame
+// spans several buffers when it crossed HTTP/2 frames, so a chunk is a list.
+// The reader owns the chunk of the frame it dispatches and frees it after;
+// what keeps a piece longer (a message waiting to be read) takes a
+// reference of its own.
+type chunk struct {
+	pieces []piece
+	len    int
+}
+
+// add appends p, taking over its reference.
+func (c *chunk) add(p piece) {
+	if len(p.data) == 0 {
+		p.free()
+		return
+	}
+	c.pieces = append(c.pieces, p)
+	c.len += len(p.data)
+}
+
+// free drops every reference and empties the chunk, keeping its list for
+// the next frame.
+func (c *chunk) free() {
+	for i, p := range c.pieces {
+		p.free()
+		c.pieces[i] = piece{}
+	}
+	c.pieces = c.pieces[:0]
+	c.len = 0
+}
+
+// bytesChunk is a chunk of one piece that owns its bytes.
+func bytesChunk(b []byte) chunk {
+	if len(b) == 0 {
+		return chunk{}
+	}
+	return chunk{pieces: []piece{{data: b}}, len: len(b)}
+}
+
+// viewBuffer lends a piece to a codec as a mem.Buffer of its own: the codec
+// may keep a reference (gRPC's codecs may, by contract), and the piece's
+// owner is freed when the last one is dropped. It is a mem.BufferPool only
+// to hear of that moment: mem.NewBuffer hands the buffer's bytes back to its
+// pool once every reference is gone.
+type viewBuffer struct {
+	data  []byte
+	owner mem.Buffer
+}
+
+// Get is never called by mem.NewBuffer; it draws a fresh slice for anyone
+// who does.
+func (v *viewBuffer) Get(n int) *[]byte {
+	b := make([]byte, n)
+	return &b
+}
+
+func (v *viewBuffer) Put(*[]byte) {
+	v.owner.Free()
+	v.owner = nil
+}
+
+// lend makes p a buffer slice for a codec, taking over p's reference. Bytes
+// too few for gRPC to count references of (mem.NewBuffer would return a
+// plain slice, whose references are not counted) are copied instead, and
+// the piece freed.
+func (p piece) lend() mem.BufferSlice {
+	if p.owner == nil {
+		return mem.BufferSlice{mem.SliceBuffer(p.data)}
+	}
+	if mem.IsBelowBufferPoolingThreshold(len(p.data)) {
+		b := mem.SliceBuffer(append([]byte(nil), p.data...))
+		p.owner.Free()
+		return mem.BufferSlice{b}
+	}
+	v := &viewBuffer{data: p.data[:len(p.data):len(p.data)], owner: p.owner}
+	return mem.BufferSlice{mem.NewBuffer(&v.data, v)}
+}
