@@ -4,9 +4,6 @@ import (
 	"context"
 	"errors"
 	"strings"
-	"sync"
-	"sync/atomic"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -58,79 +55,38 @@ type clientFrames interface {
 // tunnelClient is the end of a tunnel that issues calls: the network client
 // of a forward tunnel, the network server of a reverse one.
 type tunnelClient struct {
-	ctx      context.Context
-	cancel   context.CancelFunc
+	tunnelEnd[*tunnelpb.ClientToServer, *clientStream]
 	frames   clientFrames
-	out      *sender[*tunnelpb.ClientToServer]
-	opts     *options
-	agreed   agreement
-	reverse  bool
-	peer     *peer.Peer
 	openedMD metadata.MD // outgoing metadata of a forward tunnel's opening RPC
-
-	// hint carries window growth from one stream to the next.
-	hint flowcontrol.Hint
-	// buffered bounds the unread data of all streams together.
-	buffered budget
-	// ka watches for a silent peer; set by the reader once the tunnel is
-	// ready, under mu.
-	ka *keepalive
-	// peerDead is set when ka gives the peer up, before the tunnel ends.
-	peerDead atomic.Bool
-	// counters feed Info.
-	counters tunnelCounters
-	// conn reports the tunnel to the client stats handler.
-	conn tunnelStats
 
 	// Fixed once ready is closed.
 	flowControl bool
 	peerWindow  uint32 // initial send window of each new stream
 
-	// load is len(streams) and refusing is closed || draining, kept as
-	// atomics beside them so that a pool can pick a tunnel without taking
-	// every tunnel's lock. Both change only under mu.
-	load     atomic.Int32
-	refusing atomic.Bool
-
-	mu       sync.Mutex
-	streams  map[int64]*clientStream
-	lastID   int64
-	closed   bool
-	draining bool
-	onClose  func() // runs once as the tunnel ends, before done closes
-	// affinityKey is a handler's key for a reverse tunnel, for Info.
+	onClose func() // runs once as the tunnel ends, before done closes
+	// affinityKey is a handler's key for a reverse tunnel, for Info; under
+	// mu.
 	affinityKey any
-	// askPeerToClose is set on a network server that reads on its handler
-	// goroutine: ending the tunnel then means asking the network client to
-	// end the outer stream (tunnel-close extension). Under mu: the handler
-	// clears it while a keepalive, a failed send or Close may be ending the
-	// tunnel from another goroutine.
-	askPeerToClose bool
 
 	ready chan struct{} // closed once settings arrived (or none are due)
-	done  chan struct{}
-	err   error // why the tunnel ended; set before done closes
-	once  sync.Once
 }
 
 func newTunnelClient(ctx context.Context, cancel context.CancelFunc, frames clientFrames, o *options, a agreement, reverse bool, p *peer.Peer) *tunnelClient {
 	t := &tunnelClient{
-		ctx:     ctx,
-		cancel:  cancel,
-		frames:  frames,
-		opts:    o,
-		agreed:  a,
-		reverse: reverse,
-		peer:    p,
-		streams: map[int64]*clientStream{},
-		ready:   make(chan struct{}),
-		done:    make(chan struct{}),
+		tunnelEnd: tunnelEnd[*tunnelpb.ClientToServer, *clientStream]{
+			cancel:  cancel,
+			opts:    o,
+			agreed:  a,
+			reverse: reverse,
+			client:  true,
+			peer:    p,
+			streams: map[int64]*clientStream{},
+			done:    make(chan struct{}),
+		},
+		frames: frames,
+		ready:  make(chan struct{}),
 	}
-	t.ctx = t.conn.begin(o.clientStats, ctx, p, true)
-	t.out = newSender(frames.Send, func(err error) { t.shutdown(tunnelFailure(err)) })
-	t.out.ended = t.done
-	t.buffered.limit = o.maxBuffered
-	t.counters.openedAt = time.Now()
+	t.begin(t, ctx, o.clientStats, frames.Send, clientFramer(settingsStreamID))
 	if !a.negotiated {
 		close(t.ready)
 	}
@@ -163,18 +119,7 @@ func (t *tunnelClient) handshake() error {
 			return err
 		}
 	}
-	if t.agreed.keepalive {
-		t.mu.Lock()
-		if !t.closed {
-			t.ka = startKeepalive(t.opts.keepaliveInterval, t.opts.keepaliveTimeout, func(v uint32) {
-				t.out.Queue(clientFramer(settingsStreamID).windowUpdate(v))
-			}, func(err error) {
-				t.peerDead.Store(true)
-				t.shutdown(err)
-			})
-		}
-		t.mu.Unlock()
-	}
+	t.watchPeer()
 	return nil
 }
 
@@ -222,21 +167,12 @@ func (t *tunnelClient) dispatch(f *receivedServerFrame) error {
 		t.drain()
 		return nil
 	}
-	if v, ok := f.GetFrame().(*tunnelpb.ServerToClient_WindowUpdate); ok && id == settingsStreamID && t.agreed.keepalive {
-		if v.WindowUpdate&pingBit != 0 {
-			t.out.Queue(clientFramer(settingsStreamID).windowUpdate(v.WindowUpdate &^ pingBit))
-		}
+	if v, ok := f.GetFrame().(*tunnelpb.ServerToClient_WindowUpdate); ok && t.keepaliveFrame(id, v.WindowUpdate) {
 		return nil
 	}
-	t.mu.Lock()
-	st := t.streams[id]
-	last := t.lastID
-	t.mu.Unlock()
-	if st == nil {
-		if id > 0 && id <= last {
-			return nil // a stream that ended; its frames race with the end
-		}
-		return protocolErrorf("frame for stream %d, which was never opened", id)
+	st, ok, err := t.lookup(id)
+	if !ok {
+		return err
 	}
 	switch fr := f.GetFrame().(type) {
 	case *tunnelpb.ServerToClient_ResponseHeaders:
@@ -283,7 +219,7 @@ func (t *tunnelClient) register(ctx context.Context, st *clientStream, ns *tunne
 
 func (t *tunnelClient) registerHeld(st *clientStream, ns *tunnelpb.NewStream, only []byte) error {
 	t.mu.Lock()
-	if t.closed || t.draining {
+	if t.state != endOpen {
 		t.mu.Unlock()
 		return errTunnelClosed
 	}
@@ -294,9 +230,7 @@ func (t *tunnelClient) registerHeld(st *clientStream, ns *tunnelpb.NewStream, on
 	t.lastID++
 	id := t.lastID
 	st.id = id
-	t.streams[id] = st
-	t.load.Add(1)
-	t.counters.started++
+	t.addLocked(id, st)
 	t.mu.Unlock()
 	fr := clientFramer(id)
 	err := t.out.sendLocked(fr.newStream(ns))
@@ -312,21 +246,6 @@ func (t *tunnelClient) registerHeld(st *clientStream, ns *tunnelpb.NewStream, on
 	return err
 }
 
-// forget drops a stream from the table; a draining tunnel with no streams
-// left then ends.
-func (t *tunnelClient) forget(id int64) {
-	t.mu.Lock()
-	if _, ok := t.streams[id]; ok {
-		delete(t.streams, id)
-		t.load.Add(-1)
-	}
-	idle := t.draining && len(t.streams) == 0
-	t.mu.Unlock()
-	if idle {
-		t.shutdown(nil)
-	}
-}
-
 // unavailable is the status of a call that cannot use this tunnel.
 func (t *tunnelClient) unavailable() error {
 	select {
@@ -337,19 +256,6 @@ func (t *tunnelClient) unavailable() error {
 	}
 }
 
-// drain refuses new calls and ends the tunnel once the calls in progress are
-// over.
-func (t *tunnelClient) drain() {
-	t.mu.Lock()
-	t.draining = true
-	t.refusing.Store(true)
-	idle := len(t.streams) == 0
-	t.mu.Unlock()
-	if idle {
-		t.shutdown(nil)
-	}
-}
-
 // room reports whether the tunnel takes new calls now, and how many it
 // carries. It takes no lock: a pool asks it of many tunnels per call.
 func (t *tunnelClient) room() (load int, ok bool) {
@@ -357,26 +263,13 @@ func (t *tunnelClient) room() (load int, ok bool) {
 	return load, !t.refusing.Load() && load < t.opts.maxStreams
 }
 
-// shutdown ends the tunnel: every call in progress fails with Unavailable
-// and the tunnel's context is cancelled. The outer stream is released by its
-// owner once done is closed.
-func (t *tunnelClient) shutdown(err error) {
-	t.once.Do(func() {
-		t.mu.Lock()
-		t.closed = true
-		t.refusing.Store(true)
-		t.err = err
-		streams := t.streams
-		t.streams = map[int64]*clientStream{}
-		t.load.Store(0)
-		ka := t.ka
-		askPeer := t.askPeerToClose
-		t.mu.Unlock()
-		ka.stop()
-		t.cancel()
-		if askPeer {
-			t.out.Queue(clientFramer(settingsStreamID).cancel())
-		}
+// closing takes the calls in progress out of the table as the tunnel
+// closes, and then fails them with Unavailable: endSide.
+func (t *tunnelClient) closing(err error) func() {
+	streams := t.streams
+	t.streams = map[int64]*clientStream{}
+	t.load.Store(0)
+	return func() {
 		gone := t.unavailableAfter(err)
 		for _, st := range streams {
 			st.abort(gone, false)
@@ -384,10 +277,15 @@ func (t *tunnelClient) shutdown(err error) {
 		if t.onClose != nil {
 			t.onClose()
 		}
-		t.conn.end(true)
-		close(t.done)
-	})
+	}
 }
+
+// announceDrain does nothing: the drain signal goes from the tunnel server
+// to the client only (drain extension). endSide.
+func (t *tunnelClient) announceDrain() {}
+
+// endIdle ends a drained tunnel whose calls are over: endSide.
+func (t *tunnelClient) endIdle() { t.shutdown(nil) }
 
 // shutdownHere ends a tunnel whose network server is about to return from
 // the opening RPC with a status of its own: that return ends the outer

@@ -5,6 +5,7 @@ package tunnel
 // these, so this file uses nothing of the tunnel's but the generated types.
 
 import (
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
@@ -81,6 +82,11 @@ func (id clientFramer) cancel() *tunnelpb.ClientToServer {
 	return &tunnelpb.ClientToServer{StreamId: int64(id), Frame: &tunnelpb.ClientToServer_Cancel{Cancel: emptyFrame}}
 }
 
+// closeTunnel, on stream -1, asks the peer to close the tunnel: a cancel.
+func (id clientFramer) closeTunnel() *tunnelpb.ClientToServer {
+	return id.cancel()
+}
+
 // serverFramer builds the frames a tunnel server sends on one stream (on
 // stream -1, settingsStreamID, the tunnel's own: settings, keepalive pings
 // and pongs, the drain signal, the request to close). Every ServerToClient
@@ -126,6 +132,12 @@ func (id serverFramer) closeStream(st *status.Status, trailer *tunnelpb.Metadata
 			Status:           st.Proto(),
 		}},
 	}
+}
+
+// closeTunnel, on stream -1, asks the peer to close the tunnel: a
+// close_stream with status OK and no trailer.
+func (id serverFramer) closeTunnel() *tunnelpb.ServerToClient {
+	return id.closeStream(status.New(codes.OK, ""), nil)
 }
 
 // closeFrame is serverFramer(id).closeStream(st, trailer).

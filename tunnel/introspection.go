@@ -114,58 +114,60 @@ func (a agreement) extensionNames() []string {
 	return ext
 }
 
+// tunnelInfo describes the tunnel now, as either end sees it; the caller
+// knows its peer's address and the revision its calls use.
+func (e *tunnelEnd[F, S]) tunnelInfo(peerAddr net.Addr, revision int) TunnelInfo {
+	i := TunnelInfo{
+		Peer:          peerAddr,
+		Reverse:       e.reverse,
+		Client:        e.client,
+		OpenedAt:      e.counters.openedAt,
+		BytesSent:     e.out.payloadSent.Load(),
+		BytesReceived: e.counters.received.Load(),
+		Revision:      revision,
+		Extensions:    e.agreed.extensionNames(),
+	}
+	e.mu.Lock()
+	i.OpenStreams = len(e.streams)
+	i.StreamsStarted = e.counters.started
+	i.Draining = e.state != endOpen
+	i.Closed = e.state == endClosed
+	e.mu.Unlock()
+	return i
+}
+
 // Info describes the tunnel now; see TunnelInfo.
 func (t *tunnelClient) Info() TunnelInfo {
-	i := TunnelInfo{
-		Reverse:       t.reverse,
-		Client:        true,
-		OpenedAt:      t.counters.openedAt,
-		BytesSent:     t.out.payloadSent.Load(),
-		BytesReceived: t.counters.received.Load(),
-		Extensions:    t.agreed.extensionNames(),
-	}
+	var addr net.Addr
 	if t.peer != nil {
-		i.Peer = t.peer.Addr
+		addr = t.peer.Addr
 	}
+	revision := 0
 	select {
 	case <-t.ready:
 		if t.flowControl {
-			i.Revision = 1
+			revision = 1
 		}
 	default:
 	}
+	i := t.tunnelInfo(addr, revision)
 	t.mu.Lock()
 	i.AffinityKey = t.affinityKey
-	i.OpenStreams = len(t.streams)
-	i.StreamsStarted = t.counters.started
-	i.Draining = t.draining || t.closed
-	i.Closed = t.closed
 	t.mu.Unlock()
 	return i
 }
 
 // info describes the tunnel now; see TunnelInfo.
 func (t *tunnelServer) info() TunnelInfo {
-	i := TunnelInfo{
-		Reverse:       t.reverse,
-		OpenedAt:      t.counters.openedAt,
-		BytesSent:     t.out.payloadSent.Load(),
-		BytesReceived: t.counters.received.Load(),
-		Extensions:    t.agreed.extensionNames(),
-	}
+	var addr net.Addr
 	if p, ok := peer.FromContext(t.ctx); ok {
-		i.Peer = p.Addr
+		addr = p.Addr
 	}
+	revision := 0
 	if t.agreed.negotiated {
-		i.Revision = 1
+		revision = 1
 	}
-	t.mu.Lock()
-	i.OpenStreams = len(t.streams)
-	i.StreamsStarted = t.counters.started
-	i.Draining = t.draining || t.closed
-	i.Closed = t.closed
-	t.mu.Unlock()
-	return i
+	return t.tunnelInfo(addr, revision)
 }
 
 // Tunnels describes every tunnel the handler holds now: the forward tunnels

@@ -45,7 +45,7 @@ func (p *tunnelPool) add(t *tunnelClient, key any, perKey int) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	t.mu.Lock()
-	closed := t.closed
+	closed := t.state == endClosed
 	t.mu.Unlock()
 	if closed {
 		return errPoolClosed

@@ -4,7 +4,6 @@ import (
 	"context"
 	"io"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -29,56 +28,18 @@ type serverFrames interface {
 // of a forward tunnel, the network client of a reverse one. Each call runs
 // its handler in a goroutine of its own, as in grpc.Server.
 type tunnelServer struct {
-	ctx     context.Context // parent of every handler's context
-	cancel  context.CancelFunc
-	frames  serverFrames
-	out     *sender[*tunnelpb.ServerToClient]
-	opts    *options
-	svc     *services
-	agreed  agreement
-	reverse bool
-	peer    *peer.Peer
-	// conn reports the tunnel to the server stats handler.
-	conn tunnelStats
+	tunnelEnd[*tunnelpb.ServerToClient, *serverStream]
+	frames serverFrames
+	svc    *services
 	// closeSend, set on a network client, ends the outer stream cleanly
 	// once a drained tunnel is idle; a network server just returns.
 	closeSend func() error
-	// abort, set on a network client, cancels the outer stream so that a
-	// blocked read returns when the tunnel ends for any other reason.
-	abort context.CancelFunc
-	// askPeerToClose is set on a network server that reads on its handler
-	// goroutine: ending the tunnel then means asking the network client to
-	// end the outer stream (tunnel-close extension). Set before serve
-	// starts any goroutine, and never changed after.
-	askPeerToClose bool
 
-	// hint carries window growth from one stream to the next.
-	hint flowcontrol.Hint
-	// buffered bounds the unread data of all streams together.
-	buffered budget
-	// ka watches for a silent peer; set before reading starts, under mu.
-	ka *keepalive
-	// peerDead is set when ka gives the peer up, before the tunnel ends.
-	peerDead atomic.Bool
-	// counters feed info.
-	counters tunnelCounters
-
-	// Reader-owned.
-	lastID int64
-
-	mu       sync.Mutex
-	streams  map[int64]*serverStream
-	closed   bool
-	draining bool
 	handlers sync.WaitGroup
 
 	// workers run the calls' handlers on goroutines kept for the next
 	// call, whose stacks earlier calls already grew.
 	workers *workers.Pool[*serverStream]
-
-	done chan struct{}
-	err  error
-	once sync.Once
 }
 
 func newTunnelServer(ctx context.Context, frames serverFrames, o *options, svc *services, a agreement, reverse bool, p *peer.Peer, openedMD metadata.MD) *tunnelServer {
@@ -91,23 +52,20 @@ func newTunnelServer(ctx context.Context, frames serverFrames, o *options, svc *
 	}
 	ctx = context.WithValue(ctx, tunnelIncomingMDKey{}, openedMD)
 	t := &tunnelServer{
-		peer:    p,
-		ctx:     ctx,
-		cancel:  cancel,
+		tunnelEnd: tunnelEnd[*tunnelpb.ServerToClient, *serverStream]{
+			cancel:  cancel,
+			opts:    o,
+			agreed:  a,
+			reverse: reverse,
+			peer:    p,
+			streams: map[int64]*serverStream{},
+			done:    make(chan struct{}),
+		},
 		frames:  frames,
-		opts:    o,
 		svc:     svc,
-		agreed:  a,
-		reverse: reverse,
-		streams: map[int64]*serverStream{},
 		workers: workers.New((*serverStream).run, maxIdleWorkers, workerIdle),
-		done:    make(chan struct{}),
 	}
-	t.ctx = t.conn.begin(o.serverStats, ctx, p, false)
-	t.out = newSender(frames.Send, func(err error) { t.shutdown(tunnelFailure(err)) })
-	t.out.ended = t.done
-	t.buffered.limit = o.maxBuffered
-	t.counters.openedAt = time.Now()
+	t.begin(t, ctx, o.serverStats, frames.Send, serverFramer(settingsStreamID))
 	return t
 }
 
@@ -121,18 +79,7 @@ func (t *tunnelServer) serve(inline bool) error {
 			t.shutdown(tunnelFailure(err))
 		}
 	}
-	if t.agreed.keepalive {
-		t.mu.Lock()
-		if !t.closed {
-			t.ka = startKeepalive(t.opts.keepaliveInterval, t.opts.keepaliveTimeout, func(v uint32) {
-				t.out.Queue(serverFramer(settingsStreamID).windowUpdate(v))
-			}, func(err error) {
-				t.peerDead.Store(true)
-				t.shutdown(err)
-			})
-		}
-		t.mu.Unlock()
-	}
+	t.watchPeer()
 	if inline {
 		t.shutdown(t.read())
 	} else {
@@ -195,21 +142,13 @@ func (t *tunnelServer) dispatch(f *receivedClientFrame) error {
 			return errPeerClosed
 		}
 	case *tunnelpb.ClientToServer_WindowUpdate:
-		if id == settingsStreamID && t.agreed.keepalive {
-			if fr.WindowUpdate&pingBit != 0 {
-				t.out.Queue(serverFramer(settingsStreamID).windowUpdate(fr.WindowUpdate &^ pingBit))
-			}
+		if t.keepaliveFrame(id, fr.WindowUpdate) {
 			return nil
 		}
 	}
-	t.mu.Lock()
-	st := t.streams[id]
-	t.mu.Unlock()
-	if st == nil {
-		if id > 0 && id <= t.lastID {
-			return nil // a stream that ended; its frames race with the end
-		}
-		return protocolErrorf("frame for stream %d, which was never opened", id)
+	st, ok, err := t.lookup(id)
+	if !ok {
+		return err
 	}
 	switch fr := f.GetFrame().(type) {
 	case *tunnelpb.ClientToServer_RequestMessage:
@@ -256,7 +195,7 @@ func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
 	t.mu.Lock()
 	var refuse error
 	switch {
-	case t.closed || t.draining && !t.agreed.drain:
+	case t.state == endClosed || t.state == endDraining && !t.agreed.drain:
 		// With the drain extension the calls that crossed the notice are
 		// served: the client sent them before it knew.
 		refuse = errShuttingDown
@@ -269,8 +208,7 @@ func (t *tunnelServer) newStream(id int64, ns *tunnelpb.NewStream) error {
 		t.out.Queue(serverFramer(id).closeStream(status.Convert(refuse), nil))
 		return nil
 	}
-	t.streams[id] = st
-	t.counters.started++
+	t.addLocked(id, st)
 	t.handlers.Add(1)
 	t.mu.Unlock()
 	if st.in.win != nil {
@@ -357,41 +295,19 @@ func trimSlash(s string) string {
 	return s
 }
 
-// forget drops a finished stream; a draining tunnel with no streams left
-// then ends, unless the client was told of the drain: then the client ends
-// it, once it has no call left, since only it knows that no new call is on
-// its way.
-func (t *tunnelServer) forget(id int64) {
-	t.mu.Lock()
-	delete(t.streams, id)
-	idle := t.draining && !t.agreed.drain && len(t.streams) == 0 && !t.closed
-	t.mu.Unlock()
-	if idle {
-		t.endIdle()
-	}
-}
-
-// drain ends the tunnel once the calls in progress are over. With the drain
-// extension it tells the client, which starts no more calls here and ends
-// the tunnel when its calls are done; without it, new calls are refused
-// with Unavailable and the tunnel ends as soon as it is idle.
-func (t *tunnelServer) drain() {
-	t.mu.Lock()
-	wasDraining := t.draining
-	t.draining = true
-	idle := len(t.streams) == 0 && !t.closed
-	t.mu.Unlock()
-	switch {
-	case wasDraining:
-	case t.agreed.drain:
+// announceDrain tells the client of the drain, with the drain extension:
+// the client then starts no more calls here and ends the tunnel when its
+// calls are done. Without it, new calls are refused with Unavailable and the
+// tunnel ends as soon as it is idle. endSide.
+func (t *tunnelServer) announceDrain() {
+	if t.agreed.drain {
 		t.out.Queue(serverFramer(settingsStreamID).headers(&tunnelpb.Metadata{}))
-	case idle:
-		t.endIdle()
 	}
 }
 
 // endIdle ends a drained tunnel cleanly. A network client half-closes the
 // outer stream and lets the peer end it; a network server ends it itself.
+// endSide.
 func (t *tunnelServer) endIdle() {
 	if t.closeSend == nil {
 		t.shutdown(nil)
@@ -406,24 +322,6 @@ func (t *tunnelServer) endIdle() {
 	}
 }
 
-// shutdown ends the tunnel: handlers see their contexts cancelled.
-func (t *tunnelServer) shutdown(err error) {
-	t.once.Do(func() {
-		t.mu.Lock()
-		t.closed = true
-		t.err = err
-		ka := t.ka
-		askPeer := t.askPeerToClose
-		t.mu.Unlock()
-		ka.stop()
-		t.cancel()
-		if t.abort != nil {
-			t.abort()
-		}
-		if askPeer {
-			t.out.Queue(serverFramer(settingsStreamID).closeStream(statusOf(nil), nil))
-		}
-		t.conn.end(false)
-		close(t.done)
-	})
-}
+// closing has nothing to take as the tunnel closes: handlers see their
+// contexts cancelled, and leave the table as they finish. endSide.
+func (t *tunnelServer) closing(error) func() { return nil }
