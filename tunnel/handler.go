@@ -187,18 +187,21 @@ func (h *TunnelServiceHandler) openTunnel(stream tunnelpb.TunnelService_OpenTunn
 	}
 	md, _ := metadata.FromIncomingContext(stream.Context())
 	resp, agreed := h.opts.accept(md)
+	p, _ := peer.FromContext(stream.Context())
+	t := newTunnelServer(stream.Context(), stream, h.opts, h.svc, agreed, false, p, md)
+	// Listed before the headers go out, so that once the client has its
+	// tunnel, Tunnels here shows it.
+	h.forwardTunnels.Store(t, struct{}{})
+	defer h.forwardTunnels.Delete(t)
 	// Headers go out at once: the client waits for them before anything
 	// else, and they tell it whether revision one was agreed.
 	if err := stream.SendHeader(resp); err != nil {
+		t.shutdown(tunnelFailure(err)) // nothing started yet
 		return err
 	}
-	p, _ := peer.FromContext(stream.Context())
-	t := newTunnelServer(stream.Context(), stream, h.opts, h.svc, agreed, false, p, md)
 	// With tunnel-close this goroutine can read frames itself and still
 	// end the tunnel whenever it must, by asking the client to.
 	t.askPeerToClose = agreed.tunnelClose
-	h.forwardTunnels.Store(t, struct{}{})
-	defer h.forwardTunnels.Delete(t)
 	if h.isStopping() {
 		t.drain()
 	}
