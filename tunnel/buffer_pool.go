@@ -5,11 +5,12 @@ import (
 	"sync"
 )
 
-// gatherPool holds the buffers that messages received in several chunks are
-// gathered into for the codec. Unlike gRPC's default pool it does not clear
-// a buffer it hands out again: gathering overwrites every byte the codec
-// reads, and clearing a megabyte costs as much as copying it.
-var gatherPool = &dirtyPool{}
+// unclearedPool holds the buffers that the tunnel fills completely before
+// anyone reads them: messages received in several chunks, gathered for the
+// codec, and frames the frame codec encodes. Unlike gRPC's default pool it
+// does not clear a buffer it hands out again: clearing a megabyte costs as
+// much as copying it, and every byte is overwritten anyway.
+var unclearedPool = &dirtyPool{}
 
 // dirtyPool is a mem.BufferPool of power-of-two sized buffers that are
 // reused without being cleared.

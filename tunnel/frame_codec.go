@@ -233,8 +233,8 @@ type mediumFrame struct {
 
 // frameBuffer returns a buffer slice of n bytes, and those bytes with
 // length 0 and capacity n for the caller to append exactly n bytes to.
-// Encodings above gRPC's pooling threshold come from the default buffer
-// pool, which gets them back when gRPC frees what Marshal returned.
+// Encodings above gRPC's pooling threshold come from unclearedPool, which
+// gets them back when gRPC frees what Marshal returned.
 func frameBuffer(n int) (mem.BufferSlice, []byte) {
 	switch {
 	case n <= smallFrameSize:
@@ -248,10 +248,8 @@ func frameBuffer(n int) (mem.BufferSlice, []byte) {
 		f.bufs[0] = &f.sb
 		return f.bufs[:], f.sb[:0:n]
 	default:
-		pool := mem.DefaultBufferPool()
-		buf := pool.Get(n)
-		*buf = (*buf)[:n]
-		return mem.BufferSlice{mem.NewBuffer(buf, pool)}, (*buf)[:0:n]
+		buf := unclearedPool.Get(n)
+		return mem.BufferSlice{mem.NewBuffer(buf, unclearedPool)}, (*buf)[:0:n]
 	}
 }
 

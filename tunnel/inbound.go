@@ -311,11 +311,11 @@ func (m message) gathered() mem.BufferSlice {
 	case len(m.rest) == 0:
 		return m.first.lend()
 	}
-	buf := gatherPool.Get(m.size)
+	buf := unclearedPool.Get(m.size)
 	off := copy(*buf, m.first.data)
 	for _, p := range m.rest {
 		off += copy((*buf)[off:], p.data)
 	}
 	m.free()
-	return mem.BufferSlice{mem.NewBuffer(buf, gatherPool)}
+	return mem.BufferSlice{mem.NewBuffer(buf, unclearedPool)}
 }
