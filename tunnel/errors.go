@@ -68,6 +68,23 @@ var (
 	// closes first; the caller knows why it gave up, and reports that
 	// instead, so this text is never seen.
 	errDone = errors.New("grpctunnel: receive abandoned")
+	// errLate is a stream's state machine's answer to an event that finds
+	// the stream past it: a frame for a call that has ended (it raced with
+	// the end), a second CloseSend, headers that went out already. The
+	// event changes nothing and is nobody's error, so this text is never
+	// seen.
+	errLate = errors.New("grpctunnel: stream is past this event")
+)
+
+// A peer or a caller that breaks the rules of one call (see the state
+// machine in client_state.go).
+var (
+	// errHeadersTwice ends a call whose server sent response headers after
+	// headers or a message.
+	errHeadersTwice = status.Error(codes.Internal, "grpctunnel: response headers received twice or after a message")
+	// errSendAfterCloseSend is what SendMsg returns once the caller has
+	// half-closed.
+	errSendAfterCloseSend = status.Error(codes.Internal, "grpctunnel: SendMsg called after CloseSend")
 )
 
 // tunnelFailure is the tunnel's end when err broke the outer stream: nil
