@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"context"
-	"io"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -212,31 +211,15 @@ func (t *tunnelServer) dispatch(f *tunnelpb.ClientToServer) error {
 	}
 	switch fr := f.GetFrame().(type) {
 	case *tunnelpb.ClientToServer_RequestMessage:
-		if st.halfClosed {
-			st.fail(status.Error(codes.Internal, "grpctunnel: request message after half-close"))
-			return nil
-		}
-		update, err := st.in.startMessage(fr.RequestMessage.GetSize(), fr.RequestMessage.GetData())
-		st.afterData(update, err)
+		st.onMessage(fr.RequestMessage.GetSize(), fr.RequestMessage.GetData())
 	case *tunnelpb.ClientToServer_MoreRequestData:
-		if st.halfClosed {
-			st.fail(status.Error(codes.Internal, "grpctunnel: request data after half-close"))
-			return nil
-		}
-		st.afterData(0, st.in.moreData(fr.MoreRequestData))
+		st.onMoreData(fr.MoreRequestData)
 	case *tunnelpb.ClientToServer_HalfClose:
-		if st.in.active {
-			st.fail(status.Error(codes.Internal, "grpctunnel: half-close in the middle of a request message"))
-			return nil
-		}
-		st.halfClosed = true
-		st.in.finish(io.EOF)
+		st.onHalfClose()
 	case *tunnelpb.ClientToServer_Cancel:
-		st.cancelled()
+		st.onCancel()
 	case *tunnelpb.ClientToServer_WindowUpdate:
-		if err := st.window.Add(fr.WindowUpdate); err != nil {
-			st.fail(windowOverflow(err))
-		}
+		st.onWindowUpdate(fr.WindowUpdate)
 	}
 	return nil
 }
