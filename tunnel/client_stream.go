@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -34,27 +35,27 @@ type clientStream struct {
 	stop   func() bool // stops the context watch
 	stats  callStats
 
-	// Reader-owned.
-	sawHeader bool
+	// state is the call's clientState (see client_state.go): read anywhere
+	// with one atomic load, changed only by transition, under mu.
+	state atomic.Uint32
+	mu    sync.Mutex
+
 	// recvComp decompresses responses; set by the reader before the first
 	// response is queued, read by the caller after.
 	recvComp encoding.Compressor
 
 	// header is set before headerReady closes; trailer and closeErr before
-	// ended closes. They are read only after.
+	// ended closes. They are read only after. transition sets them and
+	// closes the channels.
 	header      metadata.MD
 	headerReady chan struct{}
-	headerOnce  sync.Once
 	trailer     metadata.MD
 	closeErr    error // the server's status, or the local reason for ending
 	ended       chan struct{}
-	endOnce     sync.Once
 
-	// Caller-owned.
-	sentClose bool
-	received  bool
-	final     error
-	finished  sync.Once
+	// final is the call's result, which RecvMsg returns once the call is
+	// callFinished; only the caller's goroutine touches it.
+	final error
 }
 
 func (t *tunnelClient) newStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts []grpc.CallOption) (*clientStream, error) {
@@ -73,7 +74,7 @@ func (t *tunnelClient) newStream(ctx context.Context, desc *grpc.StreamDesc, met
 // startStream opens a call. If only is not nil, it is the call's one and only
 // request, req encoded (length bytes before compression): when it fits in a
 // single chunk it goes out with the new_stream frame and the half-close, in
-// one hold of the sender, and the stream comes back with sentClose set.
+// one hold of the sender, and the stream comes back callHalfClosed.
 func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, method string, ci *callInfo, req any, only mem.BufferSlice, length int) (_ *clientStream, err error) {
 	select {
 	case <-t.ready:
@@ -168,7 +169,9 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 		}
 	}
 	err = t.register(ctx, st, ns, request)
-	st.sentClose = withRequest
+	if withRequest {
+		st.transition(clientChange{ev: clientCloseSend})
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -184,12 +187,19 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 
 // Reader side.
 
+// onHeaders handles the server's response_headers.
 func (st *clientStream) onHeaders(md *tunnelpb.Metadata) {
-	if st.sawHeader {
-		st.abort(status.Error(codes.Internal, "grpctunnel: response headers received twice or after a message"), true)
+	// Judged before the headers are decoded, so that headers that come
+	// twice are refused as such whatever they hold. Only the reader moves
+	// the call on from callAwaitingHeaders, so the judgement holds until
+	// the transition below, unless the call ends meanwhile: the transition
+	// then finds it ended and changes nothing.
+	if err := st.check(clientGotHeaders); err != nil {
+		if !errors.Is(err, errLate) {
+			st.abort(err, true)
+		}
 		return
 	}
-	st.sawHeader = true
 	hdr, err := st.t.opts.decodeMetadata(md, st.t.agreed.binaryMetadata)
 	if err == nil {
 		// A compressor that is not here is one this end never asked for.
@@ -199,29 +209,31 @@ func (st *clientStream) onHeaders(md *tunnelpb.Metadata) {
 		st.abort(err, true)
 		return
 	}
+	// Reported before the caller can see the headers.
 	st.stats.inHeader(hdr, md, compressorName(st.recvComp))
-	st.setHeader(hdr)
+	st.transition(clientChange{ev: clientGotHeaders, header: hdr})
 }
 
-func (st *clientStream) setHeader(md metadata.MD) {
-	st.headerOnce.Do(func() {
-		st.header = md
-		close(st.headerReady)
-	})
-}
-
+// onMessage handles the first chunk of a response message. Past the first,
+// it costs one atomic load of the state and no lock.
 func (st *clientStream) onMessage(size uint32, data *chunk) {
-	if !st.sawHeader {
-		// The peer skipped empty headers; the message ends them.
-		st.sawHeader = true
+	if clientState(st.state.Load()).received() == callAwaitingHeaders {
+		// The peer skipped empty headers; the message ends them. Reported
+		// before the caller can see them, as onHeaders does.
 		st.stats.inHeader(metadata.MD{}, nil, "")
-		st.setHeader(metadata.MD{})
+	}
+	if _, err := st.transition(clientChange{ev: clientGotMessage}); err != nil {
+		return // the call has ended: the frame raced with the end
 	}
 	update, err := st.in.startMessage(size, data)
 	st.afterData(update, err)
 }
 
+// onMoreData handles a further chunk of a response message.
 func (st *clientStream) onMoreData(data *chunk) {
+	if _, err := st.transition(clientChange{ev: clientGotData}); err != nil {
+		return // the call has ended: the frame raced with the end
+	}
 	st.afterData(0, st.in.moreData(data))
 }
 
@@ -255,42 +267,20 @@ func (st *clientStream) onClose(cs *tunnelpb.CloseStream) {
 	// Out of the table before the caller can see the end, so that a call
 	// it makes next finds the tunnel's load without this one.
 	st.t.forget(st.id)
-	st.end(func() {
-		st.trailer = trailer
-		st.closeErr = result
-		st.in.finish(result)
-		// Whatever is left now belongs to the call; released before the
-		// end is visible, so that no one sees a closed call still charged.
-		st.in.detach()
-	})
+	st.transition(clientChange{ev: clientGotClose, trailer: trailer, err: result})
 }
 
-// abort ends the stream on this side with err. tellPeer sends a cancel so
-// the server stops too; it is false when the whole tunnel is gone.
+// abort ends the stream on this side with err, once, releasing anyone
+// waiting for headers or send credit. tellPeer sends a cancel so the server
+// stops too; it is false when the whole tunnel is gone.
 func (st *clientStream) abort(err error, tellPeer bool) {
-	ended := false
-	st.end(func() {
-		ended = true
-		st.closeErr = err
-		st.in.abort(err)
-	})
-	if !ended {
+	if _, late := st.transition(clientChange{ev: clientAborted, err: err}); late != nil {
 		return
 	}
 	if tellPeer {
 		st.t.out.Queue(clientFramer(st.id).cancel())
 		st.t.forget(st.id)
 	}
-}
-
-// end runs fn once, as the stream's protocol-level end, and releases anyone
-// waiting for headers or send credit.
-func (st *clientStream) end(fn func()) {
-	st.endOnce.Do(func() {
-		fn()
-		st.headerOnce.Do(func() { close(st.headerReady) })
-		close(st.ended)
-	})
 }
 
 // Caller side: grpc.ClientStream.
@@ -320,10 +310,9 @@ func (st *clientStream) Trailer() metadata.MD {
 }
 
 func (st *clientStream) CloseSend() error {
-	if st.sentClose {
-		return nil
+	if _, late := st.transition(clientChange{ev: clientCloseSend}); late != nil {
+		return nil // half-closed already
 	}
-	st.sentClose = true
 	select {
 	case <-st.ended:
 		return nil
@@ -341,13 +330,11 @@ func (st *clientStream) CloseSend() error {
 }
 
 func (st *clientStream) SendMsg(m any) error {
-	if st.sentClose {
-		return status.Error(codes.Internal, "grpctunnel: SendMsg called after CloseSend")
-	}
-	select {
-	case <-st.ended:
-		return io.EOF // the status comes from RecvMsg, as in gRPC
-	default:
+	switch _, err := st.transition(clientChange{ev: clientSendMsg}); {
+	case errors.Is(err, errLate):
+		return io.EOF // the call has ended; the status comes from RecvMsg, as in gRPC
+	case err != nil:
+		return err
 	}
 	data, length, err := st.ci.marshal(m)
 	if err != nil {
@@ -376,17 +363,18 @@ func (st *clientStream) sendMessage(m any, data mem.BufferSlice, length int) err
 }
 
 func (st *clientStream) RecvMsg(m any) error {
-	if st.final != nil {
+	if clientState(st.state.Load())&callFinished != 0 {
 		return st.final
 	}
 	msg, update, err := st.in.recv(nil)
 	if err != nil {
-		if errors.Is(err, io.EOF) && !st.desc.ServerStreams && !st.received {
+		// A unary-response call finishes with its one response, so one
+		// that gets here has had none.
+		if errors.Is(err, io.EOF) && !st.desc.ServerStreams {
 			err = status.Error(codes.Internal, "grpctunnel: server ended a unary-response call without a response")
 		}
 		return st.finish(err)
 	}
-	st.received = true
 	if update > 0 {
 		st.sendWindowUpdate(update)
 	}
@@ -419,23 +407,23 @@ func (st *clientStream) RecvMsg(m any) error {
 // watch and fills in what the call options asked for. It returns err, which
 // RecvMsg returns from now on.
 func (st *clientStream) finish(err error) error {
-	st.finished.Do(func() {
-		if st.stop != nil {
-			st.stop()
-		}
-		st.received = true
-		if err == nil {
-			err = io.EOF
-		}
-		st.final = err
-		var callErr error
-		if !errors.Is(err, io.EOF) {
-			callErr = err
-		}
-		<-st.ended
-		st.stats.end(st.trailer, callErr)
-		st.ci.finish(st.header, st.trailer, st.t.peer, st.t, callErr)
-	})
+	if _, late := st.transition(clientChange{ev: clientFinish}); late != nil {
+		return st.final
+	}
+	if st.stop != nil {
+		st.stop()
+	}
+	if err == nil {
+		err = io.EOF
+	}
+	st.final = err
+	var callErr error
+	if !errors.Is(err, io.EOF) {
+		callErr = err
+	}
+	<-st.ended
+	st.stats.end(st.trailer, callErr)
+	st.ci.finish(st.header, st.trailer, st.t.peer, st.t, callErr)
 	return st.final
 }
 
@@ -490,7 +478,7 @@ func (t *tunnelClient) invoke(ctx context.Context, method string, req, reply any
 		ci.finish(nil, nil, t.peer, t, err)
 		return err
 	}
-	if !st.sentClose {
+	if clientState(st.state.Load())&callHalfClosed == 0 {
 		if err := st.sendMessage(req, data, length); err != nil && !errors.Is(err, io.EOF) {
 			st.abort(err, true)
 			return st.finish(err)

@@ -68,6 +68,41 @@ var (
 	// closes first; the caller knows why it gave up, and reports that
 	// instead, so this text is never seen.
 	errDone = errors.New("grpctunnel: receive abandoned")
+	// errLate is a stream's state machine's answer to an event that finds
+	// the stream past it: a frame for a call that has ended (it raced with
+	// the end), a second CloseSend, headers that went out already. The
+	// event changes nothing and is nobody's error, so this text is never
+	// seen.
+	errLate = errors.New("grpctunnel: stream is past this event")
+)
+
+// A peer or a caller that breaks the rules of one call (see the state
+// machines in client_state.go and server_state.go).
+var (
+	// errHeadersTwice ends a call whose server sent response headers after
+	// headers or a message.
+	errHeadersTwice = status.Error(codes.Internal, "grpctunnel: response headers received twice or after a message")
+	// errSendAfterCloseSend is what SendMsg returns once the caller has
+	// half-closed.
+	errSendAfterCloseSend = status.Error(codes.Internal, "grpctunnel: SendMsg called after CloseSend")
+	// errMessageAfterHalfClose and errDataAfterHalfClose end a call whose
+	// client sent a request after half-closing.
+	errMessageAfterHalfClose = status.Error(codes.Internal, "grpctunnel: request message after half-close")
+	errDataAfterHalfClose    = status.Error(codes.Internal, "grpctunnel: request data after half-close")
+	// errHalfCloseMidMessage ends a call whose client half-closed with a
+	// request message incomplete.
+	errHalfCloseMidMessage = status.Error(codes.Internal, "grpctunnel: half-close in the middle of a request message")
+	// errCancelledByClient is the status of a call the client cancelled.
+	errCancelledByClient = status.Error(codes.Canceled, "grpctunnel: call cancelled by the client")
+	// errHeadersSent is what SetHeader and SendHeader return once the
+	// headers can no longer change.
+	errHeadersSent = status.Error(codes.Internal, "grpctunnel: headers already sent")
+	// errCallEnded is what SetTrailer returns once the call is over.
+	errCallEnded = status.Error(codes.Internal, "grpctunnel: call already ended")
+	// errHeadersAfterCancel is what sending headers returns once the
+	// client cancelled the call: the handler's context's status, as the
+	// handler's other sends report it.
+	errHeadersAfterCancel = status.FromContextError(context.Canceled).Err()
 )
 
 // tunnelFailure is the tunnel's end when err broke the outer stream: nil

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"sync"
+	"sync/atomic"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -36,15 +37,14 @@ type serverStream struct {
 	in      *inbound
 	stats   callStats
 
-	// Reader-owned.
-	halfClosed bool
+	// state is the call's serverState (see server_state.go): read anywhere
+	// with one atomic load, changed only by transition, under mu.
+	state atomic.Uint32
 
-	mu         sync.Mutex
-	header     metadata.MD
-	headerSent bool
-	trailer    metadata.MD
-	closed     bool  // close_stream sent, or the client cancelled
-	result     error // the status the call ended with, once closed
+	mu      sync.Mutex
+	header  metadata.MD
+	trailer metadata.MD
+	result  error // the status the call ended with, once callClosed
 
 	// Handler-owned.
 	sent int
@@ -84,7 +84,62 @@ func (st *serverStream) run() {
 	}
 }
 
-// Reader side.
+// Reader side: server_tunnel.go's dispatch hands each frame for the call to
+// one of these.
+
+// onMessage handles the first chunk of a request message.
+func (st *serverStream) onMessage(size uint32, data *chunk) {
+	if !st.allowed(serverGotMessage) {
+		return
+	}
+	update, err := st.in.startMessage(size, data)
+	st.afterData(update, err)
+}
+
+// onMoreData handles a further chunk of a request message.
+func (st *serverStream) onMoreData(data *chunk) {
+	if !st.allowed(serverGotData) {
+		return
+	}
+	st.afterData(0, st.in.moreData(data))
+}
+
+// onHalfClose handles the client's half_close: RecvMsg reports io.EOF once
+// the requests queued are read.
+func (st *serverStream) onHalfClose() {
+	if st.in.active {
+		// The reassembly's rule, judged before the call's: a message
+		// cut short by half_close breaks it.
+		st.fail(errHalfCloseMidMessage)
+		return
+	}
+	if !st.allowed(serverGotHalfClose) {
+		return
+	}
+	st.in.finish(io.EOF)
+}
+
+// onWindowUpdate handles the client's window_update for the call, allowed
+// in every state: an update that overflows the window breaks the rules.
+func (st *serverStream) onWindowUpdate(n uint32) {
+	if err := st.window.Add(n); err != nil {
+		st.fail(windowOverflow(err))
+	}
+}
+
+// allowed applies ev, a frame from the client, and reports whether the
+// frame is to be handled: not if it broke the call's rules, which ends the
+// call, nor if it raced with the call's end.
+func (st *serverStream) allowed(ev serverEvent) bool {
+	_, err := st.transition(ev)
+	switch {
+	case err == nil:
+		return true
+	case !errors.Is(err, errLate):
+		st.fail(err)
+	}
+	return false
+}
 
 func (st *serverStream) afterData(update uint32, err error) {
 	if err != nil {
@@ -103,17 +158,17 @@ func (st *serverStream) fail(err error) {
 	st.close(err, true, nil)
 }
 
-// cancelled handles the client's cancel: the handler's context is cancelled
+// onCancel handles the client's cancel: the handler's context is cancelled
 // and nothing more is sent.
-func (st *serverStream) cancelled() {
-	err := status.Error(codes.Canceled, "grpctunnel: call cancelled by the client")
+func (st *serverStream) onCancel() {
 	st.mu.Lock()
-	if !st.closed {
-		st.closed = true
-		st.result = err
+	if _, late := st.transitionLocked(serverGotCancel); late == nil {
+		st.result = errCancelledByClient
 	}
 	st.mu.Unlock()
-	st.in.abort(err)
+	// Done even when the call was over already: they are idempotent, and
+	// the end may not have got as far.
+	st.in.abort(errCancelledByClient)
 	st.cancel()
 	st.t.forget(st.id)
 }
@@ -165,16 +220,16 @@ type lastMessage struct {
 // sends them itself, in one hold of the sender.
 func (st *serverStream) end(err error, fromReader bool, last lastMessage) {
 	st.mu.Lock()
-	if st.closed {
+	from, late := st.transitionLocked(serverClose)
+	if late != nil {
 		st.mu.Unlock()
 		st.cancel()
 		return
 	}
-	st.closed = true
 	s := statusOf(err)
 	var buf [3]*tunnelpb.ServerToClient
 	frames := buf[:0]
-	if f, hdrErr := st.pendingHeaderLocked(last.frame != nil); hdrErr != nil {
+	if f, hdrErr := st.pendingHeaderLocked(from, last.frame != nil); hdrErr != nil {
 		// Headers that cannot be encoded end the call with why, as
 		// trailers that cannot be do (see closeFrame); the response, if
 		// any, does not go without them.
@@ -232,15 +287,14 @@ func (st *serverStream) end(err error, fromReader bool, last lastMessage) {
 }
 
 // pendingHeaderLocked returns the header frame still to send before the end
-// of the call, if the handler set headers that have not gone out, or a
-// compressed message is to follow (the headers name its compressor); nil if
-// there is none. It fails if the headers cannot be encoded.
-func (st *serverStream) pendingHeaderLocked(message bool) (*tunnelpb.ServerToClient, error) {
-	if st.headerSent || (len(st.header) == 0 && (!message || st.comp == nil)) {
-		st.headerSent = true
+// of a call that was in state from, if the handler set headers that have
+// not gone out, or a compressed message is to follow (the headers name its
+// compressor); nil if there is none. It fails if the headers cannot be
+// encoded.
+func (st *serverStream) pendingHeaderLocked(from serverState, message bool) (*tunnelpb.ServerToClient, error) {
+	if from&respHeadersSent != 0 || (len(st.header) == 0 && (!message || st.comp == nil)) {
 		return nil, nil
 	}
-	st.headerSent = true
 	return st.headerFrame(st.header)
 }
 
@@ -283,8 +337,8 @@ func (st *serverStream) Context() context.Context { return st.ctx }
 func (st *serverStream) SetHeader(md metadata.MD) error {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	if st.headerSent || st.closed {
-		return status.Error(codes.Internal, "grpctunnel: headers already sent")
+	if _, err := st.transitionLocked(serverSetHeader); err != nil {
+		return err
 	}
 	st.header = metadata.Join(st.header, md)
 	return nil
@@ -304,17 +358,15 @@ func (st *serverStream) SendHeader(md metadata.MD) error {
 // client may be waiting for headers alone.
 func (st *serverStream) flushHeader(explicit bool) error {
 	st.mu.Lock()
-	if st.headerSent {
-		st.mu.Unlock()
-		return nil
-	}
-	if st.closed {
-		st.mu.Unlock()
-		return status.FromContextError(context.Canceled).Err()
-	}
-	st.headerSent = true
+	_, err := st.transitionLocked(serverSendHeader)
 	md := st.header
 	st.mu.Unlock()
+	switch {
+	case errors.Is(err, errLate):
+		return nil // sent already
+	case err != nil:
+		return err
+	}
 	if !explicit && len(md) == 0 && st.comp == nil {
 		// Skipped, but to the client they end at the first message.
 		st.stats.outHeader(st.method, nil, md, "")
@@ -339,8 +391,8 @@ func (st *serverStream) SetTrailer(md metadata.MD) { _ = st.setTrailer(md) }
 func (st *serverStream) setTrailer(md metadata.MD) error {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	if st.closed {
-		return status.Error(codes.Internal, "grpctunnel: call already ended")
+	if _, err := st.transitionLocked(serverSetTrailer); err != nil {
+		return err
 	}
 	st.trailer = metadata.Join(st.trailer, md)
 	return nil

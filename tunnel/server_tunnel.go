@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"context"
-	"io"
 	"sync"
 	"time"
 
@@ -152,31 +151,15 @@ func (t *tunnelServer) dispatch(f *receivedClientFrame) error {
 	}
 	switch fr := f.GetFrame().(type) {
 	case *tunnelpb.ClientToServer_RequestMessage:
-		if st.halfClosed {
-			st.fail(status.Error(codes.Internal, "grpctunnel: request message after half-close"))
-			return nil
-		}
-		update, err := st.in.startMessage(fr.RequestMessage.GetSize(), f.payload())
-		st.afterData(update, err)
+		st.onMessage(fr.RequestMessage.GetSize(), f.payload())
 	case *tunnelpb.ClientToServer_MoreRequestData:
-		if st.halfClosed {
-			st.fail(status.Error(codes.Internal, "grpctunnel: request data after half-close"))
-			return nil
-		}
-		st.afterData(0, st.in.moreData(f.payload()))
+		st.onMoreData(f.payload())
 	case *tunnelpb.ClientToServer_HalfClose:
-		if st.in.active {
-			st.fail(status.Error(codes.Internal, "grpctunnel: half-close in the middle of a request message"))
-			return nil
-		}
-		st.halfClosed = true
-		st.in.finish(io.EOF)
+		st.onHalfClose()
 	case *tunnelpb.ClientToServer_Cancel:
-		st.cancelled()
+		st.onCancel()
 	case *tunnelpb.ClientToServer_WindowUpdate:
-		if err := st.window.Add(fr.WindowUpdate); err != nil {
-			st.fail(windowOverflow(err))
-		}
+		st.onWindowUpdate(fr.WindowUpdate)
 	}
 	return nil
 }
