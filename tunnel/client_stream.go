@@ -34,6 +34,9 @@ type clientStream struct {
 	in     *inbound
 	stop   func() bool // stops the context watch
 	stats  callStats
+	// frames are the request frames, built in place; made by the first
+	// message that does not leave with the call's opening. Caller-owned.
+	frames *clientDataFrame
 
 	// state is the call's clientState (see client_state.go): read anywhere
 	// with one atomic load, changed only by transition, under mu.
@@ -347,7 +350,10 @@ func (st *clientStream) SendMsg(m any) error {
 // sendMessage sends request m, encoded as data (length bytes before
 // compression), then half-closes if the method takes only one.
 func (st *clientStream) sendMessage(m any, data mem.BufferSlice, length int) error {
-	if err := sendMessage(st.t.out, st.window, st.ended, clientFramer(st.id), data, st.t.agreed.maxChunk); err != nil {
+	if st.frames == nil {
+		st.frames = &clientDataFrame{ClientToServer: tunnelpb.ClientToServer{StreamId: st.id}}
+	}
+	if err := sendMessage(st.t.out, st.window, st.ended, st.frames, data, st.t.agreed.maxChunk); err != nil {
 		// As in gRPC, SendMsg reports only that the call is over; its
 		// status, with the cause, comes from RecvMsg. err is errDone if
 		// the call ended while waiting for credit, or the sender's

@@ -47,7 +47,8 @@ type TunnelChannel interface {
 // clientFrames is the outer stream as the tunnel client sees it, whichever
 // end dialled.
 type clientFrames interface {
-	Send(*tunnelpb.ClientToServer) error
+	// SendMsg sends a *tunnelpb.ClientToServer or a *clientDataFrame.
+	SendMsg(any) error
 	// RecvMsg receives into a *receivedServerFrame.
 	RecvMsg(any) error
 }
@@ -86,7 +87,7 @@ func newTunnelClient(ctx context.Context, cancel context.CancelFunc, frames clie
 		frames: frames,
 		ready:  make(chan struct{}),
 	}
-	t.begin(t, ctx, o.clientStats, frames.Send, clientFramer(settingsStreamID))
+	t.begin(t, ctx, o.clientStats, frames.SendMsg, clientFramer(settingsStreamID))
 	if !a.negotiated {
 		close(t.ready)
 	}

@@ -115,11 +115,11 @@ type tunnelEnd[F, S any] struct {
 // begin makes the core ready, once the fields of a composite literal are
 // set: it reports the tunnel to the stats handler h and sets up the sender
 // over send. side is the end that embeds the core.
-func (e *tunnelEnd[F, S]) begin(side endSide, ctx context.Context, h stats.Handler, send func(F) error, control endFramer[F]) {
+func (e *tunnelEnd[F, S]) begin(side endSide, ctx context.Context, h stats.Handler, send func(any) error, control endFramer[F]) {
 	e.side = side
 	e.control = control
 	e.ctx = e.conn.begin(h, ctx, e.peer, e.client)
-	e.out = newSender(send, func(err error) { e.shutdown(tunnelFailure(err)) })
+	e.out = newSender[F](send, func(err error) { e.shutdown(tunnelFailure(err)) })
 	e.out.ended = e.done
 	e.buffered.limit = e.opts.maxBuffered
 	e.counters.openedAt = time.Now()

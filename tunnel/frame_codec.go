@@ -75,7 +75,14 @@ type hotFrame struct {
 func (c *frameCodec) Marshal(v any) (mem.BufferSlice, error) {
 	var h hotFrame
 	var ok bool
+	var owner mem.Buffer
 	switch m := v.(type) {
+	case *clientDataFrame:
+		h, ok = clientHotFrame(&m.ClientToServer)
+		owner, v = m.owner, &m.ClientToServer
+	case *serverDataFrame:
+		h, ok = serverHotFrame(&m.ServerToClient)
+		owner, v = m.owner, &m.ServerToClient
 	case *tunnelpb.ClientToServer:
 		h, ok = clientHotFrame(m)
 	case *tunnelpb.ServerToClient:
@@ -83,6 +90,9 @@ func (c *frameCodec) Marshal(v any) (mem.BufferSlice, error) {
 	}
 	if !ok {
 		return c.fallback.Marshal(v)
+	}
+	if owner != nil && len(h.data) >= minViewChunk && !mem.IsBelowBufferPoolingThreshold(headRoom) {
+		return encodeViewing(&h, owner), nil
 	}
 	return h.encode(), nil
 }
@@ -166,6 +176,14 @@ func (h *hotFrame) messageDataLen() int {
 // their numbers, fields of implicit presence left out when zero, the oneof's
 // field always written.
 func (h *hotFrame) encode() mem.BufferSlice {
+	n := h.encodedLen()
+	out, b := frameBuffer(n)
+	h.appendTo(b, true)
+	return out
+}
+
+// encodedLen is the length of h's encoding.
+func (h *hotFrame) encodedLen() int {
 	n := 0
 	if h.streamID != 0 {
 		n += 1 + protowire.SizeVarint(uint64(h.streamID))
@@ -182,8 +200,13 @@ func (h *hotFrame) encode() mem.BufferSlice {
 	case fieldWindow:
 		n += 1 + protowire.SizeVarint(uint64(h.size))
 	}
+	return n
+}
 
-	out, b := frameBuffer(n)
+// appendTo appends h's encoding to b, whose capacity must hold it; without
+// withData it leaves out the bytes of h.data (not their length), which end
+// the encoding of a message or continuation frame.
+func (h *hotFrame) appendTo(b []byte, withData bool) []byte {
 	if h.streamID != 0 {
 		b = append(b, byte(protowire.EncodeTag(fieldStreamID, protowire.VarintType)))
 		b = protowire.AppendVarint(b, uint64(h.streamID))
@@ -191,26 +214,33 @@ func (h *hotFrame) encode() mem.BufferSlice {
 	switch h.field {
 	case fieldMessage:
 		b = append(b, byte(protowire.EncodeTag(fieldMessage, protowire.BytesType)))
-		b = protowire.AppendVarint(b, uint64(inner))
+		b = protowire.AppendVarint(b, uint64(h.messageDataLen()))
 		if h.size != 0 {
 			b = append(b, byte(protowire.EncodeTag(fieldMessageSize, protowire.VarintType)))
 			b = protowire.AppendVarint(b, uint64(h.size))
 		}
 		if len(h.data) != 0 {
 			b = append(b, byte(protowire.EncodeTag(fieldMessageData, protowire.BytesType)))
-			b = protowire.AppendBytes(b, h.data)
+			b = appendData(b, h.data, withData)
 		}
 	case fieldMoreData:
 		b = append(b, byte(protowire.EncodeTag(fieldMoreData, protowire.BytesType)))
-		b = protowire.AppendBytes(b, h.data)
+		b = appendData(b, h.data, withData)
 	case fieldHalfClose, fieldCancel:
 		b = append(b, byte(protowire.EncodeTag(h.field, protowire.BytesType)), 0)
 	case fieldWindow:
 		b = append(b, byte(protowire.EncodeTag(fieldWindow, protowire.VarintType)))
 		b = protowire.AppendVarint(b, uint64(h.size))
 	}
-	_ = b // written in place: frameBuffer sized it to n
-	return out
+	return b
+}
+
+// appendData appends the length of data, then data itself if with.
+func appendData(b, data []byte, with bool) []byte {
+	if with {
+		return protowire.AppendBytes(b, data)
+	}
+	return protowire.AppendVarint(b, uint64(len(data)))
 }
 
 // smallFrameSize is the largest encoding kept in a smallFrame: enough for

@@ -14,8 +14,12 @@ import (
 
 // framePayload is the tunneled message payload a frame carries: the bytes of
 // a message or continuation chunk, 0 for any other frame.
-func framePayload[F any](f F) int {
-	switch f := any(f).(type) {
+func framePayload(f any) int {
+	switch f := f.(type) {
+	case *clientDataFrame:
+		return framePayload(&f.ClientToServer)
+	case *serverDataFrame:
+		return framePayload(&f.ServerToClient)
 	case *tunnelpb.ClientToServer:
 		switch fr := f.GetFrame().(type) {
 		case *tunnelpb.ClientToServer_RequestMessage:

@@ -158,3 +158,14 @@ func receiveEncoded(m any, fr proto.Message) error {
 	}
 	return Codec().Unmarshal(splits(b, len(b)/2), m)
 }
+
+// sentDecoded is what a peer reads of m, a frame that a tunnel end sends:
+// its encoding by the frame codec, decoded by protobuf into into.
+func sentDecoded(m any, into proto.Message) error {
+	data, err := Codec().Marshal(m)
+	if err != nil {
+		return err
+	}
+	defer data.Free()
+	return proto.Unmarshal(data.Materialize(), into)
+}

@@ -74,6 +74,17 @@ func (f *fzClientFrames) Recv() (*tunnelpb.ServerToClient, error) {
 	return nil, f.end
 }
 
+func (f *fzClientFrames) SendMsg(m any) error {
+	fr := new(tunnelpb.ClientToServer)
+	if err := sentDecoded(m, fr); err != nil {
+		f.mu.Lock()
+		f.problem("unencodable frame %v: %v", m, err)
+		f.mu.Unlock()
+		return err
+	}
+	return f.Send(fr)
+}
+
 func (f *fzClientFrames) Send(fr *tunnelpb.ClientToServer) error {
 	if err := fzMarshal(fr, fr.GetRequestMessage() != nil || fr.GetMoreRequestData() != nil); err != nil {
 		f.mu.Lock()

@@ -87,6 +87,17 @@ func (f *fzServerFrames) deliver(fr *tunnelpb.ClientToServer) {
 	}
 }
 
+func (f *fzServerFrames) SendMsg(m any) error {
+	fr := new(tunnelpb.ServerToClient)
+	if err := sentDecoded(m, fr); err != nil {
+		f.mu.Lock()
+		f.problem("unencodable frame %v: %v", m, err)
+		f.mu.Unlock()
+		return err
+	}
+	return f.Send(fr)
+}
+
 func (f *fzServerFrames) Send(fr *tunnelpb.ServerToClient) error {
 	if err := fzMarshal(fr, fr.GetResponseMessage() != nil || fr.GetMoreResponseData() != nil); err != nil {
 		f.mu.Lock()

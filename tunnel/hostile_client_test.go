@@ -242,10 +242,10 @@ type hosCountingStream struct {
 	stub *hosCountingStub
 }
 
-func (s *hosCountingStream) Send(f *tunnelpb.ClientToServer) error {
-	err := s.TunnelService_OpenTunnelClient.Send(f)
+func (s *hosCountingStream) SendMsg(m any) error {
+	err := s.TunnelService_OpenTunnelClient.SendMsg(m)
 	if err == nil {
-		s.stub.sent.Add(int64(len(f.GetRequestMessage().GetData()) + len(f.GetMoreRequestData())))
+		s.stub.sent.Add(int64(framePayload(m)))
 	}
 	return err
 }

@@ -6,44 +6,36 @@ import (
 	"github.com/grpctunnel/grpctunnel/flowcontrol"
 )
 
-// sendMessage sends one encoded message as a message frame and continuation
-// frames, taking window credit before each chunk. Chunks are slices of the
-// codec's buffers; the only copy is the outer stream's own encoding. It
-// returns errDone if done closes while it waits for credit or for its turn
-// to send.
-func sendMessage[F any, FR framer[F]](s *sender[F], win *flowcontrol.SendWindow, done <-chan struct{}, fr FR, data mem.BufferSlice, maxChunk int) error {
+// sendMessage sends one encoded message as a message frame and
+// continuation frames, built in fr, taking window credit before each chunk.
+// Chunks are slices of the codec's buffers, each sent with the buffer it
+// lies in, so that the frame codec can send it without a copy. It returns
+// errDone if done closes while it waits for credit or for its turn to send.
+func sendMessage[F any](s *sender[F], win *flowcontrol.SendWindow, done <-chan struct{}, fr dataFramer, data mem.BufferSlice, maxChunk int) error {
+	defer fr.forget()
 	size := data.Len()
 	if size == 0 {
-		return s.Send(done, fr.message(0, nil))
-	}
-	var small [4][]byte
-	bufs := small[:0]
-	for _, b := range data {
-		bufs = append(bufs, b.ReadOnlyData())
+		return s.sendFrame(done, fr.first(0, nil, nil))
 	}
 	first := true
-	for len(bufs) > 0 {
-		for len(bufs) > 0 && len(bufs[0]) == 0 {
-			bufs = bufs[1:]
-		}
-		if len(bufs) == 0 {
-			break
-		}
-		n, ok := win.Take(min(maxChunk, len(bufs[0])), done)
-		if !ok {
-			return errDone
-		}
-		var chunk []byte
-		chunk, bufs = flowcontrol.Chunk(bufs, n)
-		var f F
-		if first {
-			f = fr.message(uint32(size), chunk)
-			first = false
-		} else {
-			f = fr.more(chunk)
-		}
-		if err := s.Send(done, f); err != nil {
-			return err
+	for _, b := range data {
+		rest := b.ReadOnlyData()
+		for len(rest) > 0 {
+			n, ok := win.Take(min(maxChunk, len(rest)), done)
+			if !ok {
+				return errDone
+			}
+			var f any
+			if first {
+				f = fr.first(uint32(size), rest[:n], b)
+				first = false
+			} else {
+				f = fr.next(rest[:n], b)
+			}
+			if err := s.sendFrame(done, f); err != nil {
+				return err
+			}
+			rest = rest[n:]
 		}
 	}
 	return nil

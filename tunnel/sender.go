@@ -22,7 +22,9 @@ import (
 // (done) or the tunnel does (ended), not when the connection finally dies.
 // Waiters queue on the channel in order, so no sender starves.
 type sender[F any] struct {
-	send func(F) error
+	// send is the outer stream's SendMsg. It takes frames of type F and
+	// the data frames of sendMessage, which are not.
+	send func(any) error
 	// sendHeld is sendLocked, bound once: the send function Do hands out,
 	// so that a hold of the sender allocates nothing.
 	sendHeld func(F) error
@@ -62,7 +64,7 @@ type sender[F any] struct {
 	sends atomic.Uint64
 }
 
-func newSender[F any](send func(F) error, onFail func(error)) *sender[F] {
+func newSender[F any](send func(any) error, onFail func(error)) *sender[F] {
 	s := &sender[F]{send: send, onFail: onFail, turn: make(chan struct{}, 1), shut: make(chan struct{})}
 	s.sendHeld = s.sendLocked
 	return s
@@ -71,17 +73,25 @@ func newSender[F any](send func(F) error, onFail func(error)) *sender[F] {
 // Send writes f, blocking while the outer stream is full. If done closes
 // while it waits for its turn, it gives up with errDone, sending nothing.
 func (s *sender[F]) Send(done <-chan struct{}, f F) error {
+	return s.sendFrame(done, f)
+}
+
+// sendFrame is Send for any frame the outer stream takes, a data frame of
+// sendMessage's included.
+func (s *sender[F]) sendFrame(done <-chan struct{}, f any) error {
 	if err := s.hold(done); err != nil {
 		return err
 	}
-	err := s.sendLocked(f)
+	err := s.writeLocked(f)
 	s.release()
 	return err
 }
 
 // sendLocked writes f during a hold. Once a send has failed, or the sender
 // was closed, every later one fails the same way.
-func (s *sender[F]) sendLocked(f F) error {
+func (s *sender[F]) sendLocked(f F) error { return s.writeLocked(f) }
+
+func (s *sender[F]) writeLocked(f any) error {
 	if p := s.err.Load(); p != nil {
 		return *p
 	}

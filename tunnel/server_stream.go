@@ -36,6 +36,9 @@ type serverStream struct {
 	window  *flowcontrol.SendWindow
 	in      *inbound
 	stats   callStats
+	// frames are the response frames, built in place; made by the first
+	// message that does not leave with the call's status. Handler-owned.
+	frames *serverDataFrame
 
 	// state is the call's serverState (see server_state.go): read anywhere
 	// with one atomic load, changed only by transition, under mu.
@@ -426,7 +429,10 @@ func (st *serverStream) sendMessage(m any, data mem.BufferSlice, length int) err
 		return err
 	}
 	st.sent++
-	err := sendMessage(st.t.out, st.window, st.ctx.Done(), serverFramer(st.id), data, st.t.agreed.maxChunk)
+	if st.frames == nil {
+		st.frames = &serverDataFrame{ServerToClient: tunnelpb.ServerToClient{StreamId: st.id}}
+	}
+	err := sendMessage(st.t.out, st.window, st.ctx.Done(), st.frames, data, st.t.agreed.maxChunk)
 	switch {
 	case err == nil:
 		st.stats.outPayload(m, length, data.Len())

@@ -18,7 +18,8 @@ import (
 // serverFrames is the outer stream as the tunnel server sees it, whichever
 // end dialled.
 type serverFrames interface {
-	Send(*tunnelpb.ServerToClient) error
+	// SendMsg sends a *tunnelpb.ServerToClient or a *serverDataFrame.
+	SendMsg(any) error
 	// RecvMsg receives into a *receivedClientFrame.
 	RecvMsg(any) error
 }
@@ -64,7 +65,7 @@ func newTunnelServer(ctx context.Context, frames serverFrames, o *options, svc *
 		svc:     svc,
 		workers: workers.New((*serverStream).run, maxIdleWorkers, workerIdle),
 	}
-	t.begin(t, ctx, o.serverStats, frames.Send, serverFramer(settingsStreamID))
+	t.begin(t, ctx, o.serverStats, frames.SendMsg, serverFramer(settingsStreamID))
 	return t
 }
 

@@ -111,7 +111,7 @@ func wrWaiting() int { return wrGoroutines("tunnel.(*sender[...]).take") }
 // wrBlockedInSend is how many goroutines holding a sender's turn are
 // blocked in the outer stream's Send by gRPC's flow control.
 func wrBlockedInSend() int {
-	return wrGoroutines("tunnel.(*sender[...]).sendLocked", "transport.(*writeQuota).get")
+	return wrGoroutines("tunnel.(*sender[...]).writeLocked", "transport.(*writeQuota).get")
 }
 
 // wrServer starts a gRPC server with a TunnelServiceHandler serving the
