@@ -1,6 +1,8 @@
 package tunnel
 
 import (
+	"sync"
+
 	"google.golang.org/grpc/mem"
 )
 
@@ -68,41 +70,51 @@ func bytesChunk(b []byte) chunk {
 	return chunk{pieces: []piece{{data: b}}, len: len(b)}
 }
 
-// viewBuffer lends a piece to a codec as a mem.Buffer of its own: the codec
+// lentPiece lends a piece to a codec as a mem.Buffer of its own: the codec
 // may keep a reference (gRPC's codecs may, by contract), and the piece's
-// owner is freed when the last one is dropped. It is a mem.BufferPool only
-// to hear of that moment: mem.NewBuffer hands the buffer's bytes back to its
-// pool once every reference is gone.
-type viewBuffer struct {
+// owner is freed when the last one is dropped. A piece of few bytes is
+// copied into room instead and its owner freed at once: a view of it would
+// be too small for mem.NewBuffer to count its references (see roomSize).
+// lentPiece is the buffer's pool, to hear of its release (as
+// frameEncoding is), and goes back to lentPieces then.
+type lentPiece struct {
+	room  [roomSize]byte
 	data  []byte
 	owner mem.Buffer
+	bufs  [1]mem.Buffer
 }
 
-// Get is never called by mem.NewBuffer; it draws a fresh slice for anyone
-// who does.
-func (v *viewBuffer) Get(n int) *[]byte {
-	b := make([]byte, n)
-	return &b
-}
+var lentPieces = sync.Pool{New: func() any { return new(lentPiece) }}
 
-func (v *viewBuffer) Put(*[]byte) {
-	v.owner.Free()
-	v.owner = nil
-}
-
-// lend makes p a buffer slice for a codec, taking over p's reference. Bytes
-// too few for gRPC to count references of (mem.NewBuffer would return a
-// plain slice, whose references are not counted) are copied instead, and
-// the piece freed.
+// lend makes p a buffer slice for a codec, taking over p's reference.
 func (p piece) lend() mem.BufferSlice {
 	if p.owner == nil {
 		return mem.BufferSlice{mem.SliceBuffer(p.data)}
 	}
-	if mem.IsBelowBufferPoolingThreshold(len(p.data)) {
-		b := mem.SliceBuffer(append([]byte(nil), p.data...))
+	l := lentPieces.Get().(*lentPiece)
+	if len(p.data) <= roomSize {
+		l.data = append(l.room[:0], p.data...)
 		p.owner.Free()
-		return mem.BufferSlice{b}
+	} else {
+		l.data = p.data[:len(p.data):len(p.data)]
+		l.owner = p.owner
 	}
-	v := &viewBuffer{data: p.data[:len(p.data):len(p.data)], owner: p.owner}
-	return mem.BufferSlice{mem.NewBuffer(&v.data, v)}
+	l.bufs[0] = mem.NewBuffer(&l.data, l)
+	return l.bufs[:]
+}
+
+// Get is never called by mem.NewBuffer; it draws a fresh slice for anyone
+// who does.
+func (l *lentPiece) Get(n int) *[]byte {
+	b := make([]byte, n)
+	return &b
+}
+
+// Put hears that the codec has released the piece.
+func (l *lentPiece) Put(*[]byte) {
+	if l.owner != nil {
+		l.owner.Free()
+	}
+	l.data, l.owner, l.bufs = nil, nil, [1]mem.Buffer{}
+	lentPieces.Put(l)
 }

@@ -91,10 +91,7 @@ func (c *frameCodec) Marshal(v any) (mem.BufferSlice, error) {
 	if !ok {
 		return c.fallback.Marshal(v)
 	}
-	if owner != nil && len(h.data) >= minViewChunk && !mem.IsBelowBufferPoolingThreshold(headRoom) {
-		return encodeViewing(&h, owner), nil
-	}
-	return h.encode(), nil
+	return h.encode(owner), nil
 }
 
 func clientHotFrame(m *tunnelpb.ClientToServer) (hotFrame, bool) {
@@ -174,12 +171,9 @@ func (h *hotFrame) messageDataLen() int {
 
 // encode writes h as proto.Marshal writes the message: fields in order of
 // their numbers, fields of implicit presence left out when zero, the oneof's
-// field always written.
-func (h *hotFrame) encode() mem.BufferSlice {
-	n := h.encodedLen()
-	out, b := frameBuffer(n)
-	h.appendTo(b, true)
-	return out
+// field always written. owner, if not nil, is the buffer h's data lies in.
+func (h *hotFrame) encode(owner mem.Buffer) mem.BufferSlice {
+	return encodeFrame(h, h.encodedLen(), owner)
 }
 
 // encodedLen is the length of h's encoding.
@@ -241,46 +235,6 @@ func appendData(b, data []byte, with bool) []byte {
 		return protowire.AppendBytes(b, data)
 	}
 	return protowire.AppendVarint(b, uint64(len(data)))
-}
-
-// smallFrameSize is the largest encoding kept in a smallFrame: enough for
-// every control frame (at most 2+10+1+5 bytes) and tiny data frames.
-const smallFrameSize = 32
-
-// smallFrame holds a small encoding, its buffer slice and its bytes in one
-// allocation.
-type smallFrame struct {
-	bufs [1]mem.Buffer
-	sb   mem.SliceBuffer
-	arr  [smallFrameSize]byte
-}
-
-// mediumFrame is smallFrame with the bytes allocated apart.
-type mediumFrame struct {
-	bufs [1]mem.Buffer
-	sb   mem.SliceBuffer
-}
-
-// frameBuffer returns a buffer slice of n bytes, and those bytes with
-// length 0 and capacity n for the caller to append exactly n bytes to.
-// Encodings above gRPC's pooling threshold come from unclearedPool, which
-// gets them back when gRPC frees what Marshal returned.
-func frameBuffer(n int) (mem.BufferSlice, []byte) {
-	switch {
-	case n <= smallFrameSize:
-		f := new(smallFrame)
-		f.sb = f.arr[:n]
-		f.bufs[0] = &f.sb
-		return f.bufs[:], f.arr[:0:n]
-	case mem.IsBelowBufferPoolingThreshold(n):
-		f := new(mediumFrame)
-		f.sb = make([]byte, n)
-		f.bufs[0] = &f.sb
-		return f.bufs[:], f.sb[:0:n]
-	default:
-		buf := unclearedPool.Get(n)
-		return mem.BufferSlice{mem.NewBuffer(buf, unclearedPool)}, (*buf)[:0:n]
-	}
 }
 
 func (c *frameCodec) Unmarshal(data mem.BufferSlice, v any) error {
