@@ -200,12 +200,14 @@ func (h *TunnelServiceHandler) openTunnel(stream tunnelpb.TunnelService_OpenTunn
 		return err
 	}
 	// With tunnel-close this goroutine can read frames itself and still
-	// end the tunnel whenever it must, by asking the client to.
-	t.askPeerToClose = agreed.tunnelClose
+	// end the tunnel whenever it must, by asking the client to; unless a
+	// keepalive may give the client up (see readsInline).
+	inline := h.opts.readsInline(agreed)
+	t.askPeerToClose = inline
 	if h.isStopping() {
 		t.drain()
 	}
-	return t.serve(agreed.tunnelClose)
+	return t.serve(inline)
 }
 
 func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_OpenReverseTunnelServer) error {
@@ -234,7 +236,7 @@ func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_O
 	// With tunnel-close this goroutine reads the frames itself and ends the
 	// tunnel by asking the client to; without it a reader goroutine must,
 	// so that this one can return whenever the tunnel has to end.
-	inline := agreed.tunnelClose
+	inline := h.opts.readsInline(agreed)
 	defer func() {
 		if inline || !t.peerDead.Load() {
 			// Sends end soon: the peer reads, or (inline) holds this

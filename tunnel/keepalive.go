@@ -86,6 +86,18 @@ func (k *keepalive) stop() {
 	k.mu.Unlock()
 }
 
+// readsInline reports whether a network server reads a tunnel's frames on
+// its handler's goroutine, asking the client to end the outer stream when
+// the tunnel must end (tunnel-close), rather than on a goroutine of the
+// tunnel's own. Only when no keepalive of this end can give the client up:
+// a client given up may never answer, and a handler blocked reading could
+// return only when the connection closes, while it must return at once to
+// end the outer stream and release every goroutine the tunnel holds. The
+// reader goroutine costs each such tunnel one goroutine more.
+func (o *options) readsInline(a agreement) bool {
+	return a.tunnelClose && !(a.keepalive && o.keepaliveInterval > 0)
+}
+
 // blockedSendPatience is how long a network server whose keepalive gave the
 // peer up waits for a send that makes no progress before it ends the outer
 // stream under it (see sender.outlast): the keepalive's timeout, since the

@@ -67,6 +67,28 @@ func TestKeepaliveSilentClient(t *testing.T) {
 	}
 }
 
+// TestKeepaliveSilentClientWithTunnelClose: as TestKeepaliveSilentClient,
+// with the tunnel-close extension too, which would let the server read on
+// its handler's goroutine: it must not, since that goroutine would then stay
+// blocked on the silent client. The server ends the outer stream itself.
+func TestKeepaliveSilentClientWithTunnelClose(t *testing.T) {
+	ts := startServer(t, TunnelServiceHandlerOptions{TunnelOptions: []TunnelOption{WithKeepalive(10*time.Millisecond, 30*time.Millisecond)}}, testServices(echoProbe()))
+	r := openRaw(t, ts.stub, true, "grpctunnel-extensions", "keepalive,tunnel-close")
+	for {
+		f, err := r.stream.Recv()
+		if err == nil {
+			if f.GetStreamId() == settingsStreamID && f.GetCloseStream() != nil {
+				t.Fatal("the server asked the silent client to close the tunnel, which it never will")
+			}
+			continue // settings and pings
+		}
+		if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "keepalive") {
+			t.Fatalf("tunnel ended with %v; want Unavailable from keepalive", err)
+		}
+		return
+	}
+}
+
 // TestKeepaliveSilentServer plays a network server that accepts a reverse
 // tunnel, reads its settings and then neither reads nor answers: the
 // ReverseTunnelServer gives it up and Serve returns.

@@ -200,13 +200,13 @@ func WithMaxBufferedBytes(n int64) TunnelOption {
 // within half a minute; an interval of 0 turns pinging off (this end still
 // answers the peer's pings). It needs a peer of this package (the
 // keepalive extension); with a plain peer use gRPC's own keepalive on the
-// connection (grpc.WithKeepaliveParams, grpc.KeepaliveParams). On a network
-// server, pair it with gRPC keepalive anyway: with the tunnel-close
-// extension its handler's goroutine does the reading, so a tunnel given up
-// there still holds that goroutine (and a send blocked on the peer) until
-// the connection under it closes. Without it, a network server whose peer
-// is given up returns from the handler, which ends the outer stream and
-// releases a send blocked on it.
+// connection (grpc.WithKeepaliveParams, grpc.KeepaliveParams). A network
+// server whose peer is given up returns from the tunnel's handler, which
+// ends the outer stream and releases a send blocked on it: every goroutine
+// of the tunnel is gone within the interval and twice the timeout. For that
+// it reads each tunnel's frames on a goroutine beside the handler's; with
+// pinging off (and the tunnel-close extension agreed), the handler's own
+// goroutine reads, one goroutine less per tunnel.
 func WithKeepalive(interval, timeout time.Duration) TunnelOption {
 	return optionFunc(func(o *options) {
 		o.keepaliveInterval, o.keepaliveTimeout = max(interval, 0), max(timeout, 0)
