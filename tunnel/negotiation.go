@@ -39,7 +39,8 @@ const (
 	// server, cancel from a tunnel client. gRPC gives a server no way to
 	// end a stream while a read is blocked, so without it the network
 	// server needs a reader goroutine of its own just to be able to end a
-	// tunnel; with it, the handler's goroutine does the reading.
+	// tunnel; with it, the handler's goroutine can do the reading (see
+	// readsInline for when it does).
 	extTunnelClose = "tunnel-close"
 
 	// extDrain lets a draining tunnel server tell the tunnel client, with

@@ -92,9 +92,10 @@ func (t *tunnelServer) serve(inline bool) error {
 		// ends only with the outer stream. Once the keepalive has given
 		// the peer up, a send that stays blocked is such a send: this
 		// returns without waiting for it, and the rest finishes in the
-		// background once the return has released it. (With tunnel-close
-		// the handler's goroutine reads, and a silent peer holds it in
-		// Recv anyway, until the connection closes; see WithKeepalive.)
+		// background once the return has released it. (A handler that
+		// reads itself, asking its peer to close, never gets here: it
+		// reads only when this end never gives its peer up; see
+		// readsInline.)
 		t.out.abandon(errTunnelClosed)
 		finished := make(chan struct{})
 		go func() {
