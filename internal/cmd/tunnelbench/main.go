@@ -240,7 +240,8 @@ func tunnelSection(ctx context.Context, cfg config, say func(string, ...any)) []
 	latP99 := &row{label: fmt.Sprintf("unary latency p99, %d B, sequential ↓", unaryPayload), format: formatMicros}
 	rate := &row{label: fmt.Sprintf("unary throughput, %d callers ↑", cfg.callers), format: formatRate}
 	stream := &row{label: fmt.Sprintf("server-streaming %s messages, one stream ↑", formatSize(cfg.size)), format: formatMiBps}
-	delayed := &row{label: fmt.Sprintf("the same, %v one-way delay ↑", cfg.delay), format: formatMiBps}
+	small := &row{label: fmt.Sprintf("server-streaming %s messages, one stream ↑", formatSize(smallMessage)), format: formatMiBps}
+	delayed := &row{label: fmt.Sprintf("server-streaming %s messages, %v one-way delay ↑", formatSize(cfg.size), cfg.delay), format: formatMiBps}
 	tunnelHeap := &row{label: "heap per idle tunnel (direct: per idle gRPC stream) ↓", format: formatHeap}
 	tunnelGoroutines := &row{label: "goroutines per idle tunnel (direct: per idle gRPC stream) ↓", format: formatCount}
 	streamHeap := &row{label: "heap per idle stream, all in one tunnel (direct: on one connection) ↓", format: formatHeap}
@@ -250,6 +251,7 @@ func tunnelSection(ctx context.Context, cfg config, say func(string, ...any)) []
 		{keyLatency, "unary latency", false, unaryLatency(echoCall()), []*row{latP50, latP99}},
 		{keyThroughput, "unary throughput", false, unaryThroughput(cfg.callers, echoCall()), []*row{rate}},
 		{keyStream, "streaming", false, streamThroughput(cfg.size), []*row{stream}},
+		{keyStream, "streaming " + formatSize(smallMessage), false, streamThroughput(smallMessage), []*row{small}},
 		{keyStreamDelay, "delayed streaming", true, streamThroughput(cfg.size), []*row{delayed}},
 	}
 	start := func(_ context.Context, delay time.Duration) (testbed, error) {
