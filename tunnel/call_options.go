@@ -2,10 +2,8 @@ package tunnel
 
 import (
 	"context"
-	"fmt"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/mem"
@@ -63,7 +61,7 @@ func newCallInfo(o *options, opts []grpc.CallOption) (*callInfo, error) {
 			}
 			c := encoding.GetCodecV2(opt.ContentSubtype)
 			if c == nil {
-				return nil, status.Errorf(codes.Internal, "grpctunnel: no codec registered for content-subtype %q", opt.ContentSubtype)
+				return nil, errNoCodec(opt.ContentSubtype)
 			}
 			ci.codec = c
 		case grpc.CompressorCallOption:
@@ -86,7 +84,7 @@ func (ci *callInfo) requestCredentials(ctx context.Context, method string, authI
 	}
 	if ci.creds.RequireTransportSecurity() {
 		if authInfo == nil || credentials.CheckSecurityLevel(authInfo, credentials.PrivacyAndIntegrity) != nil {
-			return nil, status.Error(codes.Unauthenticated, "grpctunnel: cannot send secure credentials over a tunnel whose connection is not secure")
+			return nil, errInsecureCredentials
 		}
 	}
 	md, err := ci.creds.GetRequestMetadata(ctx, "tunnel:"+method)
@@ -94,7 +92,7 @@ func (ci *callInfo) requestCredentials(ctx context.Context, method string, authI
 		if _, ok := status.FromError(err); ok {
 			return nil, err
 		}
-		return nil, status.Error(codes.Unauthenticated, fmt.Sprintf("grpctunnel: per-RPC credentials failed: %v", err))
+		return nil, errCredentials(err)
 	}
 	return md, nil
 }

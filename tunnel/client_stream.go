@@ -120,7 +120,7 @@ func (t *tunnelClient) startStream(ctx context.Context, desc *grpc.StreamDesc, m
 	}
 	headers, err := encodeMetadata(md, t.agreed.binaryMetadata)
 	if err != nil {
-		return nil, status.Error(codes.Internal, "grpctunnel: "+err.Error())
+		return nil, errMetadataOut(err)
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		// encodeMetadata drops reserved keys, a caller's grpc-timeout among
@@ -377,7 +377,7 @@ func (st *clientStream) RecvMsg(m any) error {
 		// A unary-response call finishes with its one response, so one
 		// that gets here has had none.
 		if errors.Is(err, io.EOF) && !st.desc.ServerStreams {
-			err = status.Error(codes.Internal, "grpctunnel: server ended a unary-response call without a response")
+			err = errNoResponse
 		}
 		return st.finish(err)
 	}
@@ -400,7 +400,7 @@ func (st *clientStream) RecvMsg(m any) error {
 	switch {
 	case err == nil:
 		extra.free()
-		err = status.Error(codes.Internal, "grpctunnel: cardinality violation: more than one response for a unary-response call")
+		err = errExtraResponse
 		st.abort(err, true)
 	case errors.Is(err, io.EOF):
 		st.finish(nil)

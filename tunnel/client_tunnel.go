@@ -6,7 +6,6 @@ import (
 	"strings"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
@@ -253,7 +252,7 @@ func (t *tunnelClient) unavailable() error {
 	case <-t.done:
 		return t.unavailableAfter(t.err)
 	default:
-		return status.Errorf(codes.Unavailable, "grpctunnel: %s is shutting down", t.describe())
+		return errTunnelShuttingDown(t.describe())
 	}
 }
 
@@ -304,7 +303,7 @@ func (t *tunnelClient) shutdownHere() {
 // affinity key) and what happened to it, so that a caller several hops
 // away learns which peer went and how.
 func (t *tunnelClient) unavailableAfter(err error) error {
-	return status.Errorf(codes.Unavailable, "grpctunnel: %s %s", t.describe(), endReason(err))
+	return errTunnelEnded(t.describe(), err)
 }
 
 // describe names the tunnel in error messages.

@@ -1,11 +1,9 @@
 package tunnel
 
 import (
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/mem"
-	"google.golang.org/grpc/status"
 )
 
 // defaultCodec encodes tunneled messages unless a call chooses another.
@@ -41,7 +39,7 @@ func (o *options) serverCodec() encoding.CodecV2 {
 func encodeMessage(codec encoding.CodecV2, comp encoding.Compressor, maxSend int, m any) (mem.BufferSlice, int, error) {
 	data, err := codec.Marshal(m)
 	if err != nil {
-		return nil, 0, status.Errorf(codes.Internal, "grpctunnel: error while marshaling: %v", err)
+		return nil, 0, errMarshal(err)
 	}
 	length := data.Len()
 	if comp != nil {
@@ -54,7 +52,7 @@ func encodeMessage(codec encoding.CodecV2, comp encoding.Compressor, maxSend int
 	}
 	if size := data.Len(); size > maxSend {
 		data.Free()
-		return nil, 0, status.Errorf(codes.ResourceExhausted, "grpctunnel: trying to send message larger than max (%d vs. %d)", size, maxSend)
+		return nil, 0, errSendTooLarge(size, maxSend)
 	}
 	return data, length, nil
 }
@@ -75,7 +73,7 @@ func decodeMessage(codec encoding.CodecV2, comp encoding.Compressor, maxRecv int
 	err := codec.Unmarshal(data, m)
 	data.Free()
 	if err != nil {
-		return 0, status.Errorf(codes.Internal, "grpctunnel: failed to unmarshal the %s: %v", side, err)
+		return 0, errUnmarshal(side, err)
 	}
 	return length, nil
 }

@@ -6,7 +6,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/mem"
-	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -33,7 +32,7 @@ func (ci *callInfo) sendCompressor(agreed bool) (encoding.Compressor, error) {
 	}
 	c := encoding.GetCompressor(name)
 	if c == nil {
-		return nil, status.Errorf(codes.Internal, "grpctunnel: compressor is not installed for requested grpc-encoding %q", name)
+		return nil, errNoCompressor(name)
 	}
 	if !agreed {
 		return nil, nil
@@ -54,7 +53,7 @@ func recvCompressor(md *tunnelpb.Metadata, agreed bool, code codes.Code) (encodi
 	}
 	c := encoding.GetCompressor(v[0])
 	if c == nil {
-		return nil, status.Errorf(code, "grpctunnel: decompressor is not installed for grpc-encoding %q", v[0])
+		return nil, errNoDecompressor(code, v[0])
 	}
 	return c, nil
 }
@@ -99,7 +98,7 @@ func compress(c encoding.Compressor, data mem.BufferSlice) (mem.BufferSlice, err
 	}
 	if err != nil {
 		out.Free()
-		return nil, status.Errorf(codes.Internal, "grpctunnel: error while compressing: %v", err)
+		return nil, errCompress(err)
 	}
 	return out, nil
 }
@@ -113,16 +112,16 @@ func decompress(c encoding.Compressor, data mem.BufferSlice, maxSize int) (mem.B
 	defer rd.Close()
 	r, err := c.Decompress(rd)
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "grpctunnel: failed to decompress the message: %v", err)
+		return nil, errDecompress(err)
 	}
 	out, err := mem.ReadAll(io.LimitReader(r, int64(maxSize)+1), mem.DefaultBufferPool())
 	if err != nil {
 		out.Free()
-		return nil, status.Errorf(codes.Internal, "grpctunnel: failed to decompress the message: %v", err)
+		return nil, errDecompress(err)
 	}
 	if out.Len() > maxSize {
 		out.Free()
-		return nil, status.Errorf(codes.ResourceExhausted, "grpctunnel: received message after decompression larger than max (more than %d bytes)", maxSize)
+		return nil, errDecompressedTooLarge(maxSize)
 	}
 	return out, nil
 }

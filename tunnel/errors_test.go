@@ -42,6 +42,18 @@ func TestErrorTexts(t *testing.T) {
 		ErrServerStopped, ErrGivenBack, errTunnelClosed, errPeerClosed, errPoolClosed,
 		errShuttingDown, errTooManyStreams, errTooManyForKey, errBudget, errQueueFull,
 		errStreamClosed, errDone, protocolErrorf("x"),
+		errNoForwardServices, errNoReverseTunnels, errTooManyReverse, errKeyNotComparable([]int(nil)),
+		errTunnelShuttingDown("tunnel"), errTunnelEnded("tunnel", nil), errAllReverseBusy(""), errNoReverseTunnel(""),
+		errGivenBackFor(errNoReasonGiven), protocolErrorf("%v", errNoCommonRevision(nil, supportedRevisions)),
+		errUnsupportedRevision(7), errMalformedMethod("x"), errUnknownService("x"), errUnknownMethod("m", "s"),
+		errNoResponse, errExtraResponse, errSecondResponse, errNoRequest,
+		errMessageStartedTwice, errDataWithoutMessage, errFirstChunkOverruns(2, 1), errChunkOverruns(1),
+		errMessageTooLarge("request", 2, 1), errSendTooLarge(2, 1), errDecompressedTooLarge(1), errMetadataTooLarge(2, 1),
+		errNoCodec("x"), errMarshal(errors.New("x")), errUnmarshal("request", errors.New("x")),
+		errNoCompressor("x"), errNoDecompressor(codes.Internal, "x"), errCompress(errors.New("x")), errDecompress(errors.New("x")),
+		errMetadataOut(errMetadataNotUTF8("k")), errHeaderIn(errMetadataBase64("k-bin", errors.New("x"))),
+		errHeaderIn(errMalformedTimeout("x")), errHeaderIn(errTimeoutUnit("1x")),
+		errInsecureCredentials, errCredentials(errors.New("x")), errKeepalive(0),
 	} {
 		msg := err.Error()
 		if s, ok := status.FromError(err); ok {
@@ -50,5 +62,28 @@ func TestErrorTexts(t *testing.T) {
 		if !strings.HasPrefix(msg, "grpctunnel: ") {
 			t.Errorf("%q does not start with grpctunnel:", msg)
 		}
+	}
+}
+
+// TestErrorsOthersRead checks the texts and causes that other code relies
+// on: the gateway's recognition of some refusals, and errors.Is on a tunnel
+// given back and on metadata that is not base64.
+func TestErrorsOthersRead(t *testing.T) {
+	if msg := status.Convert(errTooManyReverse).Message(); !strings.Contains(msg, "(see MaxReverseTunnels") {
+		t.Errorf("errTooManyReverse message %q", msg)
+	}
+	for _, kind := range []string{"request", "response"} {
+		want := "received " + kind + " message larger than max"
+		if msg := strings.TrimPrefix(status.Convert(errMessageTooLarge(kind, 2, 1)).Message(), "grpctunnel: "); !strings.HasPrefix(msg, want) {
+			t.Errorf("errMessageTooLarge(%q) message %q; want it to start with %q", kind, msg, want)
+		}
+	}
+	reason := errors.New("spread")
+	if err := errGivenBackFor(reason); !errors.Is(err, ErrGivenBack) || !errors.Is(err, reason) || err.Error() != "grpctunnel: tunnel given back by the client: spread" {
+		t.Errorf("errGivenBackFor(%v) = %v", reason, err)
+	}
+	bad := errors.New("illegal base64 data")
+	if err := errMetadataBase64("k-bin", bad); !errors.Is(err, bad) {
+		t.Errorf("errMetadataBase64 = %v, does not wrap its cause", err)
 	}
 }

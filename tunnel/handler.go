@@ -6,10 +6,8 @@ import (
 	"sync"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
-	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -180,7 +178,7 @@ func (h *TunnelServiceHandler) isStopping() bool {
 
 func (h *TunnelServiceHandler) openTunnel(stream tunnelpb.TunnelService_OpenTunnelServer) error {
 	if h.svc.empty() && h.opts.unknownHandler == nil {
-		return status.Error(codes.Unimplemented, "grpctunnel: this server has no services for forward tunnels")
+		return errNoForwardServices
 	}
 	if h.isStopping() {
 		return errShuttingDown
@@ -212,13 +210,13 @@ func (h *TunnelServiceHandler) openTunnel(stream tunnelpb.TunnelService_OpenTunn
 
 func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_OpenReverseTunnelServer) error {
 	if h.cfg.NoReverseTunnels {
-		return status.Error(codes.Unimplemented, "grpctunnel: this server does not accept reverse tunnels")
+		return errNoReverseTunnels
 	}
 	if h.isStopping() {
 		return errShuttingDown
 	}
 	if h.pool.size() >= h.maxReverse() {
-		return status.Error(codes.ResourceExhausted, "grpctunnel: this server holds as many reverse tunnels as it may (see MaxReverseTunnels)")
+		return errTooManyReverse
 	}
 	md, _ := metadata.FromIncomingContext(stream.Context())
 	resp, agreed := h.opts.accept(md)
@@ -277,7 +275,7 @@ func (h *TunnelServiceHandler) openReverseTunnel(stream tunnelpb.TunnelService_O
 		key = h.cfg.AffinityKey(t)
 		if !comparable(key) {
 			t.shutdownHere()
-			return status.Errorf(codes.Internal, "grpctunnel: affinity key of type %T is not comparable", key)
+			return errKeyNotComparable(key)
 		}
 		t.mu.Lock()
 		t.affinityKey = key

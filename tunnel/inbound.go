@@ -3,9 +3,7 @@ package tunnel
 import (
 	"sync"
 
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/mem"
-	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/flowcontrol"
 )
@@ -90,13 +88,13 @@ func newInbound(win *flowcontrol.RecvWindow, hold, maxSize int, b *budget, kind 
 // takes references for; c stays the caller's.
 func (in *inbound) startMessage(size uint32, c *chunk) (uint32, error) {
 	if in.active {
-		return 0, status.Error(codes.Internal, "grpctunnel: new message started before the previous one completed")
+		return 0, errMessageStartedTwice
 	}
 	if int64(size) > int64(in.maxSize) {
-		return 0, status.Errorf(codes.ResourceExhausted, "grpctunnel: received %s message larger than max (%d vs. %d)", in.kind, size, in.maxSize)
+		return 0, errMessageTooLarge(in.kind, size, in.maxSize)
 	}
 	if c.len > int(size) {
-		return 0, status.Errorf(codes.Internal, "grpctunnel: message chunk of %d bytes overruns its declared size of %d", c.len, size)
+		return 0, errFirstChunkOverruns(c.len, size)
 	}
 	var update uint32
 	if in.win != nil {
@@ -114,10 +112,10 @@ func (in *inbound) startMessage(size uint32, c *chunk) (uint32, error) {
 // moreData handles a continuation chunk, c, as startMessage does.
 func (in *inbound) moreData(c *chunk) error {
 	if !in.active {
-		return status.Error(codes.Internal, "grpctunnel: message data received with no message started")
+		return errDataWithoutMessage
 	}
 	if c.len > in.remaining {
-		return status.Errorf(codes.Internal, "grpctunnel: message chunk overruns the declared size of %d bytes", in.partial.size)
+		return errChunkOverruns(in.partial.size)
 	}
 	if in.win != nil {
 		if err := in.win.Receive(c.len); err != nil {

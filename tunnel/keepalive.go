@@ -1,13 +1,9 @@
 package tunnel
 
 import (
-	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 )
 
 // pingBit marks a keepalive window update on stream -1 as a ping; the answer
@@ -60,7 +56,7 @@ func (k *keepalive) check() {
 	var next time.Duration
 	switch {
 	case idle >= k.interval+k.timeout:
-		k.dead(status.Error(codes.Unavailable, fmt.Sprintf("grpctunnel: keepalive: no frame from the peer for %v", idle.Round(time.Millisecond))))
+		k.dead(errKeepalive(idle))
 		return
 	case idle >= k.interval:
 		k.ping(pingBit | 1)

@@ -2,13 +2,10 @@ package tunnel
 
 import (
 	"encoding/base64"
-	"fmt"
 	"strings"
 	"unicode/utf8"
 
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/tunnelpb"
 )
@@ -62,7 +59,7 @@ func encodeMetadata(md metadata.MD, binary bool) (*tunnelpb.Metadata, error) {
 		} else {
 			for _, v := range vals {
 				if !utf8.ValidString(v) {
-					return nil, fmt.Errorf("metadata %q has a value that is not valid UTF-8, and the tunnel peer does not support binary metadata", k)
+					return nil, errMetadataNotUTF8(k)
 				}
 			}
 			// The values travel as they are: shared, not copied, and
@@ -92,7 +89,7 @@ func decodeMetadata(pb *tunnelpb.Metadata, binary bool) (metadata.MD, error) {
 			for i, v := range vals.GetVal() {
 				b, err := decodeBinary(v)
 				if err != nil {
-					return nil, fmt.Errorf("metadata %q: invalid base64 value: %w", k, err)
+					return nil, errMetadataBase64(k, err)
 				}
 				dec[i] = string(b)
 			}
@@ -119,11 +116,11 @@ func decodeBinary(v string) ([]byte, error) {
 // returning a status error to end the call with.
 func (o *options) decodeMetadata(pb *tunnelpb.Metadata, binary bool) (metadata.MD, error) {
 	if size := headerListSize(pb); size > o.maxHeaderListSize {
-		return nil, status.Errorf(codes.ResourceExhausted, "grpctunnel: received metadata of %d bytes, more than the limit of %d (see WithMaxHeaderListSize)", size, o.maxHeaderListSize)
+		return nil, errMetadataTooLarge(size, o.maxHeaderListSize)
 	}
 	md, err := decodeMetadata(pb, binary)
 	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, "grpctunnel: "+err.Error())
+		return nil, errHeaderIn(err)
 	}
 	return md, nil
 }

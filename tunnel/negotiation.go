@@ -206,7 +206,7 @@ func chooseRevision(peer []tunnelpb.ProtocolRevision) (tunnelpb.ProtocolRevision
 		}
 	}
 	if best < 0 {
-		return 0, fmt.Errorf("no protocol revision in common: peer supports %v, this end %v", peer, supportedRevisions)
+		return 0, errNoCommonRevision(peer, supportedRevisions)
 	}
 	return best, nil
 }

@@ -6,7 +6,6 @@ import (
 	"sync"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/grpctunnel/grpctunnel/internal/errtext"
@@ -245,9 +244,9 @@ func (c reverseChannel) choose(ctx context.Context, opts []grpc.CallOption) (*tu
 		case t != nil:
 			return t, nil
 		case busy:
-			return nil, status.Errorf(codes.ResourceExhausted, "grpctunnel: every reverse tunnel%s is at its limit of calls in progress (see WithMaxConcurrentStreams)", c.forKey())
+			return nil, errAllReverseBusy(c.forKey())
 		case !wait:
-			return nil, status.Errorf(codes.Unavailable, "grpctunnel: no reverse tunnel is open%s", c.forKey())
+			return nil, errNoReverseTunnel(c.forKey())
 		}
 		select {
 		case <-changed:

@@ -2,8 +2,6 @@ package tunnel
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"sync"
 
 	"google.golang.org/grpc"
@@ -145,7 +143,7 @@ func (s *ReverseTunnelServer) serve(ctx context.Context, opened func(hdr metadat
 	case ctx.Err() != nil:
 		return true, ctx.Err()
 	case err == nil && givenBack != nil:
-		return true, fmt.Errorf("%w: %w", ErrGivenBack, givenBack)
+		return true, errGivenBackFor(givenBack)
 	}
 	return true, err
 }
@@ -154,7 +152,7 @@ func (s *ReverseTunnelServer) serve(ctx context.Context, opened func(hdr metadat
 // first reason given.
 func (s *ReverseTunnelServer) giveBack(call *serveCall, reason error) {
 	if reason == nil {
-		reason = errors.New("no reason given")
+		reason = errNoReasonGiven
 	}
 	s.mu.Lock()
 	if call.givenBack == nil {

@@ -305,7 +305,7 @@ func (st *serverStream) pendingHeaderLocked(from serverState, message bool) (*tu
 func (st *serverStream) closeFrame(s *status.Status, trailer metadata.MD) *tunnelpb.ServerToClient {
 	pbTrailer, encErr := encodeMetadata(trailer, st.t.agreed.binaryMetadata)
 	if encErr != nil {
-		s = status.New(codes.Internal, "grpctunnel: "+encErr.Error())
+		s = status.Convert(errMetadataOut(encErr))
 		pbTrailer = nil
 	}
 	return serverFramer(st.id).closeStream(s, pbTrailer)
@@ -327,7 +327,7 @@ func statusOf(err error) *status.Status {
 func (st *serverStream) headerFrame(md metadata.MD) (*tunnelpb.ServerToClient, error) {
 	pb, err := encodeMetadata(md, st.t.agreed.binaryMetadata)
 	if err != nil {
-		return nil, status.Error(codes.Internal, "grpctunnel: "+err.Error())
+		return nil, errMetadataOut(err)
 	}
 	pb = withEncoding(pb, st.comp)
 	return serverFramer(st.id).headers(pb), nil
@@ -417,7 +417,7 @@ func (st *serverStream) marshal(m any) (mem.BufferSlice, int, error) {
 		return nil, 0, status.FromContextError(err).Err()
 	}
 	if !st.kind.serverStreams && st.sent > 0 {
-		return nil, 0, status.Error(codes.Internal, "grpctunnel: more than one response for a unary-response method")
+		return nil, 0, errSecondResponse
 	}
 	return encodeMessage(st.codec, st.comp, st.t.opts.maxSendMsgSize, m)
 }
@@ -469,7 +469,7 @@ func (st *serverStream) RecvMsg(m any) error {
 func (st *serverStream) recvUnaryRequest(m any) error {
 	err := st.RecvMsg(m)
 	if errors.Is(err, io.EOF) {
-		return status.Error(codes.Internal, "grpctunnel: no request message for a unary-request method")
+		return errNoRequest
 	}
 	return err
 }

@@ -219,7 +219,7 @@ func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream,
 	case rev == tunnelpb.ProtocolRevision_REVISION_ONE && t.agreed.negotiated:
 		flowControl = true
 	default:
-		return nil, status.Errorf(codes.Unimplemented, "grpctunnel: protocol revision %v is not supported on this tunnel", rev)
+		return nil, errUnsupportedRevision(rev)
 	}
 	handler, kind, err := t.svc.lookup(ns.GetMethodName(), t.opts)
 	if err != nil {
@@ -239,7 +239,7 @@ func (t *tunnelServer) prepare(id int64, ns *tunnelpb.NewStream) (*serverStream,
 	if v := ns.GetRequestHeaders().GetMd()[timeoutHeader].GetVal(); len(v) > 0 {
 		d, err := decodeTimeout(v[0])
 		if err != nil {
-			return nil, status.Error(codes.InvalidArgument, "grpctunnel: "+err.Error())
+			return nil, errHeaderIn(err)
 		}
 		ctx, cancel = context.WithTimeout(ctx, d)
 	} else {

@@ -5,8 +5,6 @@ import (
 
 	"github.com/fullstorydev/grpchan"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 )
 
 // services are the handlers a tunnel server dispatches to: what was
@@ -43,15 +41,14 @@ type methodKind struct{ clientStreams, serverStreams bool }
 // lookup resolves a full method name to its handler, or a status error to
 // close the stream with. The handler runs through o's server interceptors.
 //
-// Its refusals keep grpc.Server's own text, without the grpctunnel: prefix,
-// so that a client (or tool) that reads them sees what a server without a
-// tunnel would say.
+// Its refusals have grpc.Server's code (Unimplemented) and words, with the
+// package's prefix: clients and tools tell them by their code.
 func (s *services) lookup(fullMethod string, o *options) (callHandler, methodKind, error) {
 	unknown := o.unknownHandler
 	name := strings.TrimPrefix(fullMethod, "/")
 	slash := strings.LastIndex(name, "/")
 	if slash <= 0 || slash == len(name)-1 {
-		return nil, methodKind{}, status.Errorf(codes.Unimplemented, "malformed method name: %q", fullMethod)
+		return nil, methodKind{}, errMalformedMethod(fullMethod)
 	}
 	service, method := name[:slash], name[slash+1:]
 	desc, impl := s.handlers.QueryService(service)
@@ -61,7 +58,7 @@ func (s *services) lookup(fullMethod string, o *options) (callHandler, methodKin
 				return nil, st.t.opts.ic.interceptStream(nil, unknown, st, true, true)
 			}, methodKind{clientStreams: true, serverStreams: true}, nil
 		}
-		return nil, methodKind{}, status.Errorf(codes.Unimplemented, "unknown service %s", service)
+		return nil, methodKind{}, errUnknownService(service)
 	}
 	for i := range desc.Methods {
 		if desc.Methods[i].MethodName == method {
@@ -79,5 +76,5 @@ func (s *services) lookup(fullMethod string, o *options) (callHandler, methodKin
 			}, methodKind{clientStreams: sd.ClientStreams, serverStreams: sd.ServerStreams}, nil
 		}
 	}
-	return nil, methodKind{}, status.Errorf(codes.Unimplemented, "unknown method %s for service %s", method, service)
+	return nil, methodKind{}, errUnknownMethod(method, service)
 }

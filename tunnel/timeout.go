@@ -1,7 +1,6 @@
 package tunnel
 
 import (
-	"fmt"
 	"math"
 	"strconv"
 	"time"
@@ -43,7 +42,7 @@ func encodeTimeout(d time.Duration) string {
 // decodeTimeout parses a grpc-timeout value.
 func decodeTimeout(s string) (time.Duration, error) {
 	if len(s) < 2 || len(s) > 9 {
-		return 0, fmt.Errorf("malformed grpc-timeout %q", s)
+		return 0, errMalformedTimeout(s)
 	}
 	var unit time.Duration
 	switch s[len(s)-1] {
@@ -60,17 +59,17 @@ func decodeTimeout(s string) (time.Duration, error) {
 	case 'n':
 		unit = time.Nanosecond
 	default:
-		return 0, fmt.Errorf("malformed grpc-timeout %q: unknown unit", s)
+		return 0, errTimeoutUnit(s)
 	}
 	digits := s[:len(s)-1]
 	for _, c := range digits {
 		if c < '0' || c > '9' {
-			return 0, fmt.Errorf("malformed grpc-timeout %q", s)
+			return 0, errMalformedTimeout(s)
 		}
 	}
 	n, err := strconv.ParseInt(digits, 10, 64)
 	if err != nil {
-		return 0, fmt.Errorf("malformed grpc-timeout %q", s)
+		return 0, errMalformedTimeout(s)
 	}
 	if n > math.MaxInt64/int64(unit) {
 		return math.MaxInt64, nil
