@@ -36,8 +36,8 @@
 //	                    +-----------------------------------+----------------------------------+
 //	                    |                                   |                                  |
 //	client --(key k)--> replica B --(peer port: key k, cluster token)--> replica A ==(tunnel k)== agent k --> service
-//	                    |  holds no tunnel of k:                  holds one: routes locally, never
-//	                    |  looks A up in its copy                 forwards again (one hop at most)
+//	                    |  holds no tunnel of k:                  holds one: routes locally (if its
+//	                    |  looks A up in its copy                 tunnel just went: one hop more, the last)
 //
 // Each replica records the tunnels it holds in the directory as they open
 // and close, one write each, never one per call; routing reads only the
@@ -46,9 +46,12 @@
 // of the agent a call names forwards the call to one that does, on that
 // replica's peer port (PeerServerOptions), which admits only calls
 // carrying the cluster's token (Options.ClusterToken) and, with TLS, only
-// replicas' certificates. The receiving replica routes to its own tunnels
-// and never forwards again, however stale the copies are: a call crosses
-// at most one hop between replicas. Authorization (AuthorizeCall) runs
+// replicas' certificates. The receiving replica routes to its own tunnels;
+// only if it holds none any more (it drained them, or the agent moved one,
+// before the sender's copy showed it) does it forward the call once more,
+// and that replica forwards no further, however stale the copies are: a
+// call crosses at most two hops between replicas, the second only in that
+// window. Authorization (AuthorizeCall) runs
 // once, on the replica the caller reached. A fan-out sends each agent's
 // share to the replica holding it; ListAgents asks every replica and
 // names the one holding each tunnel. Each tunnel's response header names

@@ -16,12 +16,19 @@ import (
 )
 
 // PeerHeader is the header one gateway replica sends, with the cluster's
-// token (Options.ClusterToken), on a call it forwards to another replica.
-// It tells the receiving replica that the call was already authorized and
-// must be routed locally only, so that a call crosses at most one hop
-// between replicas however stale their views of the cluster are. The
-// gateway removes it before a call goes to an agent.
+// token (Options.ClusterToken), on a call it forwards to another replica:
+// once for the first hop, twice for the second. It tells the receiving
+// replica that the call was already authorized and how far it came, so
+// that a call crosses at most two hops between replicas however stale
+// their views of the cluster are (see viaPeers). The gateway removes it
+// before a call goes to an agent.
 const PeerHeader = "grpctunnel-peer"
+
+// maxPeerHops bounds the hops a call makes between replicas. The first is
+// the rule; the second happens only when the first reached a replica whose
+// tunnel for the agent had just gone (it drained, or the agent moved the
+// tunnel) before the sender's view of the cluster showed it.
+const maxPeerHops = 2
 
 // Cluster, if set in Options, makes this gateway one replica of several
 // that serve one set of agents: a caller may reach any replica, and a
@@ -77,17 +84,28 @@ var errPeerPortOnly = status.Error(codes.PermissionDenied, "grpctunnel gateway: 
 // fromPeer checks the peer header of a call on the peer port: it reports
 // whether another replica of this cluster forwarded the call, and refuses
 // the call if it carries the header without this cluster's token (or this
-// gateway has none), so that a caller cannot skip authorization by
-// claiming to be a replica.
+// gateway has none), or more times than a call may hop, so that a caller
+// cannot skip authorization by claiming to be a replica.
 func (g *Gateway) fromPeer(ctx context.Context) (bool, error) {
 	values := metadata.ValueFromIncomingContext(ctx, PeerHeader)
 	if len(values) == 0 {
 		return false, nil
 	}
-	if len(values) != 1 || !g.acceptsClusterToken(values[0]) {
+	if len(values) > maxPeerHops {
 		return false, Refuse(ReasonBadToken, errNotReplica)
 	}
+	for _, v := range values {
+		if !g.acceptsClusterToken(v) {
+			return false, Refuse(ReasonBadToken, errNotReplica)
+		}
+	}
 	return true, nil
+}
+
+// peerHops is how many hops between replicas a call has made: the times it
+// carries PeerHeader, which fromPeer has checked.
+func peerHops(ctx context.Context) int {
+	return len(metadata.ValueFromIncomingContext(ctx, PeerHeader))
 }
 
 // acceptsClusterToken reports whether token is one of the cluster's,
@@ -112,20 +130,31 @@ func (g *Gateway) clusterToken() string {
 }
 
 // viaPeers is the backend of a call for key, which this gateway does not
-// hold, through the replicas that do, if there are any. A call another
-// replica forwarded here is never forwarded again (handle has refused a
-// peer header without the cluster's token, so one present here is a
-// replica's), so that a call crosses at most one hop between replicas
-// however stale the replicas' views of the cluster are.
+// hold (or holds only in tunnels it is draining), through the replicas that
+// do, if there are any. A call another replica forwarded here (handle has
+// refused a peer header without the cluster's token, so one present here
+// is a replica's) is forwarded again only if this replica holds no tunnel
+// for its agent: the sender's view was stale, this replica's tunnel having
+// just gone. Such a second hop is the last (maxPeerHops), so that a call
+// never bounces between replicas whose views disagree.
 func (g *Gateway) viaPeers(ctx context.Context, key string) (proxy.Backend, bool) {
-	if g.cluster == nil || len(metadata.ValueFromIncomingContext(ctx, PeerHeader)) > 0 {
+	if g.cluster == nil {
+		return proxy.Backend{}, false
+	}
+	hops := peerHops(ctx)
+	switch {
+	case hops >= maxPeerHops:
+		return proxy.Backend{}, false
+	case hops > 0 && g.agents.has(key):
+		// A forwarded call for an agent this replica still holds (it may
+		// be withdrawn, draining) is served here.
 		return proxy.Backend{}, false
 	}
 	holders := g.cluster.Holders(key)
 	if len(holders) == 0 {
 		return proxy.Backend{}, false
 	}
-	return proxy.Backend{Name: key, Conn: &peerConn{g: g, key: key, holders: holders}}, true
+	return proxy.Backend{Name: key, Conn: &peerConn{g: g, key: key, holders: holders, hops: hops + 1}}, true
 }
 
 // peerConn forwards one call to the first of the replicas holding its
@@ -138,6 +167,7 @@ type peerConn struct {
 	g       *Gateway
 	key     string
 	holders []Peer
+	hops    int // the hop this forward makes: PeerHeader is sent this many times
 }
 
 // Invoke is never used: the proxy makes every call as a stream.
@@ -151,7 +181,10 @@ func (c *peerConn) NewStream(ctx context.Context, desc *grpc.StreamDesc, method 
 	// The route's metadata lacks the key header, which the next replica
 	// routes by: this backend's own key goes back in (one of several
 	// when the call fans out), with the cluster's token.
-	ctx = metadata.AppendToOutgoingContext(ctx, c.g.keyHeader, c.key, PeerHeader, c.g.clusterToken())
+	ctx = metadata.AppendToOutgoingContext(ctx, c.g.keyHeader, c.key)
+	for range c.hops {
+		ctx = metadata.AppendToOutgoingContext(ctx, PeerHeader, c.g.clusterToken())
+	}
 	var ids, causes []string
 	// Each call starts at the next holder, so that the calls for an
 	// agent with tunnels on several replicas share them.

@@ -187,10 +187,31 @@ func TestCallReachesAgentOnAnotherReplica(t *testing.T) {
 	}
 }
 
-// A call another replica forwarded is routed locally only: when the
-// directories disagree (each replica thinks the other holds the agent),
-// the call fails at the second replica instead of bouncing between them.
-func TestForwardedCallIsNotForwardedAgain(t *testing.T) {
+// A forwarded call reaches a replica whose tunnel has just gone (its
+// sender's view is stale): it goes on, once, to a replica that holds one.
+func TestForwardedCallFollowsAMovedTunnel(t *testing.T) {
+	r1 := startReplica(t, "gw-1", gateway.Options{})
+	r2 := startReplica(t, "gw-2", gateway.Options{})
+	r3 := startReplica(t, "gw-3", gateway.Options{})
+	startAgent(t, r3.g, r3.callers, startBackend(t), "moved", 1)
+	r1.cluster.set("moved", r2.peer) // stale: r2's tunnel has gone to r3
+	r2.cluster.set("moved", r3.peer)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := grpchantesting.NewTestServiceClient(keyed(r1.callers, "moved")).Unary(ctx, &grpchantesting.Message{Payload: []byte("here")})
+	if err != nil || string(resp.GetPayload()) != "here" {
+		t.Fatalf("a call forwarded to a replica whose tunnel moved on: %v, %v; want it served by the replica that holds it", resp, err)
+	}
+	if _, ok := resp.GetHeaders()[gateway.PeerHeader]; ok {
+		t.Error("the agent's service saw the peer header")
+	}
+}
+
+// A call crosses at most two hops between replicas: when the directories
+// disagree (each replica thinks the other holds the agent), the call fails
+// instead of bouncing between them.
+func TestForwardedCallHopsAtMostTwice(t *testing.T) {
 	r1 := startReplica(t, "gw-1", gateway.Options{})
 	r2 := startReplica(t, "gw-2", gateway.Options{})
 	r1.cluster.set("loop", r2.peer)

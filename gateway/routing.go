@@ -29,8 +29,9 @@ const maxFanout = 100
 //
 // With Options.Cluster, a call for an agent this replica holds no tunnel
 // for goes to a replica that holds one (each such agent of a fan-out to
-// its own), unless another replica forwarded it here: a call crosses at
-// most one hop between replicas.
+// its own); a call another replica forwarded here goes on only if this
+// replica's tunnel for it has just gone (see viaPeers): a call crosses at
+// most two hops between replicas.
 func (g *Gateway) RouteByKey(ctx context.Context, call *proxy.Call) (proxy.Route, error) {
 	keys := g.keys(ctx)
 	if len(keys) == 0 {
