@@ -62,14 +62,6 @@ func (c *chunk) free() {
 	c.len = 0
 }
 
-// bytesChunk is a chunk of one piece that owns its bytes.
-func bytesChunk(b []byte) chunk {
-	if len(b) == 0 {
-		return chunk{}
-	}
-	return chunk{pieces: []piece{{data: b}}, len: len(b)}
-}
-
 // lentPiece lends a piece to a codec as a mem.Buffer of its own: the codec
 // may keep a reference (gRPC's codecs may, by contract), and the piece's
 // owner is freed when the last one is dropped. A piece of few bytes is

@@ -2,7 +2,9 @@ package tunnel
 
 // The frames of the tunnel protocol (PROTOCOL.md): building them, and
 // measuring what they carry. Everything that sends or reads frames uses
-// these, so this file uses nothing of the tunnel's but the generated types.
+// these, so this file uses nothing of the tunnel's but the generated types
+// and the data frames that streams build in place (data_frames.go), which
+// use nothing else either.
 
 import (
 	"google.golang.org/grpc/codes"
@@ -40,16 +42,6 @@ func framePayload(f any) int {
 
 // emptyFrame is the payload of half_close and cancel frames.
 var emptyFrame = &emptypb.Empty{}
-
-// framer builds the frames of one message of one direction of one stream: a
-// message frame, then continuations. clientFramer and serverFramer are the
-// two; sendMessage takes either.
-type framer[F any] interface {
-	// message is the first frame of a message of size bytes, carrying chunk.
-	message(size uint32, chunk []byte) F
-	// more is a continuation carrying chunk.
-	more(chunk []byte) F
-}
 
 // clientFramer builds the frames a tunnel client sends on one stream (on
 // stream -1, settingsStreamID, the tunnel's own: keepalive pings and pongs,

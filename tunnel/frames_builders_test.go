@@ -169,3 +169,20 @@ func sentDecoded(m any, into proto.Message) error {
 	defer data.Free()
 	return proto.Unmarshal(data.Materialize(), into)
 }
+
+// framer builds the frames of one message of one direction of one stream,
+// as a new frame each (not in place, as a stream's data frames are): a
+// message frame, then continuations. clientFramer and serverFramer are the
+// two.
+type framer[F any] interface {
+	message(size uint32, chunk []byte) F
+	more(chunk []byte) F
+}
+
+// bytesChunk is a received chunk of one piece that owns its bytes.
+func bytesChunk(b []byte) chunk {
+	if len(b) == 0 {
+		return chunk{}
+	}
+	return chunk{pieces: []piece{{data: b}}, len: len(b)}
+}
