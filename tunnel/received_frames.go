@@ -28,12 +28,35 @@ type receivedFrame interface {
 	reset()
 }
 
+// receivedData is the message data of the frame last received, which both
+// kinds of received frame hold the same way.
+type receivedData struct {
+	data    chunk
+	decoded bool // data is set: the frame codec decoded the frame by hand
+}
+
+// payloadOf returns the data; for a frame that protobuf decoded, it is
+// message or more, the bytes that protobuf put in the frame (nil for a
+// frame that carries none).
+func (r *receivedData) payloadOf(message, more []byte) *chunk {
+	if !r.decoded {
+		r.decoded = true
+		r.data.add(piece{data: message})
+		r.data.add(piece{data: more})
+	}
+	return &r.data
+}
+
+func (r *receivedData) reset() {
+	r.data.free()
+	r.decoded = false
+}
+
 // receivedClientFrame is a ClientToServer as the end that handles calls
 // receives it.
 type receivedClientFrame struct {
 	tunnelpb.ClientToServer
-	data    chunk
-	decoded bool // data is set: the frame codec decoded the frame by hand
+	receivedData
 
 	message   tunnelpb.ClientToServer_RequestMessage
 	md        tunnelpb.MessageData
@@ -75,29 +98,14 @@ func (f *receivedClientFrame) decode(data mem.BufferSlice) bool {
 }
 
 func (f *receivedClientFrame) payload() *chunk {
-	if !f.decoded {
-		f.decoded = true
-		switch fr := f.Frame.(type) {
-		case *tunnelpb.ClientToServer_RequestMessage:
-			f.data.add(piece{data: fr.RequestMessage.GetData()})
-		case *tunnelpb.ClientToServer_MoreRequestData:
-			f.data.add(piece{data: fr.MoreRequestData})
-		}
-	}
-	return &f.data
-}
-
-func (f *receivedClientFrame) reset() {
-	f.data.free()
-	f.decoded = false
+	return f.payloadOf(f.GetRequestMessage().GetData(), f.GetMoreRequestData())
 }
 
 // receivedServerFrame is a ServerToClient as the end that issues calls
 // receives it.
 type receivedServerFrame struct {
 	tunnelpb.ServerToClient
-	data    chunk
-	decoded bool // data is set: the frame codec decoded the frame by hand
+	receivedData
 
 	message tunnelpb.ServerToClient_ResponseMessage
 	md      tunnelpb.MessageData
@@ -131,19 +139,5 @@ func (f *receivedServerFrame) decode(data mem.BufferSlice) bool {
 }
 
 func (f *receivedServerFrame) payload() *chunk {
-	if !f.decoded {
-		f.decoded = true
-		switch fr := f.Frame.(type) {
-		case *tunnelpb.ServerToClient_ResponseMessage:
-			f.data.add(piece{data: fr.ResponseMessage.GetData()})
-		case *tunnelpb.ServerToClient_MoreResponseData:
-			f.data.add(piece{data: fr.MoreResponseData})
-		}
-	}
-	return &f.data
-}
-
-func (f *receivedServerFrame) reset() {
-	f.data.free()
-	f.decoded = false
+	return f.payloadOf(f.GetResponseMessage().GetData(), f.GetMoreResponseData())
 }
